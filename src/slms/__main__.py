@@ -1,0 +1,3 @@
+from slms.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""The `slms` command line: argument parsing and dispatch only; each subcommand calls one
+function. User mistakes print one line (`slms: error: ...`) and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from slms import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        if os.environ.get("SLMS_DEBUG"):
+            raise
+        print(f"slms: error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="slms", description="Train, run and analyse small GPT language models, dense and "
+        "Mixture-of-Experts, on TinyStories-style text.")
+    p.add_argument("--version", action="version", version=f"slms {__version__}")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    c = sub.add_parser("demo", help="the whole pipeline on the embedded corpus, on the CPU")
+    c.add_argument("config", nargs="?", default="tiny", help="config (default: tiny)")
+    c.add_argument("--out", help="run directory (default runs/demo-<time>)")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("corpus", help="write the embedded story corpus as train.txt / val.txt")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--stories", type=int, default=None, help="number of stories (default 6000)")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_corpus)
+
+    c = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a text source")
+    c.add_argument("--data", default="synthetic", help="SOURCE (default: the embedded corpus)")
+    c.add_argument("--vocab-size", type=int, default=2048)
+    c.add_argument("--out", required=True, help="tokenizer.json to write")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_tokenizer)
+
+    c = sub.add_parser("prepare", help="tokenize a source into packed train.bin / val.bin")
+    c.add_argument("--source", default="synthetic",
+                   help="synthetic | .txt/.jsonl/.parquet file or directory | hub dataset id")
+    c.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--train-count", type=int, help="use a seeded sample of N training stories")
+    c.add_argument("--val-count", type=int, help="use a seeded sample of N validation stories")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_prepare)
+
+    c = sub.add_parser("train", help="train a model from a TOML config")
+    c.add_argument("config", nargs="?", help="TOML config or preset name (configs/NAME.toml)")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. train.max_steps=50 model.n_layer=2")
+    c.add_argument("--out", help="run directory (default runs/<config>-<time>)")
+    c.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    c.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("info", help="parameters (total, active), FLOPs per token, memory")
+    c.add_argument("target", help="TOML config, preset name, run or checkpoint directory")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("generate", help="continue a prompt with a trained model")
+    c.add_argument("checkpoint", help="run or checkpoint directory")
+    c.add_argument("--prompt", default="", help="text to continue (default: a new story)")
+    c.add_argument("--max-new-tokens", type=int, default=200)
+    c.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    c.add_argument("--top-k", type=int, default=50, help="0 = off")
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--truncate", choices=["left"], help="keep the end of a too-long prompt")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(func=cmd_generate)
+    return p
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config path, or a preset name looked up in ./configs and the source tree's configs/."""
+    path = Path(name)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    for root in (Path("configs"), Path(__file__).resolve().parents[2] / "configs"):
+        if (root / f"{name}.toml").is_file():
+            return root / f"{name}.toml"
+    return path  # load_config reports it missing
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from slms.demo import run_demo
+
+    run_demo(resolve_config_path(args.config), args.overrides, args.out)
+    return 0
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from slms import corpus
+
+    n = args.stories if args.stories is not None else corpus.DEFAULT_STORIES
+    train, val = corpus.write_corpus(args.out, n_stories=n, seed=args.seed)
+    print(f"wrote {train} and {val} ({n} stories, seed {args.seed})")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from slms.data.sources import load_source
+    from slms.tokenizer import train_tokenizer
+
+    splits = load_source(args.data, seed=args.seed)
+    tok = train_tokenizer(splits["train"], vocab_size=args.vocab_size)
+    tok.save(args.out)
+    sample = splits["val"] or splits["train"][:100]
+    n_bytes = sum(len(s.encode()) for s in sample)
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(sample))
+    print(f"wrote {args.out}: {tok.vocab_size} tokens; {n_bytes / n_tokens:.2f} bytes per token "
+          f"on {len(sample)} held-out stories")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from slms.data.prepare import prepare
+    from slms.data.sources import load_source, sample
+    from slms.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(args.tokenizer)
+    splits = load_source(args.source, seed=args.seed)
+    splits = {"train": sample(splits["train"], args.train_count, args.seed),
+              "val": sample(splits["val"], args.val_count, args.seed)}
+    meta = prepare(splits, tok, args.out, source=args.source)
+    for split, c in meta["splits"].items():
+        print(f"{split}: {c['stories']:,} stories, {c['tokens']:,} tokens, {c['bytes']:,} bytes "
+              f"({c['bytes'] / c['tokens']:.2f} bytes/token)")
+    print(f"wrote {args.out}/{{train,val}}.bin ({meta['dtype']}) and meta.json")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from slms.config import load_config
+    from slms.train.trainer import train
+
+    config = args.config
+    if config is not None and "=" in config:  # `slms train key=value ...` without a config
+        args.overrides.insert(0, config)
+        config = None
+    if args.resume:
+        from slms.train.checkpoint import RUN_CONFIG
+
+        run_config = Path(args.resume) / RUN_CONFIG
+        if not run_config.is_file():
+            raise FileNotFoundError(f"{run_config} not found: {args.resume} is not a run directory")
+        cfg = load_run_config(run_config, args.overrides)
+    else:
+        cfg = load_config(resolve_config_path(config) if config else None, args.overrides)
+    run_dir = train(cfg, out_dir=args.out, resume=args.resume)
+    print(f"done: {run_dir} (best checkpoint in {run_dir / 'best'})")
+    return 0
+
+
+def load_run_config(path: Path, overrides: list[str]):
+    from slms.config import RunConfig, apply_overrides, from_dict
+
+    data = json.loads(path.read_text())
+    data.pop("data_dir", None)
+    cfg = from_dict(RunConfig, apply_overrides(data, overrides))
+    cfg.validate()
+    return cfg
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from slms.analysis.info import describe, info_for
+
+    info = info_for(args.target, args.overrides, resolve_config_path)
+    print(json.dumps(info, indent=2) if args.json else describe(info))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import slms
+    from slms.infer.generate import Sampling, prompt_ids, stream_text
+
+    model, tok = slms.load(args.checkpoint, device=args.device)
+    s = Sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
+                 args.repetition_penalty, args.seed)
+    ids = prompt_ids(tok, args.prompt, model.cfg.block_size, s.max_new_tokens, args.truncate)
+    print(args.prompt, end="", flush=True)
+    for piece in stream_text(model, tok, ids, s):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Run configuration: frozen dataclasses, TOML loading, dotted overrides, validation.
+
+A run config has three sections, each handed only to the component that needs it:
+``[model]`` (with an optional ``[model.moe]`` table; absent = dense), ``[data]`` and ``[train]``.
+Unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message is one actionable line."""
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    n_experts: int = 8
+    top_k: int = 2
+    router: str = "noisy_topk"  # noisy_topk (the seed's) | topk | bias
+    expert_hidden: int | None = None  # default: mlp_ratio * n_embd, as the seed's experts
+    every: int = 1  # layer i is MoE when i % every == every - 1
+    renormalize: bool = True  # top-k weights sum to one (the seed softmaxes the top-k logits)
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    capacity_factor: float = 0.0  # 0 = dropless
+    bias_update_rate: float = 0.001  # the `bias` router's u
+
+    def validate(self, n_layer: int) -> None:
+        _check(self.n_experts >= 1, "model.moe.n_experts", "must be >= 1")
+        _check(1 <= self.top_k <= self.n_experts, "model.moe.top_k",
+               f"must be between 1 and n_experts ({self.n_experts})")
+        _check(self.router in ("noisy_topk", "topk", "bias"), "model.moe.router",
+               "must be one of noisy_topk, topk, bias")
+        _check(self.expert_hidden is None or self.expert_hidden >= 1, "model.moe.expert_hidden",
+               "must be >= 1")
+        _check(1 <= self.every <= n_layer, "model.moe.every", f"must be in 1..n_layer ({n_layer})")
+        _check(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "model.moe.aux_loss_coef",
+               "loss weights must be >= 0")
+        _check(self.capacity_factor >= 0, "model.moe.capacity_factor",
+               "must be >= 0 (0 = dropless)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int | None = None  # None: the vocab of the prepared data's tokenizer
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases in linear layers
+    qkv_bias: bool = True  # the seed's per-head q/k/v projections have none
+    tie_weights: bool = True
+    activation: str = "relu"  # relu (the seed's) | gelu
+    mlp_ratio: int = 4
+    attn_scale: str = "head_dim"  # head_dim: 1/sqrt(head_dim); n_embd: the seed's 1/sqrt(n_embd)
+    moe: MoEConfig | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and i % self.moe.every == self.moe.every - 1
+
+    def validate(self) -> None:
+        for key in ("block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            _check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
+        _check(self.vocab_size is None or self.vocab_size >= 1, "model.vocab_size",
+               "must be >= 1 (or absent: the data's vocab)")
+        _check(self.n_embd % self.n_head == 0, "model.n_embd",
+               f"must be divisible by model.n_head ({self.n_head})")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(self.activation in ("relu", "gelu"), "model.activation", "must be relu or gelu")
+        _check(self.attn_scale in ("head_dim", "n_embd"), "model.attn_scale",
+               "must be head_dim or n_embd")
+        if self.moe is not None:
+            self.moe.validate(self.n_layer)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A prepared data dir (train.bin/val.bin/meta.json) or any source `slms prepare` accepts.
+    # None: the embedded corpus is generated, tokenized and prepared into a cache.
+    path: str | None = None
+    tokenizer: str | None = None  # tokenizer.json; None: trained (and cached) on the source
+    vocab_size: int = 2048  # for a tokenizer trained here
+    stories: int = 6000  # embedded corpus size
+    seed: int = 0  # embedded corpus and validation carve-out
+    cache_dir: str = ".cache/slms"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    schedule: str = "cosine"  # cosine (with warmup) | onecycle (the seed's) | constant
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 200
+    log_every: int = 10
+    checkpoint_every: int = 500
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def validate(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every",
+                    "checkpoint_every"):
+            _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _check(self.schedule in ("cosine", "onecycle", "constant"), "train.schedule",
+               "must be one of cosine, onecycle, constant")
+        _check(0 <= self.warmup_steps, "train.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
+        _check(self.precision in ("fp32", "bf16", "fp16"), "train.precision",
+               "must be fp32, bf16 or fp16")
+        _check(self.threads >= 0, "train.threads", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "none")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; returns the (possibly converted) value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table of settings, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} must be of type {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{full}' (known keys here: {known})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """An override's value is a TOML literal (1, 0.5, true, "x", [1, 2]); anything else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a nested config dict (returns a new dict)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value "
+                              "(e.g. train.max_steps=50)")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+            node = child
+        value = _parse_value(text.strip())
+        if parts[-1] == "moe" and isinstance(value, str) and value.lower() in ("none", "off"):
+            value = None  # model.moe=none turns an MoE config into its dense twin
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a TOML run config (or the defaults when `path` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    name = "run"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found (see configs/ for presets)")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        name = path.stem
+    data.setdefault("name", name)
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    cfg = from_dict(ModelConfig, data, prefix="model")
+    cfg.validate()
+    return cfg

@@ -1,0 +1,80 @@
+"""Text generation from a prompt: context checks, seeding, streaming decoded text."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from slms.model import GPT
+from slms.tokenizer import Tokenizer
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: int,
+               truncate: str | None = None, warn: Callable[[str], None] | None = None
+               ) -> list[int]:
+    """The prompt's ids after an end-of-text id (stories start after one in training).
+
+    A prompt that does not fit the context with `max_new_tokens` is an error, or with
+    truncate='left' keeps its last tokens (with a warning).
+    """
+    if max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    if max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in "
+                         f"the model's context of {context} tokens; use at most {context - 1}")
+    ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    room = context - max_new_tokens
+    if len(ids) > room:
+        if truncate != "left":
+            raise ValueError(f"the prompt is {len(ids) - 1} tokens; with --max-new-tokens "
+                             f"{max_new_tokens} it does not fit the model's context of {context} "
+                             "tokens: shorten it, lower --max-new-tokens, or pass --truncate left")
+        (warn or (lambda m: print(m, file=sys.stderr)))(
+            f"warning: prompt truncated to its last {room} tokens")
+        ids = ids[-room:]
+    return ids
+
+
+def stream_text(model: GPT, tokenizer: Tokenizer, ids: list[int], s: Sampling
+                ) -> Iterator[str]:
+    """Yield decoded text pieces as tokens are sampled; stops at end-of-text."""
+    device = next(model.parameters()).device
+    gen = None
+    if s.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(s.seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    new: list[int] = []
+    shown = ""
+    for tok in model.iter_tokens(idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
+                                 s.repetition_penalty, tokenizer.eos_id, gen):
+        t = int(tok[0])
+        if t == tokenizer.eos_id:
+            break
+        new.append(t)
+        text = tokenizer.decode(new)
+        # A byte-level token can end inside a UTF-8 character; wait for the rest of it.
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(new)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, s: Sampling,
+                  truncate: str | None = None) -> str:
+    ids = prompt_ids(tokenizer, prompt, model.cfg.block_size, s.max_new_tokens, truncate)
+    return "".join(stream_text(model, tokenizer, ids, s))

@@ -1,0 +1,70 @@
+"""Causal self-attention with fused qkv, `F.scaled_dot_product_attention`, and a KV cache.
+
+Shapes: B batch, T new tokens, S cached + new tokens, C n_embd, nh heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slms.config import ModelConfig
+
+
+class KVCache:
+    """Preallocated keys and values for one layer, sized to the request (B, nh, max_len, hs)."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.k = torch.zeros(batch, n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = 0  # number of positions filled
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.size(2)
+        if self.pos + t > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; "
+                             f"{self.pos + t} requested")
+        self.k[:, :, self.pos:self.pos + t] = k
+        self.v[:, :, self.pos:self.pos + t] = v
+        self.pos += t
+        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias and cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
+        # The seed scales scores by n_embd^-0.5; kept expressible so imported models compute
+        # what they computed before.
+        width = cfg.head_dim if cfg.attn_scale == "head_dim" else cfg.n_embd
+        self.scale = 1.0 / math.sqrt(width)
+
+    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x_BTC.shape
+        q, k, v = self.qkv(x_BTC).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        mask = None
+        is_causal = True
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.append(k, v)  # (B, nh, S, hs)
+            if start > 0:
+                is_causal = False
+                if T > 1:  # new token i sees every cached position and new tokens <= i
+                    S = k.size(2)
+                    mask = torch.ones(T, S, dtype=torch.bool, device=x_BTC.device).tril(S - T)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))

@@ -1,0 +1,179 @@
+"""The GPT: pre-norm transformer blocks whose feed-forward is a dense MLP or an MoE layer.
+
+Shapes: B batch, T time, C n_embd, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from slms.config import ModelConfig
+from slms.model.attention import CausalSelfAttention, KVCache
+from slms.model.moe import MoE
+from slms.model.sampling import sample_next
+
+IGNORE_INDEX = -100
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor  # (B, T, V); only the last position when targets is None and last_only
+    loss: torch.Tensor | None  # mean cross entropy over targets != IGNORE_INDEX (nats/token)
+    aux_loss: torch.Tensor  # weighted MoE router losses (0 for dense / in eval)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.mlp_ratio * cfg.n_embd
+        self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.act = F.relu if cfg.activation == "relu" else F.gelu
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dropout(self.proj(self.act(self.fc(x)))), x.new_zeros((), dtype=torch.float32)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        if moe:
+            assert cfg.moe is not None
+            hidden = cfg.moe.expert_hidden or cfg.mlp_ratio * cfg.n_embd
+            self.ffn: MLP | MoE = MoE(cfg.n_embd, cfg.moe, hidden, cfg.activation, cfg.dropout)
+        else:
+            self.ffn = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.ln1(x), cache)
+        y, aux = self.ffn(self.ln2(x))
+        return x + y, aux
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is not set (it comes from the data when training)")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.bias and not cfg.tie_weights)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.grad_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer).
+        std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "ffn.proj.weight", "w2_EHD")):
+                nn.init.normal_(p, std=std)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
+                caches: list[KVCache] | None = None, last_only: bool = False) -> Output:
+        B, T = idx_BT.shape
+        start = caches[0].pos if caches else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
+                             f"(block_size {self.cfg.block_size})")
+        pos = torch.arange(start, start + T, device=idx_BT.device)
+        x = self.drop(self.wte(idx_BT) + self.wpe(pos))
+        aux = x.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training and caches is None:
+                x, a = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, a = block(x, caches[i] if caches else None)
+            aux = aux + a
+        x = self.ln_f(x)
+        if targets_BT is None:
+            logits = self.lm_head(x[:, -1:] if last_only else x)
+            return Output(logits, None, aux)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets_BT.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+        return Output(logits, loss, aux)
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        p = self.wte.weight
+        dtype = p.dtype
+        if torch.is_autocast_enabled(p.device.type):
+            dtype = torch.get_autocast_dtype(p.device.type)
+        return [KVCache(batch, self.cfg.n_head, max_len, self.cfg.head_dim, p.device, dtype)
+                for _ in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, idx_BT: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float = 1.0, eos_id: int | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True
+                 ) -> torch.Tensor:
+        """Sample up to `max_new_tokens` tokens after each row of idx_BT; returns (B, T + n).
+
+        Rows that produced `eos_id` stop (their later positions are filled with eos_id);
+        generation ends when every row has stopped. temperature 0 is greedy.
+        """
+        new = list(self.iter_tokens(idx_BT, max_new_tokens, temperature, top_k, top_p,
+                                    repetition_penalty, eos_id, generator, use_cache))
+        return torch.cat([idx_BT, *(t[:, None] for t in new)], dim=1)
+
+    @torch.no_grad()
+    def iter_tokens(self, idx_BT: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    repetition_penalty: float = 1.0, eos_id: int | None = None,
+                    generator: torch.Generator | None = None, use_cache: bool = True
+                    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, (B,), one step at a time (for streaming)."""
+        B, T = idx_BT.shape
+        if T + max_new_tokens > self.cfg.block_size:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"the context of {self.cfg.block_size} tokens; shorten one of them")
+        was_training = self.training
+        self.eval()
+        try:
+            caches = self.new_caches(B, T + max_new_tokens) if use_cache else None
+            seq = idx_BT
+            step_input = idx_BT
+            done = torch.zeros(B, dtype=torch.bool, device=idx_BT.device)
+            for _ in range(max_new_tokens):
+                logits = self(step_input if use_cache else seq, caches=caches,
+                              last_only=True).logits
+                nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p,
+                                  repetition_penalty, seq, generator)
+                if eos_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                    done |= nxt == eos_id
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                step_input = nxt[:, None]
+                yield nxt
+                if eos_id is not None and bool(done.all()):
+                    break
+        finally:
+            self.train(was_training)

@@ -1,0 +1,86 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`): train, load, save, special tokens.
+
+Byte-level means every string round-trips: ``decode(encode(s)) == s`` (the seed's whitespace
+pre-tokenizer without a decoder lost spaces and newlines).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"
+# <|endoftext|> separates documents; the other three are the seed's, kept for compatibility.
+SPECIAL_TOKENS = (EOT, "<|unknown|>", "<|im_start|>", "<|im_end|>")
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` with the project's conventions."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        eos = hf.token_to_id(EOT)
+        if eos is None:
+            raise ValueError(f"tokenizer has no {EOT} token; train one with `slms tokenizer`")
+        self.eos_id: int = eos
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def to_str(self) -> str:
+        return self.hf.to_str()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(path))
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_str().encode()).hexdigest()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} not found "
+                                    "(train one with `slms tokenizer --out PATH`)")
+        return cls(HFTokenizer.from_file(str(path)))
+
+    @classmethod
+    def from_str(cls, text: str) -> Tokenizer:
+        return cls(HFTokenizer.from_str(text))
+
+
+def train_tokenizer(texts: Iterable[str] | Iterator[str], vocab_size: int = 2048,
+                    min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE on `texts` (an iterator of documents)."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab size {vocab_size} is too small for a byte-level BPE "
+                         f"(need at least {256 + len(SPECIAL_TOKENS)})")
+    hf = HFTokenizer(models.BPE())
+    # No normalizer: the text is kept byte for byte. add_prefix_space=False keeps the round trip.
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)

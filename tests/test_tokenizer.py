@@ -1,0 +1,38 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slms.tokenizer import EOT, SPECIAL_TOKENS, Tokenizer
+
+
+@settings(max_examples=300, deadline=None)
+# Every Unicode scalar value; lone surrogates (Cs) are not text and cannot be UTF-8 encoded.
+@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=200))
+def test_round_trip_arbitrary_unicode(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_round_trip_story_text(tokenizer, stories):
+    text = "\n\n".join(stories[:5]) + "\n  tabs\tand  spaces \u00e2\u20ac\u2122 \U0001f600\n"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_special_tokens(tokenizer):
+    assert tokenizer.vocab_size == 300
+    ids = [tokenizer.hf.token_to_id(t) for t in SPECIAL_TOKENS]
+    assert ids == [0, 1, 2, 3]
+    assert tokenizer.eos_id == 0
+    assert tokenizer.encode(f"The end.{EOT}")[-1] == tokenizer.eos_id
+    assert tokenizer.decode(tokenizer.encode(f"a{EOT}b")) == f"a{EOT}b"
+
+
+def test_compresses_story_text(tokenizer, stories):
+    text = stories[0]
+    # 44 merges on top of 256 bytes already save over a quarter of the tokens
+    assert len(tokenizer.encode(text)) < 0.75 * len(text.encode())
+
+
+def test_save_load_same_ids(tokenizer, stories, tmp_path):
+    tokenizer.save(tmp_path / "tok.json")
+    again = Tokenizer.from_file(tmp_path / "tok.json")
+    assert again.encode(stories[3]) == tokenizer.encode(stories[3])
+    assert again.sha256 == tokenizer.sha256
