@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--truncate", choices=["left"], help="keep the end of a too-long prompt")
     c.add_argument("--device", default="cpu")
     c.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("eval", help="loss, perplexity and bits per byte over a whole split")
+    c.add_argument("checkpoint", help="run or checkpoint directory")
+    c.add_argument("--data", help="prepared data directory or SOURCE (default: the run's data)")
+    c.add_argument("--split", default="val", choices=["train", "val"])
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_eval)
     return p
 
 
@@ -206,6 +215,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for piece in stream_text(model, tok, ids, s):
         print(piece, end="", flush=True)
     print()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slms.analysis.evaluate import eval_checkpoint
+
+    r = eval_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.device)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"{r['split']} of {r['data']}: {r['tokens']:,} tokens, {r['bytes']:,} bytes")
+        print(f"loss {r['loss']:.4f} nats/token  perplexity {r['perplexity']:.3f}  "
+              f"bits/byte {r['bits_per_byte']:.4f}")
     return 0
 
 

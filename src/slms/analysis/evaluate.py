@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from slms.data.loader import PackedData, eval_windows
+from slms.data.prepare import META
 from slms.model import GPT, IGNORE_INDEX
+from slms.tokenizer import Tokenizer
 
 
 @torch.no_grad()
@@ -59,3 +64,75 @@ def unigram_loss(data: PackedData, split: str = "val") -> float:
     logp = np.log(counts / counts.sum())
     targets = np.asarray(data.tokens(split))[1:]
     return float(-logp[targets].mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# `slms eval`: a checkpoint scored on a prepared directory or on any source
+
+
+def find_run_data(path: str | Path) -> Path | None:
+    """The prepared data directory a run trained on (from its run_config.json), if it exists.
+
+    `path` may be the run directory or one of its checkpoint directories."""
+    from slms.train.checkpoint import RUN_CONFIG
+
+    p = Path(path).resolve()
+    for d in (p, p.parent, p.parent.parent):
+        f = d / RUN_CONFIG
+        if f.is_file():
+            data_dir = json.loads(f.read_text()).get("data_dir")
+            if data_dir and (Path(data_dir) / META).is_file():
+                return Path(data_dir)
+    return None
+
+
+def prepare_for(source: str, tokenizer: Tokenizer, cache_dir: str | Path = ".cache/slms",
+                seed: int = 0) -> Path:
+    """A prepared data directory for `source` tokenized with `tokenizer` (cached by both)."""
+    from slms.data.prepare import prepare
+    from slms.data.sources import load_source
+
+    src = str(Path(source).resolve()) if Path(source).exists() else source
+    key = hashlib.sha256(f"{src}\n{tokenizer.sha256}\n{seed}".encode()).hexdigest()[:12]
+    out = Path(cache_dir) / f"eval-{Path(source).name or 'source'}-{key}"
+    if not (out / META).is_file():
+        prepare(load_source(source, seed=seed), tokenizer, out, source=source)
+    return out
+
+
+def eval_data_dir(checkpoint: str | Path, tokenizer: Tokenizer, data: str | None,
+                  cache_dir: str | Path = ".cache/slms") -> Path:
+    """The prepared directory to score: `data` if prepared, else `data` prepared as a source
+    with the checkpoint's tokenizer, else the run's own data directory."""
+    if data is None:
+        found = find_run_data(checkpoint)
+        if found is None:
+            raise FileNotFoundError(f"no data directory recorded for {checkpoint}; "
+                                    "pass --data DIR_OR_SOURCE")
+        return found
+    if (Path(data) / META).is_file():
+        meta = json.loads((Path(data) / META).read_text())
+        if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
+            raise ValueError(f"{data} was prepared with another tokenizer than the checkpoint's; "
+                             "pass the text source instead so it is tokenized again")
+        return Path(data)
+    return prepare_for(data, tokenizer, cache_dir)
+
+
+def eval_checkpoint(checkpoint: str | Path, data: str | None = None, split: str = "val",
+                    batch_size: int = 8, device: str = "cpu",
+                    cache_dir: str | Path = ".cache/slms") -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of a run / checkpoint over a whole split."""
+    import slms
+
+    if split not in ("train", "val"):
+        raise ValueError(f"--split must be train or val, not {split!r}")
+    model, tok = slms.load(checkpoint, device=device)
+    data_dir = eval_data_dir(checkpoint, tok, data, cache_dir)
+    packed = PackedData(data_dir)
+    if packed.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{data_dir} has a {packed.vocab_size}-token vocab but the model has "
+                         f"{model.cfg.vocab_size}")
+    out = evaluate(model, packed, split, batch_size=batch_size, device=device)
+    return {"checkpoint": str(checkpoint), "data": str(data_dir), "split": split,
+            "bytes": packed.meta["splits"][split]["bytes"], **out}
