@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default="synthetic", help="SOURCE (default: the embedded corpus)")
     c.add_argument("--vocab-size", type=int, default=2048)
     c.add_argument("--out", required=True, help="tokenizer.json to write")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-train-bytes", type=float, default=None,
+                   help="train on a seeded sample of about this many bytes (e.g. 2e8)")
+    add_source_options(c)
     c.set_defaults(func=cmd_tokenizer)
 
     c = sub.add_parser("prepare", help="tokenize a source into packed train.bin / val.bin")
@@ -63,7 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--train-count", type=int, help="use a seeded sample of N training stories")
     c.add_argument("--val-count", type=int, help="use a seeded sample of N validation stories")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")
+    c.add_argument("--fix-text", action="store_true",
+                   help="repair mojibake (e.g. \u00e2\u20ac\u2122) and normalise unicode")
+    c.add_argument("--dedupe", action="store_true", help="drop duplicate stories")
+    c.add_argument("--layout", choices=["packed", "padded"], default="packed",
+                   help="packed streams (default) or the seed's one padded story per row")
+    c.add_argument("--block-size", type=int, default=1080, help="row width of --layout padded")
+    add_source_options(c)
     c.set_defaults(func=cmd_prepare)
 
     c = sub.add_parser("train", help="train a model from a TOML config")
@@ -131,35 +140,55 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from slms.data.sources import load_source
-    from slms.tokenizer import train_tokenizer
+def add_source_options(c: argparse.ArgumentParser) -> None:
+    """Options shared by every command that reads a SOURCE."""
+    c.add_argument("--separator", choices=["eot", "blank-line", "newline"], default="eot",
+                   help=".txt story separator: <|endoftext|> lines (default), blank lines, or "
+                   "single line breaks (paragraphs then separated by blank lines)")
+    c.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/hub data")
+    c.add_argument("--streaming", action="store_true",
+                   help="stream a hub dataset instead of downloading it first")
+    c.add_argument("--val-fraction", type=float, default=0.05,
+                   help="validation share carved out of a source without a validation split")
+    c.add_argument("--seed", type=int, default=0)
 
-    splits = load_source(args.data, seed=args.seed)
-    tok = train_tokenizer(splits["train"], vocab_size=args.vocab_size)
+
+def source_of(name: str, args: argparse.Namespace):
+    from slms.data.sources import Source, SourceOptions
+
+    return Source(name, SourceOptions(separator=args.separator, text_field=args.text_field,
+                                      streaming=args.streaming, val_fraction=args.val_fraction,
+                                      seed=args.seed))
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from slms.data.pipeline import train_tokenizer_on
+
+    max_bytes = int(args.max_train_bytes) if args.max_train_bytes else None
+    tok, report = train_tokenizer_on(source_of(args.data, args), args.vocab_size, max_bytes)
     tok.save(args.out)
-    sample = splits["val"] or splits["train"][:100]
-    n_bytes = sum(len(s.encode()) for s in sample)
-    n_tokens = sum(len(ids) for ids in tok.encode_batch(sample))
-    print(f"wrote {args.out}: {tok.vocab_size} tokens; {n_bytes / n_tokens:.2f} bytes per token "
-          f"on {len(sample)} held-out stories")
+    print(f"wrote {args.out}: {tok.vocab_size} tokens; {report['bytes_per_token']:.2f} bytes per "
+          f"token on {report['held_out_stories']} held-out stories")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from slms.data.prepare import prepare
-    from slms.data.sources import load_source, sample
+    from slms.data.prepare import PrepareOptions, prepare_source
     from slms.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(args.tokenizer)
-    splits = load_source(args.source, seed=args.seed)
-    splits = {"train": sample(splits["train"], args.train_count, args.seed),
-              "val": sample(splits["val"], args.val_count, args.seed)}
-    meta = prepare(splits, tok, args.out, source=args.source)
+    opts = PrepareOptions(layout=args.layout, block_size=args.block_size, fix_text=args.fix_text,
+                          dedupe=args.dedupe, num_proc=args.num_proc,
+                          train_count=args.train_count, val_count=args.val_count, seed=args.seed)
+    meta = prepare_source(source_of(args.source, args), tok, args.out, opts)
     for split, c in meta["splits"].items():
         print(f"{split}: {c['stories']:,} stories, {c['tokens']:,} tokens, {c['bytes']:,} bytes "
-              f"({c['bytes'] / c['tokens']:.2f} bytes/token)")
-    print(f"wrote {args.out}/{{train,val}}.bin ({meta['dtype']}) and meta.json")
+              f"({c['bytes_per_token']:.2f} bytes/token, "
+              f"{c['tokens_per_story']['mean']:.0f} tokens/story)")
+        dropped = {k: v for k, v in meta["hygiene"][split].items() if v}
+        if dropped:
+            print(f"  {split} hygiene: " + ", ".join(f"{k} {v:,}" for k, v in dropped.items()))
+    print(f"wrote {args.out}/{{train,val}}.bin ({meta['format']}, {meta['dtype']}) and meta.json")
     return 0
 
 

@@ -1,0 +1,109 @@
+"""Batches from packed token streams.
+
+Training batches are a pure function of (seed, step, rank, micro-step): resuming at step s
+reproduces the same batches without saving loader state. Evaluation walks the whole split in
+order, so its loss is deterministic and every token after the first is scored exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slms.data.prepare import read_meta
+from slms.model.gpt import IGNORE_INDEX
+
+
+class PackedData:
+    """A prepared data directory: memory-mapped token streams (or padded rows) and meta.json."""
+
+    def __init__(self, data_dir: str | Path):
+        self.dir = Path(data_dir)
+        self.meta = read_meta(self.dir)
+        self.padded = self.meta.get("format") == "padded"
+        dtype = np.dtype(self.meta["dtype"])
+        self.splits: dict[str, np.ndarray] = {}
+        self.lengths: dict[str, np.ndarray] = {}
+        for split in ("train", "val"):
+            path = self.dir / f"{split}.bin"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: prepare the data with `slms prepare`")
+            data = np.memmap(path, dtype=dtype, mode="r")
+            if self.padded:
+                data = data.reshape(-1, self.meta["block_size"] + 1)
+                self.lengths[split] = np.load(self.dir / f"{split}.lengths.npy")
+            self.splits[split] = data
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The packed token stream of a split (packed layout)."""
+        if self.padded:
+            raise ValueError(f"{self.dir} holds padded rows, not a token stream")
+        return self.splits[split]
+
+    def train_batch(self, batch_size: int, block_size: int, seed: int, step: int,
+                    rank: int = 0, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) windows of `block_size` tokens at seeded random offsets; y is x shifted by one.
+
+        Padded layout: seeded random rows; targets past a story's end are IGNORE_INDEX."""
+        data = self.splits["train"]
+        rng = np.random.default_rng([seed, step, rank, micro])
+        if self.padded:
+            return self._rows(rng.integers(0, len(data), size=batch_size), "train", block_size)
+        if len(data) < block_size + 1:
+            raise ValueError(f"training split has {len(data)} tokens, fewer than block_size+1 "
+                             f"({block_size + 1}); use a smaller model.block_size or more data")
+        starts = rng.integers(0, len(data) - block_size, size=batch_size)
+        return windows(data, starts, block_size)
+
+    def _rows(self, rows: np.ndarray, split: str, block_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        width = self.splits[split].shape[1]
+        if block_size != width - 1:
+            raise ValueError(f"{self.dir} holds rows of {width - 1} tokens + 1; set "
+                             f"model.block_size={width - 1} or prepare again with --block-size")
+        t = torch.from_numpy(np.asarray(self.splits[split][rows], dtype=np.int64))
+        x, y = t[:, :-1].clone(), t[:, 1:].clone()
+        n_targets = torch.from_numpy(self.lengths[split][rows].astype(np.int64)) - 1
+        y[torch.arange(block_size)[None, :] >= n_targets[:, None]] = IGNORE_INDEX
+        return x, y
+
+    def eval_batches(self, batch_size: int, block_size: int, split: str = "val"
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches covering the whole split in order; every real target is scored exactly once
+        and no pad is (the short tail window and pad positions have IGNORE_INDEX targets)."""
+        if not self.padded:
+            yield from eval_windows(self.splits[split], batch_size, block_size)
+            return
+        n = len(self.splits[split])
+        for start in range(0, n, batch_size):
+            yield self._rows(np.arange(start, min(start + batch_size, n)), split, block_size)
+
+
+def windows(data: np.ndarray, starts: np.ndarray, block_size: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    chunks = np.stack([np.asarray(data[s:s + block_size + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(chunks)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def eval_windows(data: np.ndarray, batch_size: int, block_size: int
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    n_targets = len(data) - 1
+    starts = list(range(0, n_targets, block_size))
+    for i in range(0, len(starts), batch_size):
+        group = starts[i:i + batch_size]
+        x = torch.zeros(len(group), block_size, dtype=torch.long)
+        y = torch.full((len(group), block_size), IGNORE_INDEX, dtype=torch.long)
+        for row, s in enumerate(group):
+            chunk = torch.from_numpy(np.asarray(data[s:s + block_size + 1], dtype=np.int64))
+            n = len(chunk) - 1
+            x[row, :n] = chunk[:-1]
+            y[row, :n] = chunk[1:]
+        yield x, y

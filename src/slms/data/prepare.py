@@ -1,0 +1,263 @@
+"""Tokenize a source into DIR/{train,val}.bin + DIR/meta.json, streaming, with bounded memory.
+
+Layouts:
+  - ``packed`` (default): the stories of a split are concatenated, each followed by the
+    end-of-text id, so no position is padding.
+  - ``padded``: the seed's layout, one story per row of block_size + 1 ids (truncated, or padded
+    with end-of-text ids); DIR/{split}.lengths.npy holds each row's real length so the loader
+    can exclude pad positions from every loss.
+Token ids are uint16 when the vocab fits, else uint32. Output is written to a temporary
+directory renamed into place at the end: an interrupted run leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import tempfile
+import time
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from slms.data.sources import SPLITS, Source
+from slms.tokenizer import Tokenizer
+
+META = "meta.json"
+CHUNK = 1000  # stories per encode_batch call / per task handed to a worker process
+
+# UTF-8 text that was decoded as cp1252 somewhere upstream (TinyStories has some), then the
+# typographic characters themselves, both mapped to plain ASCII as the rest of the dataset is.
+MOJIBAKE = {
+    "\u00e2\u20ac\u2122": "'", "\u00e2\u20ac\u02dc": "'", "\u00e2\u20ac\u0153": '"',
+    "\u00e2\u20ac\u009d": '"', "\u00e2\u20ac\u201d": "-", "\u00e2\u20ac\u201c": "-",
+    "\u00e2\u20ac\u00a6": "...", "\u00c2\u00a0": " ", "\u00c3\u00a9": "\u00e9",
+}
+TYPOGRAPHIC = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": "-",
+               "\u2013": "-", "\u2026": "...", "\u00a0": " "}
+
+
+def fix_text(text: str) -> str:
+    """Repair known mojibake, map typographic punctuation to ASCII, normalise to NFC."""
+    for table in (MOJIBAKE, TYPOGRAPHIC):
+        for bad, good in table.items():
+            if bad in text:
+                text = text.replace(bad, good)
+    return unicodedata.normalize("NFC", text)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    layout: str = "packed"  # packed | padded
+    block_size: int = 1080  # padded layout only
+    fix_text: bool = False
+    dedupe: bool = False
+    num_proc: int = 1
+    train_count: int | None = None
+    val_count: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("packed", "padded"):
+            raise ValueError("--layout must be packed or padded")
+        if self.num_proc < 1 or self.block_size < 2:
+            raise ValueError("--num-proc must be >= 1 and --block-size >= 2")
+
+
+class _Hygiene:
+    """--fix-text and --dedupe, with the counts that go into meta.json."""
+
+    def __init__(self, opts: PrepareOptions):
+        self.opts = opts
+        self.seen: set[int] = set()
+        self.counts = {"fixed": 0, "dropped_empty": 0, "dropped_duplicate": 0}
+
+    def __call__(self, stories: Iterable[str]) -> Iterator[str]:
+        for s in stories:
+            if self.opts.fix_text:
+                fixed = fix_text(s).strip()
+                self.counts["fixed"] += fixed != s
+                s = fixed
+            if not s:
+                self.counts["dropped_empty"] += 1
+                continue
+            if self.opts.dedupe:
+                h = hash(s)
+                if h in self.seen:
+                    self.counts["dropped_duplicate"] += 1
+                    continue
+                self.seen.add(h)
+            yield s
+
+
+def reservoir(stories: Iterable[str], count: int, seed: int) -> list[str]:
+    """A seeded uniform sample of `count` stories from a stream, kept in stream order."""
+    rng = random.Random(seed)
+    keep: list[tuple[int, str]] = []
+    for i, s in enumerate(stories):
+        if i < count:
+            keep.append((i, s))
+        else:
+            j = rng.randint(0, i)
+            if j < count:
+                keep[j] = (i, s)
+    return [s for _, s in sorted(keep)]
+
+
+def _chunks(stories: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for s in stories:
+        chunk.append(s)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+_worker_tok: Tokenizer | None = None
+
+
+def _init_worker(tok_json: str) -> None:
+    global _worker_tok
+    _worker_tok = Tokenizer.from_str(tok_json)
+
+
+def _encode_chunk(chunk: list[str]) -> tuple[list[list[int]], int]:
+    assert _worker_tok is not None
+    return _worker_tok.encode_batch(chunk), sum(len(s.encode("utf-8")) for s in chunk)
+
+
+def _encoded(chunks: Iterator[list[str]], tok: Tokenizer, num_proc: int
+             ) -> Iterator[tuple[list[list[int]], int]]:
+    """(token ids per story, UTF-8 bytes) per chunk, in order; on num_proc worker processes."""
+    if num_proc == 1:
+        for chunk in chunks:
+            yield tok.encode_batch(chunk), sum(len(s.encode("utf-8")) for s in chunk)
+        return
+    ctx = mp.get_context("spawn")  # no fork of a process holding tokenizer threads
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tok.to_str(),)) as pool:
+        yield from pool.imap(_encode_chunk, chunks, chunksize=1)
+
+
+def _write_split(stories: Iterable[str], tok: Tokenizer, out: Path, split: str,
+                 opts: PrepareOptions, dtype: np.dtype, bar: tqdm) -> dict[str, Any]:
+    n_stories = n_tokens = n_bytes = n_truncated = 0
+    lo, hi = None, 0
+    lengths: list[int] = []
+    limit = np.iinfo(dtype).max
+    width = opts.block_size + 1
+    t0 = time.perf_counter()
+    with (out / f"{split}.bin").open("wb") as f:
+        for encoded, chunk_bytes in _encoded(_chunks(stories, CHUNK), tok, opts.num_proc):
+            seqs = [[*ids, tok.eos_id] for ids in encoded]
+            flat = np.fromiter((i for seq in seqs for i in seq), dtype=np.int64)
+            if flat.size and int(flat.max()) > limit:
+                raise ValueError(f"token id {int(flat.max())} does not fit in {dtype}")
+            if opts.layout == "packed":
+                flat.astype(dtype).tofile(f)
+            else:
+                rows = np.full((len(seqs), width), tok.eos_id, dtype=dtype)
+                for r, seq in enumerate(seqs):
+                    n = min(len(seq), width)
+                    rows[r, :n] = seq[:n]
+                    lengths.append(n)
+                    n_truncated += len(seq) > width
+                rows.tofile(f)
+            per_story = [len(s) for s in seqs]
+            n_stories += len(seqs)
+            n_tokens += int(flat.size)
+            n_bytes += chunk_bytes
+            lo = min(per_story) if lo is None else min(lo, *per_story)
+            hi = max(hi, *per_story)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.update(len(seqs))
+            bar.set_postfix(split=split, mb_s=f"{n_bytes / 2**20 / elapsed:.1f}")
+    if n_stories == 0:
+        raise ValueError(f"the {split} split has no stories (for a source without a validation "
+                         "split, raise --val-fraction or add a file named *valid*)")
+    if opts.layout == "padded":
+        np.save(out / f"{split}.lengths.npy", np.asarray(lengths, dtype=np.uint32))
+    stats: dict[str, Any] = {
+        "stories": n_stories, "tokens": n_tokens, "bytes": n_bytes,
+        "bytes_per_token": n_bytes / n_tokens,
+        "tokens_per_story": {"mean": n_tokens / n_stories, "min": lo, "max": hi},
+    }
+    if opts.layout == "padded":
+        stats |= {"rows": n_stories, "truncated_stories": n_truncated,
+                  "real_tokens": int(sum(lengths)), "padded_positions": n_stories * width}
+    return stats
+
+
+def prepare_source(source: Source, tok: Tokenizer, out_dir: str | Path,
+                   opts: PrepareOptions | None = None) -> dict[str, Any]:
+    """Tokenize both splits of `source` into `out_dir`; returns the meta dict."""
+    opts = opts or PrepareOptions()
+    out_dir = Path(out_dir)
+    dtype = token_dtype(tok.vocab_size)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        splits: dict[str, Any] = {}
+        hygiene: dict[str, Any] = {}
+        with tqdm(desc="prepare", unit="story", unit_scale=True, dynamic_ncols=True,
+                  mininterval=1.0) as bar:
+            for split in SPLITS:
+                clean = _Hygiene(opts)
+                stories: Iterable[str] = clean(source.iter(split))
+                count = opts.train_count if split == "train" else opts.val_count
+                if count is not None:
+                    stories = reservoir(stories, count, opts.seed)
+                splits[split] = _write_split(stories, tok, tmp, split, opts, dtype, bar)
+                hygiene[split] = clean.counts
+        meta = {
+            "format": opts.layout, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+            "dtype": dtype.name, "tokenizer_sha256": tok.sha256, "source": source.name,
+            "block_size": opts.block_size if opts.layout == "padded" else None,
+            "fix_text": opts.fix_text, "dedupe": opts.dedupe, "hygiene": hygiene,
+            "splits": splits,
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        tok.save(tmp / "tokenizer.json")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+class _ListSource(Source):
+    def __init__(self, splits: dict[str, list[str]], name: str):
+        super().__init__(None)
+        self.name = name
+        self.lists = splits
+
+    def iter(self, split: str) -> Iterator[str]:
+        yield from self.lists.get(split, [])
+
+
+def prepare(splits: dict[str, list[str]], tok: Tokenizer, out_dir: str | Path,
+            source: str = "", opts: PrepareOptions | None = None) -> dict[str, Any]:
+    """`prepare_source` for stories already in memory."""
+    return prepare_source(_ListSource(splits, source), tok, out_dir, opts)
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / META
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: prepare the data first with `slms prepare`")
+    return json.loads(path.read_text())

@@ -1,0 +1,247 @@
+"""Text sources: the embedded corpus, local .txt/.jsonl/.parquet files, directories and globs,
+and Hugging Face hub datasets. Every source yields whole stories (documents) per split.
+
+A SOURCE string is one of:
+  - ``synthetic``: the embedded corpus (see `slms.corpus`);
+  - a ``.txt`` file: stories separated by ``<|endoftext|>`` lines (TinyStories' own files;
+    ``separator="eot"``), by blank lines (``blank-line``), or one story per line group with
+    paragraphs separated by blank lines (``newline``: a single line break ends a story);
+  - a ``.jsonl`` or ``.parquet`` file with a text field (``text`` unless told otherwise);
+  - a directory or a glob of such files: files whose name contains ``val`` or ``valid`` form
+    the validation split, the others the training split;
+  - a Hugging Face dataset id (``roneneldan/TinyStories``), loaded with `datasets`
+    (``streaming=True`` reads it without downloading it whole).
+A source without a validation split gets one carved out: story i goes to validation when a
+seeded hash of i falls below ``val_fraction``, so carving streams and is reproducible.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from slms import corpus
+
+EOT_LINE = "<|endoftext|>"
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+SEPARATORS = ("eot", "blank-line", "newline")
+DEFAULT_VAL_FRACTION = 0.05
+SPLITS = ("train", "val")
+
+
+class SourceError(ValueError):
+    """A source that cannot be read; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    separator: str = "eot"
+    text_field: str = "text"
+    streaming: bool = False
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    seed: int = 0
+    stories: int = corpus.DEFAULT_STORIES  # size of the embedded corpus
+
+    def __post_init__(self) -> None:
+        if self.separator not in SEPARATORS:
+            raise SourceError(f"--separator must be one of {', '.join(SEPARATORS)}")
+        if not 0 < self.val_fraction < 1:
+            raise SourceError("--val-fraction must be between 0 and 1 (e.g. 0.05)")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading files
+
+
+def split_txt(text: str, separator: str = "eot") -> list[str]:
+    """Split the text of a .txt source into stories."""
+    return list(_iter_txt_lines(iter(text.splitlines(keepends=True)), separator))
+
+
+def _iter_txt_lines(lines: Iterator[str], separator: str) -> Iterator[str]:
+    buf: list[str] = []
+    prev_blank = True
+    for line in lines:
+        bare = line.rstrip("\r\n")
+        if separator == "eot":
+            end = bare.strip() == EOT_LINE
+        elif separator == "blank-line":
+            end = not bare.strip()
+        else:  # newline: a line that follows a non-blank line directly starts a new story
+            end = False
+            if bare.strip() and not prev_blank and buf:
+                story = "".join(buf).strip()
+                if story:
+                    yield story
+                buf = []
+            prev_blank = not bare.strip()
+        if end:
+            story = "".join(buf).strip()
+            if story:
+                yield story
+            buf = []
+        else:
+            buf.append(line)
+    story = "".join(buf).strip()
+    if story:
+        yield story
+
+
+def iter_file(path: Path, opts: SourceOptions) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        with path.open(encoding="utf-8", errors="replace", newline="") as f:
+            yield from _iter_txt_lines(f, opts.separator)
+    elif suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise SourceError(f"{path}:{n} is not valid JSON") from None
+                if opts.text_field not in record:
+                    raise SourceError(f"{path}:{n} has no '{opts.text_field}' field "
+                                      "(choose one with --text-field)")
+                text = str(record[opts.text_field]).strip()
+                if text:
+                    yield text
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SourceError("reading .parquet needs pyarrow: pip install 'slms[data]'") from None
+        pf = pq.ParquetFile(path)
+        if opts.text_field not in pf.schema_arrow.names:
+            raise SourceError(f"{path} has no '{opts.text_field}' column "
+                              "(choose one with --text-field)")
+        for batch in pf.iter_batches(batch_size=4096, columns=[opts.text_field]):
+            for text in batch.column(0).to_pylist():
+                if text and text.strip():
+                    yield text.strip()
+    else:
+        raise SourceError(f"{path}: unsupported file type (use {', '.join(SUFFIXES)})")
+
+
+def read_file(path: Path, text_field: str = "text", separator: str = "eot") -> list[str]:
+    return list(iter_file(path, SourceOptions(separator=separator, text_field=text_field)))
+
+
+def _is_val_name(name: str) -> bool:
+    name = name.lower()
+    return "val" in name or "valid" in name
+
+
+def in_val(i: int, opts: SourceOptions) -> bool:
+    """Seeded, order-preserving carve-out: the i-th story of a source without a val split."""
+    x = (i * 0x9E3779B97F4A7C15 + opts.seed * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)  # splitmix64 finaliser
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (x ^ (x >> 31)) / 2**64 < opts.val_fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+class Source:
+    """A SOURCE resolved to files or a hub dataset; `iter(split)` streams that split's stories."""
+
+    def __init__(self, source: str | None, opts: SourceOptions | None = None):
+        self.name = source or "synthetic"
+        self.opts = opts or SourceOptions()
+        self.files: dict[str, list[Path]] = {}
+        self.hub: str | None = None
+        if self.name == "synthetic":
+            return
+        path = Path(self.name)
+        if path.is_file():
+            self.files = {"train": [path], "val": []}
+        elif path.is_dir() or glob.has_magic(self.name):
+            found = (path.rglob("*") if path.is_dir() else map(Path, glob.glob(self.name,
+                                                                                recursive=True)))
+            files = sorted(p for p in found if p.is_file() and p.suffix.lower() in SUFFIXES)
+            if not files:
+                raise SourceError(f"{self.name} has no {', '.join(SUFFIXES)} files")
+            self.files = {"train": [p for p in files if not _is_val_name(p.name)],
+                          "val": [p for p in files if _is_val_name(p.name)]}
+            if not self.files["train"]:
+                raise SourceError(f"{self.name} has only validation files")
+        elif path.suffix or self.name.startswith((".", "/", "~")) or self.name.count("/") != 1:
+            raise SourceError(f"source '{self.name}' not found: give 'synthetic', a "
+                              ".txt/.jsonl/.parquet file, a directory or glob of them, or a "
+                              "hub dataset id like user/name")
+        else:
+            self.hub = self.name
+
+    def iter(self, split: str) -> Iterator[str]:
+        if self.name == "synthetic":
+            yield from corpus.corpus_splits(self.opts.stories, self.opts.seed,
+                                            self.opts.val_fraction)[split]
+        elif self.hub is not None:
+            yield from self._iter_hub(split)
+        elif self.files["val"]:
+            for p in self.files[split]:
+                yield from iter_file(p, self.opts)
+        else:  # carve the validation split out of the training files
+            want_val = split == "val"
+            i = 0
+            for p in self.files["train"]:
+                for story in iter_file(p, self.opts):
+                    if in_val(i, self.opts) == want_val:
+                        yield story
+                    i += 1
+
+    def _iter_hub(self, split: str) -> Iterator[str]:
+        ds = self._hub_dataset()
+        names = {"train": ("train",), "val": ("validation", "valid", "val")}[split]
+        name = next((n for n in names if n in ds), None)
+        field = self.opts.text_field
+        if name is not None:
+            for record in ds[name]:
+                text = record[field]
+                if text and text.strip():
+                    yield text.strip()
+            return
+        if "train" not in ds:
+            raise SourceError(f"dataset '{self.hub}' has no 'train' split")
+        for i, record in enumerate(ds["train"]):  # no validation split: carve one
+            text = record[field]
+            if text and text.strip() and in_val(i, self.opts) == (split == "val"):
+                yield text.strip()
+
+    def _hub_dataset(self):
+        try:
+            import datasets
+        except ImportError:
+            raise SourceError(f"'{self.hub}' is not a local file or directory; loading it from "
+                              "the Hugging Face hub needs `pip install 'slms[data]'`") from None
+        try:
+            return datasets.load_dataset(self.hub, streaming=self.opts.streaming)
+        except Exception as e:  # network, unknown id, ...: one line for the user
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise SourceError(f"could not load dataset '{self.hub}' from the hub: "
+                              f"{type(e).__name__}: {first}") from None
+
+
+def load_source(source: str | None, seed: int = 0, stories: int = corpus.DEFAULT_STORIES,
+                val_fraction: float = DEFAULT_VAL_FRACTION, **options) -> dict[str, list[str]]:
+    """Load a whole SOURCE into {'train': [...], 'val': [...]} (small sources; tests)."""
+    opts = SourceOptions(seed=seed, stories=stories, val_fraction=val_fraction, **options)
+    src = Source(source, opts)
+    return {split: list(src.iter(split)) for split in SPLITS}
+
+
+def sample(stories: list[str], count: int | None, seed: int) -> list[str]:
+    """A seeded random subset of `count` stories, in source order (all when count is None)."""
+    if count is None or count >= len(stories):
+        return stories
+    if count < 1:
+        raise SourceError("story counts must be >= 1")
+    idx = sorted(random.Random(seed).sample(range(len(stories)), count))
+    return [stories[i] for i in idx]
