@@ -132,6 +132,8 @@ _worker_tok: Tokenizer | None = None
 
 def _init_worker(tok_json: str) -> None:
     global _worker_tok
+    # Each worker encodes on one thread: the processes are the parallelism.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tok = Tokenizer.from_str(tok_json)
 
 

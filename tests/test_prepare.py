@@ -1,0 +1,157 @@
+"""Data preparation at scale: sources and separators, parallel and streaming preparation,
+text hygiene, the padded layout, interrupted runs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from slms.data import prepare as prep
+from slms.data.loader import PackedData
+from slms.data.pipeline import byte_sample, train_tokenizer_on
+from slms.data.prepare import PrepareOptions, fix_text, prepare_source, read_meta
+from slms.data.sources import Source, SourceOptions, split_txt
+from slms.model import GPT, IGNORE_INDEX
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+
+
+@pytest.fixture()
+def txt_dir(tmp_path, stories):
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "TinyStories-train.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories[:80]))
+    (d / "TinyStories-valid.txt").write_text(
+        "".join(f"{s}\n<|endoftext|>\n" for s in stories[80:90]))
+    return d
+
+
+def bins(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))}
+
+
+def test_separators():
+    assert split_txt("a b\n\nc\n<|endoftext|>\nd\n<|endoftext|>\n") == ["a b\n\nc", "d"]
+    assert split_txt("a b\nc\n\n\nd\n", "blank-line") == ["a b\nc", "d"]
+    # one story per line group, paragraphs separated by blank lines (the 4 MB sample's format)
+    assert split_txt("p1\n\np2\ns2 p1\n\ns2 p2\ns3\n", "newline") == ["p1\n\np2", "s2 p1\n\ns2 p2",
+                                                                        "s3"]
+
+
+def test_counts_are_exact(txt_dir, stories, tokenizer, tmp_path):
+    meta = prepare_source(Source(str(txt_dir)), tokenizer, tmp_path / "out")
+    for split, chosen in (("train", stories[:80]), ("val", stories[80:90])):
+        c = meta["splits"][split]
+        assert c["stories"] == len(chosen)
+        assert c["tokens"] == sum(len(tokenizer.encode(s)) + 1 for s in chosen)
+        assert c["bytes"] == sum(len(s.encode()) for s in chosen)
+        assert c["bytes_per_token"] == pytest.approx(c["bytes"] / c["tokens"])
+
+
+def test_num_proc_2_equals_1(txt_dir, tokenizer, tmp_path):
+    a = prepare_source(Source(str(txt_dir)), tokenizer, tmp_path / "a", PrepareOptions(num_proc=1))
+    monkey_chunk = prep.CHUNK
+    prep.CHUNK = 7  # several chunks per worker
+    try:
+        b = prepare_source(Source(str(txt_dir)), tokenizer, tmp_path / "b",
+                           PrepareOptions(num_proc=2))
+    finally:
+        prep.CHUNK = monkey_chunk
+    assert bins(tmp_path / "a") == bins(tmp_path / "b") and a["splits"] == b["splits"]
+
+
+def test_streaming_equals_non_streaming_hub_path(txt_dir, stories, tokenizer, tmp_path,
+                                                 monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    files = {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "val.jsonl")}
+    for name, chosen in (("train", stories[:80]), ("validation", stories[80:90])):
+        Path(files[name]).write_text("".join(json.dumps({"text": s}) + "\n" for s in chosen))
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, streaming=False: real("json", data_files=files,
+                                                           streaming=streaming))
+    for streaming in (False, True):
+        src = Source("someone/stories", SourceOptions(streaming=streaming))
+        prepare_source(src, tokenizer, tmp_path / f"s{streaming}")
+    assert bins(tmp_path / "sFalse") == bins(tmp_path / "sTrue")
+    prepare_source(Source(str(txt_dir)), tokenizer, tmp_path / "txt")
+    assert bins(tmp_path / "sTrue") == bins(tmp_path / "txt")
+
+
+def test_fix_text_and_dedupe(tmp_path, tokenizer):
+    bad = "Lily\u00e2\u20ac\u2122s dog said \u00e2\u20ac\u0153hi\u00e2\u20ac\u009d \u2014 ok\u2026"
+    assert fix_text(bad) == 'Lily\'s dog said "hi" - ok...'
+    stories = [bad, "Same story.", "Same story.", "Other story."]
+    f = tmp_path / "s.jsonl"
+    f.write_text("".join(json.dumps({"body": s}) + "\n" for s in stories))
+    val = tmp_path / "s_valid.jsonl"
+    val.write_text(json.dumps({"body": "A val story."}) + "\n")
+    src = Source(str(tmp_path / "*.jsonl"), SourceOptions(text_field="body"))
+    meta = prepare_source(src, tokenizer, tmp_path / "out",
+                          PrepareOptions(fix_text=True, dedupe=True))
+    assert meta["hygiene"]["train"] == {"fixed": 1, "dropped_empty": 0, "dropped_duplicate": 1}
+    assert meta["splits"]["train"]["stories"] == 3 and meta["splits"]["val"]["stories"] == 1
+
+
+def test_padded_loss_is_the_loss_of_real_tokens_only(stories, tokenizer, tmp_path):
+    chosen = {"train": stories[:6], "val": stories[6:9]}
+    src = Source(None)
+    src.iter = lambda split: iter(chosen[split])  # an in-memory source
+    block = 96
+    meta = prepare_source(src, tokenizer, tmp_path / "pad",
+                          PrepareOptions(layout="padded", block_size=block))
+    lengths = [len(tokenizer.encode(s)) + 1 for s in chosen["train"]]
+    assert meta["splits"]["train"]["real_tokens"] == sum(min(n, block + 1) for n in lengths)
+    data = PackedData(tmp_path / "pad")
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=300, block_size=block)).eval()
+    x, y = data._rows(np.arange(6), "train", block)
+    assert int((y != IGNORE_INDEX).sum()) == sum(min(n, block + 1) - 1 for n in lengths)
+    padded_loss = model(x, y).loss
+    nats, count = 0.0, 0
+    for s in chosen["train"]:  # each story alone: its real tokens and nothing else
+        ids = torch.tensor([tokenizer.encode(s) + [tokenizer.eos_id]])[:, : block + 1]
+        logits = model(ids[:, :-1]).logits
+        nats += F.cross_entropy(logits[0], ids[0, 1:], reduction="sum").item()
+        count += ids.size(1) - 1
+    assert padded_loss.item() == pytest.approx(nats / count, rel=1e-5)
+    bx, by = data.train_batch(4, block, seed=1, step=0)
+    assert bx.shape == (4, block) and (by[by != IGNORE_INDEX] < 300).all()
+
+
+def test_interrupted_prepare_leaves_nothing_complete_looking(txt_dir, tokenizer, tmp_path,
+                                                             monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "_write_split", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_source(Source(str(txt_dir)), tokenizer, tmp_path / "out")
+    assert list(tmp_path.glob("*out*")) == []
+
+
+def test_tokenizer_sampling_and_held_out_report(txt_dir):
+    src = Source(str(txt_dir))
+    sample = byte_sample(src.iter("train"), 5000, seed=0)
+    assert 4000 < sum(len(s.encode()) for s in sample) < 9000
+    assert sample != byte_sample(src.iter("train"), 5000, seed=1)
+    tok, report = train_tokenizer_on(src, 300, max_train_bytes=5000)
+    assert tok.vocab_size == 300 and report["held_out_stories"] == 10
+    assert 1.0 < report["bytes_per_token"] < 3.0
+
+
+@pytest.mark.skipif(not (SHARED / "train-lowercase-4mb.txt").is_file(),
+                    reason="shared TinyStories sample not present")
+def test_real_lowercase_sample_newline_separator(tokenizer, tmp_path):
+    src = Source(str(SHARED / "train-lowercase-4mb.txt"), SourceOptions(separator="newline"))
+    everything = list(src.iter("train")) + list(src.iter("val"))
+    assert 4000 < len(everything) < 6000  # "about 4,700 stories"
+    lily = [s for s in everything if s.startswith("one day, a little girl named lily found a")]
+    assert len(lily) == 1 and lily[0].count("\n\n") == 2  # three paragraphs, one story
+    meta = prepare_source(src, tokenizer, tmp_path / "ts", PrepareOptions(train_count=300))
+    assert meta["splits"]["train"]["stories"] == 300
+    assert read_meta(tmp_path / "ts")["splits"]["val"]["stories"] > 100
