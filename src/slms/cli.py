@@ -110,6 +110,42 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("bench", help="training and generation speed, time to first token, memory")
+    c.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="run / checkpoint directories or configs (random weights); KEY=VALUE "
+                   "items override the configs; two targets are printed side by side")
+    c.add_argument("--new-tokens", type=int, default=256, help="batch-1 generation length")
+    c.add_argument("--b8-new-tokens", type=int, default=64, help="batch-8 generation length")
+    c.add_argument("--prompt-tokens", type=int, default=16)
+    c.add_argument("--train-batch", type=int, default=8)
+    c.add_argument("--train-block", type=int, default=256)
+    c.add_argument("--train-steps", type=int, default=3)
+    c.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("chat", help="interactive story generation (:help lists the commands)")
+    c.add_argument("checkpoint", help="run or checkpoint directory")
+    c.add_argument("--max-new-tokens", type=int, default=None)
+    c.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    c.add_argument("--top-k", type=int, default=50, help="0 = off")
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(func=cmd_chat)
+
+    c = sub.add_parser("experts", help="expert load, specialisation, heatmap and HTML map")
+    c.add_argument("checkpoint", help="run or checkpoint directory of an MoE model")
+    c.add_argument("--data", help="prepared data directory or SOURCE (default: the run's data)")
+    c.add_argument("--split", default="val", choices=["train", "val"])
+    c.add_argument("--max-tokens", type=int, default=50_000, help="tokens to route")
+    c.add_argument("--text", help="text for the HTML page (default: the split's first story)")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(func=cmd_experts)
     return p
 
 
@@ -257,6 +293,66 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{r['split']} of {r['data']}: {r['tokens']:,} tokens, {r['bytes']:,} bytes")
         print(f"loss {r['loss']:.4f} nats/token  perplexity {r['perplexity']:.3f}  "
               f"bits/byte {r['bits_per_byte']:.4f}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from slms.analysis.bench import BenchOptions, bench_model, describe, load_target
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = [t for t in args.targets if "=" in t]
+    targets = [t for t in args.targets if "=" not in t]
+    if not targets:
+        raise ValueError("give at least one run, checkpoint or config to benchmark")
+    o = BenchOptions(args.new_tokens, args.b8_new_tokens, args.prompt_tokens, args.train_batch,
+                     args.train_block, args.train_steps, args.device)
+    results = []
+    for t in targets:
+        name, model = load_target(t, overrides, resolve_config_path, args.device)
+        r = bench_model(model, name, o, log=lambda m: print(m, file=sys.stderr, flush=True))
+        results.append(r | {"threads": torch.get_num_threads()})
+        del model
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    else:
+        print(describe(results))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import slms
+    from slms.infer.chat import run_chat
+    from slms.infer.generate import Sampling
+
+    model, tok = slms.load(args.checkpoint, device=args.device)
+    n = args.max_new_tokens or min(200, model.cfg.block_size // 2)
+    if not 1 <= n < model.cfg.block_size:
+        raise ValueError(f"--max-new-tokens must be in 1..{model.cfg.block_size - 1}")
+    s = Sampling(n, args.temperature, args.top_k or None, args.top_p, args.repetition_penalty,
+                 args.seed)
+    return run_chat(model, tok, s)
+
+
+def cmd_experts(args: argparse.Namespace) -> int:
+    import slms
+    from slms.analysis.evaluate import eval_data_dir
+    from slms.analysis.experts import analyse, describe, first_story
+    from slms.data.loader import PackedData
+
+    model, tok = slms.load(args.checkpoint, device=args.device)
+    if not model.moe_layers():
+        raise ValueError(f"{args.checkpoint} is a dense model: it has no experts to analyse")
+    data = PackedData(eval_data_dir(args.checkpoint, tok, args.data))
+    tokens = data.tokens(args.split)
+    text = args.text or first_story(tokens, tok)
+    report = analyse(model, tok, tokens, args.out, text, args.max_tokens,
+                     title=f"experts of {args.checkpoint}")
+    print(describe(report))
+    print(f"wrote {args.out}/{{experts.json,expert_load.csv,specialisation.csv,heatmap.png,"
+          "experts.html}")
     return 0
 
 
