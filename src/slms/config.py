@@ -119,11 +119,24 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    epochs: float = 0.0  # > 0: train this many passes over the training tokens (sets max_steps)
+    keep_checkpoints: int = 2  # newest step checkpoints kept (best/ is kept apart)
+    resume: str = "never"  # never | auto: continue the --out directory when it holds checkpoints
+    max_bad_steps: int = 10  # this many non-finite steps in a row stop the run
+    grad_checkpointing: bool = False  # recompute each block in the backward pass
+    compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard per block)
+    peak_flops: float = 0.0  # per device FLOP/s for MFU; 0 = detected for known GPUs
+    tensorboard: bool = False  # also write TensorBoard events (needs `tensorboard`)
 
     def validate(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every",
-                    "checkpoint_every"):
+                    "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
+        _check(self.epochs >= 0, "train.epochs", "must be >= 0 (0 = use train.max_steps)")
+        _check(self.resume in ("never", "auto"), "train.resume", "must be never or auto")
+        _check(self.parallel in ("ddp", "fsdp"), "train.parallel", "must be ddp or fsdp")
+        _check(self.peak_flops >= 0, "train.peak_flops", "must be >= 0 (0 = detect)")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         _check(self.schedule in ("cosine", "onecycle", "constant"), "train.schedule",

@@ -4,20 +4,99 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+# Dense peak FLOP/s per device (bf16/fp16 tensor cores, and fp32 without TF32), from the vendors'
+# data sheets. More specific names first ("H100 PCIe" before "H100").
+PEAK_FLOPS: list[tuple[str, float, float]] = [
+    ("H200", 989e12, 67e12),
+    ("GH200", 989e12, 67e12),
+    ("H100 PCIe", 756e12, 51e12),
+    ("H100", 989e12, 67e12),
+    ("A100", 312e12, 19.5e12),
+    ("L40S", 362e12, 91.6e12),
+    ("L4", 121e12, 30.3e12),
+    ("A10", 125e12, 31.2e12),
+    ("RTX 4090", 165e12, 82.6e12),
+    ("V100", 125e12, 15.7e12),
+]
+
+
+class TensorBoardMissingError(ValueError):
+    """train.tensorboard = true without the tensorboard package."""
+
 
 class MetricsWriter:
-    def __init__(self, path: str | Path, enabled: bool = True):
+    """metrics.jsonl (always) and TensorBoard events (optional); disabled on ranks > 0."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, tensorboard: bool = False):
         self.path = Path(path)
         self.enabled = enabled
+        self.tb = None
+        if tensorboard and enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TensorBoardMissingError(
+                    "train.tensorboard = true needs the tensorboard package: "
+                    "pip install tensorboard (or set train.tensorboard=false)") from None
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and value is not None:
+                    self.tb.add_scalar(key, value, record["step"])
+            for i, layer in enumerate(record.get("moe", [])):
+                self.tb.add_scalar(f"moe/load_max_over_mean/layer{i}", layer["max_over_mean"],
+                                   record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def peak_flops(device: torch.device, precision: str, configured: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device: train.peak_flops when set, else the data-sheet figure for a
+    known GPU, else None (MFU is not reported: a CPU's peak is not a well-defined number)."""
+    if configured > 0:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, low, fp32 in PEAK_FLOPS:
+        if key in name:
+            return fp32 if precision == "fp32" else low
+    return None
+
+
+def memory_gb(device: torch.device) -> tuple[float, str]:
+    """(GB, what): peak CUDA memory allocated, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9, "cuda_max_allocated"
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return kb * scale / 1e9, "peak_rss"
+
+
+def console_line(r: dict[str, Any], max_steps: int) -> str:
+    """One line per log interval: step, loss, lr, grad norm, tokens/s, MFU, memory."""
+    mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+    line = (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+            f"grad norm {r['grad_norm']:.3f} | {fmt_count(r['tokens_per_s'])} tok/s | "
+            f"MFU {mfu} | mem {r['memory_gb']:.2f} GB")
+    if r.get("skipped_steps"):
+        line += f" | skipped {r['skipped_steps']} non-finite"
+    return line
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

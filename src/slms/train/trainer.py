@@ -7,8 +7,7 @@ import json
 import math
 import random
 import time
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,95 +20,143 @@ from slms.analysis.evaluate import evaluate
 from slms.config import RunConfig, TrainConfig
 from slms.data.loader import PackedData
 from slms.data.pipeline import resolve_data
-from slms.model import GPT, count_params
+from slms.model import GPT, count_params, flops_per_token
 from slms.tokenizer import Tokenizer
 from slms.train import checkpoint as ckpt
+from slms.train import distributed
 from slms.train.checkpoint import RUN_CONFIG
-from slms.train.metrics import MetricsWriter, fmt_count, moe_summary
+from slms.train.distributed import Dist
+from slms.train.metrics import (
+    MetricsWriter,
+    console_line,
+    memory_gb,
+    moe_summary,
+    peak_flops,
+)
 from slms.train.optim import build_optimizer, build_scheduler
+from slms.train.signals import StopRequest
+from slms.train.state import NonFiniteError, Run, State, find_resume, restore, save, save_step
+from slms.train.step import Env, StepResult, train_step
 
 
 class DataMismatchError(ValueError):
     """The prepared data does not fit the model (vocab size, tokenizer)."""
 
 
-@dataclass
-class Env:
-    """Where and how the computation runs."""
-
-    device: torch.device
-    autocast: AbstractContextManager
-    scaler: torch.amp.GradScaler | None
-
-
-@dataclass
-class State:
-    step: int = 0  # optimizer steps completed
-    best_val: float = math.inf
-    tokens_seen: int = 0
-
-
 def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path | None = None,
           log=print) -> Path:
-    """Train `cfg`; returns the run directory (checkpoints, best/, metrics.jsonl, config)."""
-    tc = cfg.train
-    env = setup(tc)
-    data = PackedData(resolve_data(cfg.data, seed=cfg.data.seed, log=log))
-    tokenizer = Tokenizer.from_file(data.dir / "tokenizer.json")
-    cfg = fit_vocab(cfg, data, tokenizer)
-    model = GPT(cfg.model).to(env.device)
-    opt = build_optimizer(model, tc, env.device)
-    sched = build_scheduler(opt, tc)
-    state = State()
-    run_dir = Path(resume) if resume else make_run_dir(cfg, out_dir)
-    if resume:
-        state = restore(run_dir, model, opt, sched, env)
-    write_run_config(run_dir, cfg, data)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
-    announce(model, cfg, data, run_dir, log)
+    """Train `cfg`; returns the run directory (checkpoints, best/, metrics.jsonl, config).
 
+    `resume` (or train.resume=auto with an `out_dir` holding checkpoints) continues a run from
+    its newest intact checkpoint, reproducing the uninterrupted run exactly. Under torchrun each
+    process trains on its own micro-batches and only rank 0 writes files and prints.
+    """
+    env = setup(cfg.train)
+    log = log if env.dist.main else _quiet
+    try:
+        data = load_data(cfg, env.dist, log)
+        tokenizer = Tokenizer.from_file(data.dir / "tokenizer.json")
+        cfg = resolve_steps(fit_vocab(cfg, data, tokenizer), data, env.dist)
+        run = build_run(cfg, env, tokenizer, out_dir, resume, log)
+        if env.dist.main:
+            write_run_config(run.run_dir, cfg, data)
+        metrics = MetricsWriter(run.run_dir / "metrics.jsonl", enabled=env.dist.main,
+                                tensorboard=cfg.train.tensorboard)
+        announce(run, data, log)
+        with StopRequest(verbose=env.dist.main) as stop:
+            loop(run, data, env, metrics, stop, log)
+        metrics.close()
+        return run.run_dir
+    finally:
+        distributed.shutdown(env.dist)
+
+
+def loop(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: StopRequest,
+         log) -> None:
+    """Steps until train.max_steps or a stop request; logs, evaluates and checkpoints."""
+    tc, state = run.cfg.train, run.state
+    meter = Meter(run.cfg, env)
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step",
-               dynamic_ncols=True)
-    window_start, window_tokens = time.perf_counter(), 0
+               dynamic_ncols=True, disable=not env.dist.main)
     while state.step < tc.max_steps:
-        loss, aux, grad_norm = train_step(model, opt, sched, data, cfg, state.step, env)
+        result = train_step(run.model, run.opt, run.sched, data, run.cfg, state.step, env)
         state.step += 1
-        tokens = tc.batch_size * tc.grad_accum * cfg.model.block_size
-        state.tokens_seen += tokens
-        window_tokens += tokens
+        state.tokens_seen += meter.tokens_per_step
+        meter.tokens += meter.tokens_per_step
+        guard_non_finite(run, result, metrics, bar.write)
         last = state.step == tc.max_steps
-        if state.step % tc.log_every == 0 or last:
-            elapsed = time.perf_counter() - window_start
-            record = log_record(model, state, loss, aux, grad_norm, sched, window_tokens / elapsed)
-            metrics.write(record)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
-                            tok_s=fmt_count(record["tokens_per_s"]))
-            if record.get("moe"):
-                bar.write(f"step {state.step}: {moe_summary(record['moe'])}")
-            window_start, window_tokens = time.perf_counter(), 0
+        stopping = env.dist.any(stop.requested is not None, env.device)
+        if state.step % tc.log_every == 0 or last or stopping:
+            log_step(run, result, meter, metrics, bar)
         if state.step % tc.eval_every == 0 or last:
-            val = run_eval(model, data, cfg, env, state, metrics, run_dir, tokenizer, opt, sched)
-            bar.write(f"step {state.step}: val loss {val['loss']:.4f} "
-                      f"(ppl {val['perplexity']:.2f}, {val['bits_per_byte']:.3f} bits/byte)")
-            window_start = time.perf_counter()  # evaluation time is not training throughput
-        if state.step % tc.checkpoint_every == 0 or last:
-            save(run_dir / "checkpoints" / f"step-{state.step}", model, tokenizer, cfg, state,
-                 opt, sched, env)
-            ckpt.prune(run_dir, keep=2)
+            run_eval(run, data, env, metrics, bar.write)
+            meter.restart()  # evaluation time is not training throughput
+        if state.step % tc.checkpoint_every == 0 or last or stopping:
+            path = save_step(run)
         bar.update(1)
+        if stopping:
+            bar.close()
+            log(f"stopped by {stop.requested or 'another rank'} at step {state.step}; "
+                f"checkpoint saved in {path}; continue with: slms train --resume {run.run_dir}")
+            return
     bar.close()
-    return run_dir
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    pass
 
 
 def setup(tc: TrainConfig) -> Env:
+    d = distributed.init(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
+    device = distributed.device_for(d, resolve_device(tc.device))
     seed_everything(tc.seed)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext())
     scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
-    return Env(device, autocast, scaler)
+    return Env(device, autocast, scaler, d)
+
+
+def load_data(cfg: RunConfig, d: Dist, log) -> PackedData:
+    """The prepared data; rank 0 prepares (and caches) it first, the other ranks then read it."""
+    if not d.main:
+        d.barrier()
+    data_dir = resolve_data(cfg.data, seed=cfg.data.seed, log=log)
+    if d.main:
+        d.barrier()
+    return PackedData(data_dir)
+
+
+def resolve_steps(cfg: RunConfig, data: PackedData, d: Dist) -> RunConfig:
+    """With train.epochs > 0, max_steps = ceil(epochs * training tokens / tokens per step), so
+    schedules are computed from the true total."""
+    tc = cfg.train
+    if tc.epochs <= 0:
+        return cfg
+    per_step = tc.batch_size * tc.grad_accum * d.world * cfg.model.block_size
+    tokens = data.meta["splits"]["train"]["tokens"]
+    steps = max(1, math.ceil(tc.epochs * tokens / per_step))
+    return dataclasses.replace(cfg, train=dataclasses.replace(tc, max_steps=steps))
+
+
+def build_run(cfg: RunConfig, env: Env, tokenizer: Tokenizer, out_dir: str | Path | None,
+              resume: str | Path | None, log) -> Run:
+    """Model (wrapped for DDP/FSDP/compile), optimizer, schedule; restored when resuming."""
+    tc, d = cfg.train, env.dist
+    resume_dir = find_resume(cfg, out_dir, resume)
+    run_dir = resume_dir or make_run_dir(cfg, out_dir, d)
+    gpt = GPT(cfg.model).to(env.device)  # same init on every rank (same seed)
+    gpt.grad_checkpointing = tc.grad_checkpointing
+    if d.rank:
+        torch.manual_seed(tc.seed + d.rank)  # own dropout / router-noise stream per rank
+    model = distributed.wrap(gpt, tc.parallel, d, env.device, tc.compile)
+    opt = build_optimizer(model, tc, env.device)
+    sched = build_scheduler(opt, tc)
+    run = Run(cfg, run_dir, model, opt, sched, env.scaler, tokenizer, d, State())
+    if resume_dir:
+        restore(run, log)
+    return run
 
 
 def resolve_device(name: str) -> torch.device:
@@ -148,14 +195,17 @@ def fit_vocab(cfg: RunConfig, data: PackedData, tokenizer: Tokenizer) -> RunConf
     return cfg
 
 
-def make_run_dir(cfg: RunConfig, out_dir: str | Path | None) -> Path:
+def make_run_dir(cfg: RunConfig, out_dir: str | Path | None, d: Dist) -> Path:
     if out_dir is None:
-        out_dir = Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        stamp = d.gather(datetime.now().strftime("%Y%m%d-%H%M%S"))[0]  # rank 0's, on all ranks
+        out_dir = Path("runs") / f"{cfg.name}-{stamp}"
     out_dir = Path(out_dir)
     if ckpt.list_checkpoints(out_dir) or (out_dir / "best").exists():
         raise FileExistsError(f"{out_dir} already holds a run; resume it with --resume {out_dir} "
-                              "or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+                              "(or train.resume=auto), or choose another --out")
+    d.barrier()  # every rank has checked before rank 0 creates anything
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
 
@@ -164,111 +214,100 @@ def write_run_config(run_dir: Path, cfg: RunConfig, data: PackedData) -> None:
     (run_dir / RUN_CONFIG).write_text(json.dumps(resolved, indent=2) + "\n")
 
 
-def announce(model: GPT, cfg: RunConfig, data: PackedData, run_dir: Path, log) -> None:
-    counts = count_params(model)
+def announce(run: Run, data: PackedData, log) -> None:
+    cfg, d = run.cfg, run.d
+    counts = count_params(ckpt.unwrap(run.model))
     tc = cfg.train
     tokens = data.meta["splits"]["train"]["tokens"]
-    per_step = tc.batch_size * tc.grad_accum * cfg.model.block_size
+    per_step = tc.batch_size * tc.grad_accum * d.world * cfg.model.block_size
     log(f"model: {counts['params_total']:,} parameters, {counts['params_active']:,} active per "
         f"token ({'MoE' if cfg.model.moe else 'dense'}, {cfg.model.n_layer} layers, "
         f"n_embd {cfg.model.n_embd})")
-    log(f"data: {data.dir} ({tokens:,} training tokens); {per_step:,} tokens per step "
-        f"= {tc.batch_size} x {tc.grad_accum} accumulation x {cfg.model.block_size} tokens; "
-        f"{tc.max_steps} steps = {tc.max_steps * per_step / tokens:.2f} epochs")
-    log(f"run directory: {run_dir}")
+    procs = f" x {d.world} processes ({tc.parallel})" if d.enabled else ""
+    log(f"data: {data.dir} ({tokens:,} training tokens); global batch {per_step:,} tokens per "
+        f"step = {tc.batch_size} x {tc.grad_accum} accumulation{procs} x "
+        f"{cfg.model.block_size} tokens; {tc.max_steps} steps = "
+        f"{tc.max_steps * per_step / tokens:.2f} epochs")
+    log(f"run directory: {run.run_dir}")
 
 
-def train_step(model: GPT, opt: torch.optim.Optimizer, sched, data: PackedData, cfg: RunConfig,
-               step: int, env: Env) -> tuple[float, float, float]:
-    """One optimizer step over grad_accum micro-batches; returns (lm loss, aux loss, grad norm)."""
-    tc = cfg.train
-    model.train()
-    lm_total = torch.zeros((), device=env.device)
-    aux_total = torch.zeros((), device=env.device)
-    for micro in range(tc.grad_accum):
-        x, y = data.train_batch(tc.batch_size, cfg.model.block_size, tc.seed, step, micro=micro)
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        with env.autocast:
-            out = model(x, y)
-            loss = (out.loss + out.aux_loss) / tc.grad_accum
-        (env.scaler.scale(loss) if env.scaler else loss).backward()
-        lm_total += out.loss.detach() / tc.grad_accum
-        aux_total += out.aux_loss.detach() / tc.grad_accum
-    if env.scaler:
-        env.scaler.unscale_(opt)
-    clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    if env.scaler:
-        env.scaler.step(opt)
-        env.scaler.update()
-    else:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    sched.step()
-    for moe in model.moe_layers():
-        moe.router.update_bias()
-    return float(lm_total), float(aux_total), float(grad_norm)
+class Meter:
+    """Throughput over the current log window, and what it means (MFU, memory)."""
+
+    def __init__(self, cfg: RunConfig, env: Env):
+        tc = cfg.train
+        self.tokens_per_step = tc.batch_size * tc.grad_accum * env.dist.world * cfg.model.block_size
+        self.flops_per_token = flops_per_token(cfg.model)
+        peak = peak_flops(env.device, tc.precision, tc.peak_flops)
+        self.peak = peak * env.dist.world if peak else None
+        self.device = env.device
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def read(self) -> dict[str, Any]:
+        tps = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        mem, kind = memory_gb(self.device)
+        mfu = self.flops_per_token * tps / self.peak if self.peak else None
+        self.restart()
+        return {"tokens_per_s": tps, "mfu": mfu, "memory_gb": mem, "memory_kind": kind}
 
 
-def log_record(model: GPT, state: State, loss: float, aux: float, grad_norm: float, sched,
-               tokens_per_s: float) -> dict[str, Any]:
-    record: dict[str, Any] = {"step": state.step, "loss": loss, "aux_loss": aux,
-                              "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
-                              "tokens_per_s": tokens_per_s, "tokens": state.tokens_seen}
-    moe = [layer.pop_stats() for layer in model.moe_layers()]
+def guard_non_finite(run: Run, result: StepResult, metrics: MetricsWriter, write) -> None:
+    """Count skipped steps; train.max_bad_steps in a row stop the run."""
+    state = run.state
+    if not result.skipped:
+        state.bad_in_row = 0
+        return
+    state.bad_steps += 1
+    state.bad_in_row += 1
+    metrics.write({"step": state.step, "skipped": "non-finite", "loss": result.loss,
+                   "grad_norm": result.grad_norm, "skipped_steps": state.bad_steps})
+    if run.d.main:
+        write(f"step {state.step}: non-finite loss {result.loss} / grad norm "
+              f"{result.grad_norm}; optimizer step skipped ({state.bad_in_row} in a row)")
+    if state.bad_in_row >= run.cfg.train.max_bad_steps:
+        raise NonFiniteError(
+            f"{state.bad_in_row} non-finite steps in a row (up to step {state.step}); stopping. "
+            "Lower train.lr, use train.precision=bf16 or fp32, or resume from the last "
+            f"checkpoint in {run.run_dir / 'checkpoints'}")
+
+
+def log_step(run: Run, result: StepResult, meter: Meter, metrics: MetricsWriter, bar) -> None:
+    state = run.state
+    record: dict[str, Any] = {"step": state.step, "loss": result.loss, "aux_loss": result.aux,
+                              "lr": run.sched.get_last_lr()[0], "grad_norm": result.grad_norm,
+                              **meter.read(), "tokens": state.tokens_seen,
+                              "skipped_steps": state.bad_steps}
+    moe = [layer.pop_stats() for layer in ckpt.unwrap(run.model).moe_layers()]
     if moe:
         record["moe"] = moe
-    return record
+    metrics.write(record)
+    if run.d.main:
+        bar.write(console_line(record, run.cfg.train.max_steps))
+        if moe:
+            bar.write(f"step {state.step}: {moe_summary(moe)}")
 
 
-def run_eval(model: GPT, data: PackedData, cfg: RunConfig, env: Env, state: State,
-             metrics: MetricsWriter, run_dir: Path, tokenizer: Tokenizer, opt, sched
+def run_eval(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, write
              ) -> dict[str, Any]:
-    stats_before = [layer.stats for layer in model.moe_layers()]
-    val = evaluate(model, data, "val", cfg.train.batch_size, cfg.model.block_size, env.device,
-                   env.autocast)
+    """Loss over the whole validation split; a new best is saved to best/."""
+    gpt, state = ckpt.unwrap(run.model), run.state
+    stats_before = [layer.stats for layer in gpt.moe_layers()]
+    val = evaluate(gpt, data, "val", run.cfg.train.batch_size, run.cfg.model.block_size,
+                   env.device, env.autocast)
     # Evaluation routing is reported by `slms experts`; keep training statistics clean.
-    for layer, stats in zip(model.moe_layers(), stats_before, strict=True):
+    for layer, stats in zip(gpt.moe_layers(), stats_before, strict=True):
         layer.stats = stats
+    val["loss"] = env.dist.mean([val["loss"]], env.device)[0]  # equal on all ranks already
     metrics.write({"step": state.step, "val_loss": val["loss"], "val_perplexity":
                    val["perplexity"], "val_bits_per_byte": val["bits_per_byte"],
                    "tokens": state.tokens_seen})
+    if run.d.main:
+        write(f"step {state.step}: val loss {val['loss']:.4f} (ppl {val['perplexity']:.2f}, "
+              f"{val['bits_per_byte']:.3f} bits/byte)")
     if val["loss"] < state.best_val:
         state.best_val = val["loss"]
-        save(run_dir / "best", model, tokenizer, cfg, state, opt, sched, env, val)
+        save(run, run.run_dir / "best", val)
     return val
-
-
-def save(path: Path, model: GPT, tokenizer: Tokenizer, cfg: RunConfig, state: State, opt, sched,
-         env: Env, val: dict[str, Any] | None = None) -> None:
-    info = {"step": state.step, "run": cfg.to_dict(), "tokens_seen": state.tokens_seen}
-    if val is not None:
-        info["val"] = val
-    trainer_state = {
-        "step": state.step, "best_val": state.best_val, "tokens_seen": state.tokens_seen,
-        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "scaler": env.scaler.state_dict() if env.scaler else {},
-        "rng_torch": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    ckpt.save_checkpoint(path, model, tokenizer, info, trainer_state)
-
-
-def restore(run_dir: Path, model: GPT, opt, sched, env: Env) -> State:
-    """Load the newest checkpoint of run_dir into model/opt/sched; returns the trainer state."""
-    ckpts = ckpt.list_checkpoints(run_dir)
-    if not ckpts:
-        raise ckpt.CheckpointError(f"{run_dir} has no checkpoints to resume from")
-    path = ckpts[-1]
-    loaded, _, _ = ckpt.load_checkpoint(path, env.device)
-    model.load_state_dict(loaded.state_dict())
-    ts = ckpt.load_trainer_state(path)
-    opt.load_state_dict(ts["optimizer"])
-    sched.load_state_dict(ts["scheduler"])
-    if env.scaler and ts["scaler"]:
-        env.scaler.load_state_dict(ts["scaler"])
-    torch.set_rng_state(ts["rng_torch"])
-    if ts["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ts["rng_cuda"])
-    return State(step=ts["step"], best_val=ts["best_val"], tokens_seen=ts["tokens_seen"])
-

@@ -1,0 +1,187 @@
+"""Training state on disk: what a checkpoint must hold for a resumed run to reproduce the
+uninterrupted one bit for bit, and how a run directory is resumed.
+
+Saved: weights (bias-router state included: it is a model buffer), optimizer, scheduler, grad
+scaler, step, tokens seen, best validation loss, non-finite step counts, the MoE statistics of the
+unfinished log window, and every rank's RNG states (torch, CUDA, numpy, python). Training batches
+are a pure function of (seed, step, rank, micro-step), so no loader state is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from slms.config import RunConfig
+from slms.model import GPT
+from slms.tokenizer import Tokenizer
+from slms.train import checkpoint as ckpt
+from slms.train import distributed
+from slms.train.distributed import Dist
+
+
+class NonFiniteError(ValueError):
+    """Training diverged (non-finite loss, gradients or weights)."""
+
+
+@dataclass
+class State:
+    step: int = 0  # optimizer steps completed
+    best_val: float = math.inf
+    tokens_seen: int = 0
+    bad_steps: int = 0  # non-finite steps skipped in the whole run
+    bad_in_row: int = 0
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "python": random.getstate()}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    random.setstate(s["python"])
+
+
+@dataclass
+class Run:
+    """Everything a checkpoint is written from and restored into."""
+
+    cfg: RunConfig
+    run_dir: Path
+    model: nn.Module  # possibly wrapped (DDP, FSDP2, torch.compile)
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: torch.amp.GradScaler | None
+    tokenizer: Tokenizer
+    d: Dist
+    state: State
+
+
+def save(run: Run, path: Path, val: dict[str, Any] | None = None) -> None:
+    """Write a checkpoint (a collective: every rank calls it; rank 0 writes)."""
+    weights, optim = distributed.full_state(run.model, run.opt)
+    rngs = run.d.gather(rng_state())
+    gpt = ckpt.unwrap(run.model)
+    moe_stats = [layer.stats for layer in gpt.moe_layers()]
+    if not run.d.main:
+        return
+    if weights is not None:  # FSDP: the gathered full weights in a plain CPU model
+        gpt = GPT(gpt.cfg)
+        gpt.load_state_dict(weights)
+    state = run.state
+    if not all(bool(torch.isfinite(p).all()) for p in gpt.parameters()):
+        raise NonFiniteError(f"the weights at step {state.step} are not finite; not writing "
+                             f"{path} (lower train.lr or use train.precision=bf16/fp32)")
+    info = {"step": state.step, "run": run.cfg.to_dict(), "tokens_seen": state.tokens_seen}
+    if val is not None:
+        info["val"] = val
+    trainer_state = {
+        "step": state.step, "best_val": state.best_val, "tokens_seen": state.tokens_seen,
+        "bad_steps": state.bad_steps, "bad_in_row": state.bad_in_row, "world": run.d.world,
+        "optimizer": optim, "scheduler": run.sched.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler else {}, "rng": rngs,
+        "moe_stats": moe_stats,
+    }
+    ckpt.save_checkpoint(path, gpt, run.tokenizer, info, trainer_state)
+
+
+def save_step(run: Run) -> Path:
+    """Save checkpoints/step-N, point `latest` at it, keep the newest train.keep_checkpoints."""
+    path = run.run_dir / "checkpoints" / f"step-{run.state.step}"
+    save(run, path)
+    if run.d.main:
+        tmp = run.run_dir / ".latest.tmp"
+        tmp.write_text(f"checkpoints/step-{run.state.step}\n")
+        os.replace(tmp, run.run_dir / "latest")
+        ckpt.prune(run.run_dir, keep=run.cfg.train.keep_checkpoints)
+    return path
+
+
+def newest_intact(run_dir: Path, log=print) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(checkpoint dir, its weights, its trainer state): the newest checkpoint that loads; a
+    damaged one is skipped with a one-line warning."""
+    ckpts = ckpt.list_checkpoints(run_dir)
+    if not ckpts:
+        raise ckpt.CheckpointError(f"{run_dir} has no checkpoints to resume from")
+    for path in reversed(ckpts):
+        try:
+            ts = ckpt.load_trainer_state(path)
+            model, _, _ = ckpt.load_checkpoint(path)
+            return path, model.state_dict(), ts
+        except ckpt.CheckpointError as e:
+            log(f"warning: {e}; trying an older checkpoint")
+    raise ckpt.CheckpointError(f"no intact checkpoint in {run_dir / 'checkpoints'} "
+                               f"(all {len(ckpts)} are damaged); start a new run")
+
+
+def restore(run: Run, log=print) -> None:
+    """Load the newest intact checkpoint of run.run_dir into the model, optimizer, scheduler,
+    scaler, RNGs and run.state."""
+    d = run.d
+    warn = log if d.main else (lambda *_: None)
+    path, weights, ts = newest_intact(run.run_dir, warn)
+    distributed.load_full_state(run.model, run.opt, weights, ts["optimizer"])
+    run.sched.load_state_dict(ts["scheduler"])
+    if run.scaler is not None and ts["scaler"]:
+        run.scaler.load_state_dict(ts["scaler"])
+    rngs = ts["rng"]
+    if len(rngs) == d.world:
+        set_rng_state(rngs[d.rank])
+    else:
+        warn(f"warning: {path} was written by {len(rngs)} processes, this run has {d.world}; "
+             "random streams (dropout, router noise) restart from the seed")
+    for layer, stats in zip(ckpt.unwrap(run.model).moe_layers(), ts.get("moe_stats", []),
+                            strict=False):
+        layer.stats = stats
+    run.state = State(step=ts["step"], best_val=ts["best_val"], tokens_seen=ts["tokens_seen"],
+                      bad_steps=ts.get("bad_steps", 0), bad_in_row=ts.get("bad_in_row", 0))
+    if d.main:
+        tidy_run_dir(run.run_dir, run.state.step)
+    warn(f"resumed from {path} (step {run.state.step})")
+
+
+def tidy_run_dir(run_dir: Path, step: int) -> None:
+    """After a crash: drop half-written temp checkpoints and the metrics logged after `step`
+    (the resumed run logs those steps again)."""
+    for p in (run_dir / "checkpoints").glob(".step-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        keep = []
+        for line in metrics.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line + "\n")
+            except (json.JSONDecodeError, KeyError):
+                pass  # a line cut short by the crash
+        tmp = metrics.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, metrics)
+
+
+def find_resume(cfg: RunConfig, out_dir: str | Path | None, resume: str | Path | None
+                ) -> Path | None:
+    """The run directory to resume: --resume, or with train.resume=auto the --out directory
+    when it holds checkpoints."""
+    if resume:
+        return Path(resume)
+    if cfg.train.resume == "auto" and out_dir is not None and ckpt.list_checkpoints(out_dir):
+        return Path(out_dir)
+    return None
