@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     c.set_defaults(func=cmd_train)
 
+    c = sub.add_parser("plot", help="PNG loss curves (and MoE expert load) of a training run")
+    c.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
+    c.set_defaults(func=cmd_plot)
+
     c = sub.add_parser("info", help="parameters (total, active), FLOPs per token, memory")
     c.add_argument("target", help="TOML config, preset name, run or checkpoint directory")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -146,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--device", default="cpu")
     c.set_defaults(func=cmd_experts)
+
+    c = sub.add_parser("import-seed", help="convert a checkpoint written by the seed's code")
+    c.add_argument("seed", help="the seed's .pt checkpoint (loaded with weights_only=True)")
+    c.add_argument("--tokenizer", required=True, help="the seed's tokenizer.json")
+    c.add_argument("--out", required=True, help="checkpoint directory to write")
+    c.set_defaults(func=cmd_import_seed)
     return p
 
 
@@ -246,7 +256,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(resolve_config_path(config) if config else None, args.overrides)
     run_dir = train(cfg, out_dir=args.out, resume=args.resume)
-    print(f"done: {run_dir} (best checkpoint in {run_dir / 'best'})")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints
+        print(f"done: {run_dir} (best checkpoint in {run_dir / 'best'})")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from slms.train.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(f"wrote {path}")
     return 0
 
 
@@ -353,6 +372,16 @@ def cmd_experts(args: argparse.Namespace) -> int:
     print(describe(report))
     print(f"wrote {args.out}/{{experts.json,expert_load.csv,specialisation.csv,heatmap.png,"
           "experts.html}")
+    return 0
+
+
+def cmd_import_seed(args: argparse.Namespace) -> int:
+    from slms.model import count_params
+    from slms.seed_import import import_seed
+
+    model, _, path = import_seed(args.seed, args.tokenizer, args.out)
+    n = count_params(model)
+    print(f"wrote {path}: {n['params_total']:,} parameters ({n['params_active']:,} active)")
     return 0
 
 

@@ -6,6 +6,7 @@ WORLD_SIZE=1, every helper here is a no-op and the model is not wrapped.
 
 from __future__ import annotations
 
+import inspect
 import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -104,9 +105,11 @@ def wrap(model: GPT, parallel: str, d: Dist, device: torch.device, compile: bool
 
     inner = torch.compile(model) if compile else model
     # The bias router keeps expert_bias equal on all ranks itself (its load is all-reduced);
-    # broadcasting buffers would overwrite each rank's own load counts.
-    return DDP(inner, device_ids=[device.index] if device.type == "cuda" else None,
-               broadcast_buffers=False)
+    # syncing buffers in every forward would overwrite each rank's own load counts.
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})
+    return DDP(inner, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def is_fsdp(model: nn.Module) -> bool:

@@ -1,0 +1,118 @@
+"""One training step: non-finite guard, mixed precision on CPU, gradient checkpointing."""
+
+import dataclasses
+import math
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from slms.config import MoEConfig, RunConfig, TrainConfig
+from slms.data.loader import PackedData
+from slms.model import GPT
+from slms.train.checkpoint import load_checkpoint
+from slms.train.distributed import Dist
+from slms.train.metrics import read_metrics
+from slms.train.optim import build_optimizer, build_scheduler
+from slms.train.state import NonFiniteError
+from slms.train.step import Env, train_step
+from slms.train.trainer import train
+
+
+def _setup(data_dir, precision="fp32", router="noisy_topk"):
+    torch.manual_seed(0)
+    mcfg = tiny_config(moe=True, n_head=2, block_size=16)
+    mcfg = dataclasses.replace(mcfg, moe=dataclasses.replace(mcfg.moe, router=router))
+    cfg = RunConfig(model=mcfg, train=TrainConfig(batch_size=2, precision=precision,
+                                                  warmup_steps=0, lr=1e-2))
+    model = GPT(mcfg)
+    opt = build_optimizer(model, cfg.train, torch.device("cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype else nullcontext()
+    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
+    env = Env(torch.device("cpu"), autocast, scaler, Dist())
+    return model, opt, build_scheduler(opt, cfg.train), PackedData(data_dir), cfg, env
+
+
+def _nan_forward(model):
+    forward = model.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return out._replace(loss=out.loss * float("nan"))
+
+    model.forward = poisoned
+
+
+def test_nan_loss_skips_the_step_and_leaves_weights_unchanged(data_dir):
+    model, opt, sched, data, cfg, env = _setup(data_dir, router="bias")
+    assert not train_step(model, opt, sched, data, cfg, 0, env).skipped
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    _nan_forward(model)
+    result = train_step(model, opt, sched, data, cfg, 1, env)
+    assert result.skipped and math.isnan(result.loss)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(opt_before[k], v) for k, v in opt.state_dict()["state"][0].items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_max_bad_steps_stops_the_run_without_writing_checkpoints(tmp_path, data_dir,
+                                                                 monkeypatch):
+    from slms.config import load_config
+
+    cfg = load_config("configs/tiny.toml", [f"data.path={data_dir}", "model.n_layer=1",
+                                            "model.n_embd=32", "model.block_size=16",
+                                            "model.moe.expert_hidden=32", "train.batch_size=2",
+                                            "train.max_steps=20", "train.max_bad_steps=3",
+                                            "train.log_every=1", "train.checkpoint_every=1"])
+    original = GPT.forward
+
+    def nan_after_two(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        step = getattr(self, "_calls", 0)
+        self._calls = step + 1
+        return out._replace(loss=out.loss * float("nan")) if step >= 2 else out
+
+    monkeypatch.setattr(GPT, "forward", nan_after_two)
+    with pytest.raises(NonFiniteError, match="3 non-finite steps in a row"):
+        train(cfg, out_dir=tmp_path / "run", log=lambda *a: None)
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if r.get("skipped")] == [3, 4, 5]
+    assert [r["skipped_steps"] for r in records if "tokens_per_s" in r] == [0, 0, 1, 2]
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert ckpts and all(torch.isfinite(p).all() for ck in ckpts
+                         for p in load_checkpoint(ck)[0].parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_run_on_cpu(data_dir, precision):
+    model, opt, sched, data, cfg, env = _setup(data_dir, precision)
+    before = model.wte.weight.detach().clone()
+    losses = [train_step(model, opt, sched, data, cfg, s, env) for s in range(3)]
+    assert all(math.isfinite(r.loss) for r in losses)
+    assert not torch.equal(before, model.wte.weight)  # the weights moved
+    if precision == "fp16":
+        assert env.scaler.get_scale() > 0
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_grad_checkpointing_gives_the_same_gradients(moe):
+    cfg = tiny_config(moe=moe, dropout=0.1)
+    if moe:
+        cfg = dataclasses.replace(cfg, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=64,
+                                                     router="noisy_topk"))
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    grads = []
+    for ckpt in (False, True):
+        model.grad_checkpointing = ckpt
+        model.zero_grad()
+        torch.manual_seed(1)  # same dropout masks and router noise
+        out = model(x, x)
+        (out.loss + out.aux_loss).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-6, msg=name)
