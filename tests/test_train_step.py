@@ -116,3 +116,17 @@ def test_grad_checkpointing_gives_the_same_gradients(moe):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_step_on_cuda_with_fused_adamw(data_dir):
+    model, _, _, data, cfg, _ = _setup(data_dir, "bf16")
+    device = torch.device("cuda")
+    model = model.to(device)
+    opt = build_optimizer(model, cfg.train, device)
+    assert opt.defaults["fused"]
+    env = Env(device, torch.autocast("cuda", dtype=torch.bfloat16), None, Dist())
+    results = [train_step(model, opt, build_scheduler(opt, cfg.train), data, cfg, s, env)
+               for s in range(3)]
+    assert all(math.isfinite(r.loss) and not r.skipped for r in results)
