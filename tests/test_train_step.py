@@ -130,3 +130,20 @@ def test_bf16_step_on_cuda_with_fused_adamw(data_dir):
     results = [train_step(model, opt, build_scheduler(opt, cfg.train), data, cfg, s, env)
                for s in range(3)]
     assert all(math.isfinite(r.loss) and not r.skipped for r in results)
+
+
+def test_compiled_checkpointed_run_saves_plain_keys(tmp_path, data_dir, monkeypatch):
+    import functools
+
+    from slms.config import load_config
+
+    # the eager backend exercises the torch.compile wrapper without inductor's minute of codegen
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+
+    cfg = load_config("configs/tiny.toml", [
+        f"data.path={data_dir}", "model.n_layer=1", "model.n_embd=32", "model.block_size=16",
+        "model.moe.expert_hidden=32", "train.batch_size=2", "train.max_steps=2",
+        "train.compile=true", "train.grad_checkpointing=true"])
+    run = train(cfg, out_dir=tmp_path / "run", log=lambda *a: None)
+    model = load_checkpoint(run / "checkpoints" / "step-2")[0]  # strict: no _orig_mod. keys
+    assert not any("_orig_mod" in k for k in model.state_dict())
