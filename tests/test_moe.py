@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import slms.model.moe as moe_module
 from slms.config import MoEConfig
 from slms.model.moe import (
     MoE,
@@ -15,10 +16,11 @@ from slms.model.moe import (
 )
 
 
-def make_moe(E: int, K: int, router: str = "topk", cf: float = 0.0, seed: int = 0) -> MoE:
+def make_moe(E: int, K: int, router: str = "topk", cf: float = 0.0, seed: int = 0,
+             activation: str = "relu") -> MoE:
     torch.manual_seed(seed)
     cfg = MoEConfig(n_experts=E, top_k=K, router=router, capacity_factor=cf)
-    moe = MoE(16, cfg, hidden=24, activation="relu")
+    moe = MoE(16, cfg, hidden=24, activation=activation)
     with torch.no_grad():  # non-zero biases so that bias gradients are compared too
         for p in moe.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -34,13 +36,16 @@ def grads(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.parametrize("router", ["noisy_topk", "topk", "bias"])
 @pytest.mark.parametrize("E,K", [(1, 1), (4, 1), (4, 2), (8, 1), (8, 2)])
 @pytest.mark.parametrize("cf", [0.0, 0.75])
-@pytest.mark.parametrize("T", [1, 37])
-def test_sorted_dispatch_equals_reference_loop(impl, router, E, K, cf, T):
+@pytest.mark.parametrize("T,small_n", [(1, 64), (37, 0), (37, 64)])
+def test_sorted_dispatch_equals_reference_loop(impl, router, E, K, cf, T, small_n, monkeypatch,
+                                               activation="relu"):
+    """Outputs and all gradients; small_n picks the few-assignments combine or the gathers."""
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not available")
+    monkeypatch.setattr(moe_module, "SMALL_N", small_n)
     results = []
     for reference in (True, False):
-        moe = make_moe(E, K, router, cf)
+        moe = make_moe(E, K, router, cf, activation=activation)
         moe.experts.impl = impl
         moe.reference = reference
         moe.eval()  # noise off: both paths must see identical routing
@@ -53,6 +58,39 @@ def test_sorted_dispatch_equals_reference_loop(impl, router, E, K, cf, T):
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_fast, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,small_n", [(1, 64), (37, 0), (37, 64)])
+def test_gelu_experts_equal_reference_loop(T, small_n, monkeypatch):
+    test_sorted_dispatch_equals_reference_loop("slices", "topk", 8, 2, 0.0, T, small_n,
+                                               monkeypatch, activation="gelu")
+
+
+@pytest.mark.parametrize("router", ["noisy_topk", "topk", "bias"])
+@pytest.mark.parametrize("E,K", [(1, 1), (4, 2), (8, 1), (8, 2)])
+@pytest.mark.parametrize("T", [1, 8, 37])
+def test_inference_paths_equal_reference_loop(router, E, K, T):
+    """Under no_grad (generation): the batch-1 path, the few-assignments combine, the gathers."""
+    x = torch.randn(T, 1, 16, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for reference in (True, False):
+        moe = make_moe(E, K, router).eval()
+        moe.reference = reference
+        with torch.no_grad():
+            outs.append((moe(x)[0], moe.pop_stats()))
+    (y_ref, s_ref), (y_fast, s_fast) = outs
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
+    assert s_fast["tokens_per_expert"] == s_ref["tokens_per_expert"]
+    assert s_fast["entropy"] == pytest.approx(s_ref["entropy"])
+
+
+def test_autocast_bf16_runs_experts_in_bf16_close_to_fp32():
+    moe = make_moe(4, 2).eval()
+    x = torch.randn(2, 9, 16)
+    y32 = moe(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = moe(x)[0]
+    torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.02)
 
 
 def test_experts_without_tokens_and_capacity_drops_are_counted():
@@ -149,3 +187,41 @@ def test_stats_report_loads():
     s = moe.pop_stats()
     assert sum(s["tokens_per_expert"]) == 60 and sum(s["share"]) == pytest.approx(1.0)
     assert s["max_over_mean"] >= 1.0 and 0 < s["entropy"] <= math.log(4) + 1e-6
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_stats_match_a_hand_count(training):
+    moe = make_moe(4, 2, "topk", cf=0.75).train(training)
+    xs = [torch.randn(2, 5, 16), torch.randn(1, 8, 16)]
+    counts, drops, entropies, bals = torch.zeros(4, dtype=torch.long), 0, [], []
+    for x in xs:
+        r = moe.router(x.view(-1, 16))
+        cap = capacity(moe.cfg, len(r.experts_TK))
+        _, kept = reference_dispatch(x.view(-1, 16), r, moe.experts, cap)
+        counts += torch.bincount(r.experts_TK[kept], minlength=4)
+        drops += int((~kept).sum())
+        entropies.append(-(r.probs_TE * r.probs_TE.log()).sum(-1))
+        bals.append(load_balancing_loss(r.probs_TE, r.experts_TK).item())
+    moe.reset_stats()
+    for x in xs:
+        moe(x)
+    s = moe.pop_stats()
+    assert s["tokens_per_expert"] == counts.tolist()
+    assert s["dropped_share"] == pytest.approx(drops / (18 * 2))
+    assert s["entropy"] == pytest.approx(torch.cat(entropies).mean().item(), rel=1e-5)
+    # the losses are computed (and averaged per call) in training only
+    assert s["loss_calls"] == (2 if training else 0)
+    assert s["aux_loss"] == pytest.approx(sum(bals) / 2 if training else 0.0, rel=1e-5)
+
+
+def test_a_held_stats_snapshot_is_not_changed_by_later_calls():
+    # The trainer keeps `layer.stats` around evaluation and puts it back afterwards.
+    moe = make_moe(4, 2).eval()
+    moe(torch.randn(1, 6, 16))
+    held = moe.stats
+    before = (held["tokens_E"].clone(), held["tokens"], held["calls"])
+    moe(torch.randn(2, 6, 16))
+    assert torch.equal(held["tokens_E"], before[0])
+    assert (held["tokens"], held["calls"]) == before[1:]
+    moe.stats = held
+    assert sum(moe.pop_stats()["tokens_per_expert"]) == 12

@@ -9,6 +9,7 @@ Router maths (logits, softmax, top-k) runs in fp32 whatever the autocast dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ class Routing:
     weights_TK: torch.Tensor  # fp32 gate weights of the chosen experts
     logits_TE: torch.Tensor  # fp32 router logits (noise included when training noisy_topk)
     probs_TE: torch.Tensor  # fp32 softmax over all experts of logits_TE
+
+
+SMALL_N = 64  # at most this many (token, expert) assignments: the decoding combine
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
@@ -63,29 +67,31 @@ class Router(nn.Module):
             self.register_buffer("load_E", torch.zeros(cfg.n_experts), persistent=False)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        with torch.autocast(x_TD.device.type, enabled=False):
-            x_TD = x_TD.float()
-            logits_TE = F.linear(x_TD, self.gate.weight.float(), self.gate.bias.float())
-            if self.noise is not None and self.training:
-                # The seed's noisy gate, but only in training: evaluation and generation are
-                # deterministic.
-                std_TE = F.softplus(F.linear(x_TD, self.noise.weight.float(),
-                                             self.noise.bias.float()))
-                logits_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
-            probs_TE = logits_TE.softmax(dim=-1)
-            K = self.cfg.top_k
-            if self.cfg.router == "bias":
-                # The bias only chooses the experts; the weights stay the unbiased scores.
-                experts_TK = (probs_TE + self.expert_bias).topk(K, dim=-1).indices
-            else:
-                experts_TK = logits_TE.topk(K, dim=-1).indices
-            weights_TK = probs_TE.gather(-1, experts_TK)
-            if self.cfg.renormalize:
-                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
-            if self.cfg.router == "bias" and self.training:
-                with torch.no_grad():
-                    self.load_E += torch.bincount(experts_TK.flatten(),
-                                                  minlength=self.cfg.n_experts)
+        # Entering autocast(enabled=False) costs microseconds that matter when decoding.
+        off = torch.is_autocast_enabled(x_TD.device.type)
+        with torch.autocast(x_TD.device.type, enabled=False) if off else contextlib.nullcontext():
+            return self._route(x_TD.float())
+
+    def _route(self, x_TD: torch.Tensor) -> Routing:
+        logits_TE = F.linear(x_TD, self.gate.weight.float(), self.gate.bias.float())
+        if self.noise is not None and self.training:
+            # The seed's noisy gate, but only in training: evaluation and generation are
+            # deterministic.
+            std_TE = F.softplus(F.linear(x_TD, self.noise.weight.float(), self.noise.bias.float()))
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
+        probs_TE = logits_TE.softmax(dim=-1)
+        K = self.cfg.top_k
+        if self.cfg.router == "bias":
+            # The bias only chooses the experts; the weights stay the unbiased scores.
+            experts_TK = (probs_TE + self.expert_bias).topk(K, dim=-1).indices
+            top_TK = logits_TE.gather(-1, experts_TK)
+        else:
+            top_TK, experts_TK = logits_TE.topk(K, dim=-1)
+        # Renormalised top-k probabilities are the softmax of the top-k logits: one op, no gather.
+        weights_TK = top_TK.softmax(-1) if self.cfg.renormalize else probs_TE.gather(-1, experts_TK)
+        if self.cfg.router == "bias" and self.training:
+            with torch.no_grad():
+                self.load_E += torch.bincount(experts_TK.flatten(), minlength=self.cfg.n_experts)
         return Routing(experts_TK, weights_TK, logits_TE, probs_TE)
 
     @torch.no_grad()
@@ -101,6 +107,115 @@ class Router(nn.Module):
         load_E.zero_()
 
 
+def _sliced_forward(x_ND: torch.Tensor, w1_EDH: torch.Tensor, b1_EH: torch.Tensor,
+                    w2_EHD: torch.Tensor, b2_ED: torch.Tensor, counts: list[int], gelu: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Experts on contiguous row groups, written in place into one buffer per layer.
+
+    Returns (pre_NH, act_NH, y_ND); for relu pre_NH is act_NH (activated in place).
+    """
+    N = x_ND.size(0)
+    pre_NH = x_ND.new_empty(N, w1_EDH.size(-1))
+    y_ND = x_ND.new_empty(N, w2_EHD.size(-1))
+    spans = _spans(counts)
+    for e, a, b in spans:
+        torch.addmm(b1_EH[e], x_ND[a:b], w1_EDH[e], out=pre_NH[a:b])
+    act_NH = F.gelu(pre_NH) if gelu else pre_NH.relu_()
+    for e, a, b in spans:
+        torch.addmm(b2_ED[e], act_NH[a:b], w2_EHD[e], out=y_ND[a:b])
+    return pre_NH, act_NH, y_ND
+
+
+def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of each non-empty group."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            out.append((e, start, start + n))
+            start += n
+    return out
+
+
+class _SlicedExperts(torch.autograd.Function):
+    """Autograd for the sliced experts: every gradient is written once into one buffer.
+
+    Autograd through per-expert slices and `w[e]` selects would allocate a zero-filled
+    full-size gradient per expert and sum them, O(E) times the work (dominant with many experts).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu):  # noqa: ANN001
+        pre_NH, act_NH, y_ND = _sliced_forward(x_ND, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
+        ctx.save_for_backward(x_ND, pre_NH, w1_EDH, w2_EHD)
+        ctx.counts, ctx.gelu = counts, gelu
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, gy_ND):  # noqa: ANN001
+        x_ND, pre_NH, w1_EDH, w2_EHD = ctx.saved_tensors
+        gy_ND = gy_ND.contiguous()
+        act_NH = F.gelu(pre_NH) if ctx.gelu else pre_NH
+        spans = _spans(ctx.counts)
+        gw1, gb1 = torch.empty_like(w1_EDH), w1_EDH.new_empty(w1_EDH.shape[::2])
+        gw2, gb2 = torch.empty_like(w2_EHD), w2_EHD.new_empty(w2_EHD.shape[::2])
+        for e, n in enumerate(ctx.counts):
+            if not n:  # experts without tokens get zero gradients
+                for g in (gw1, gb1, gw2, gb2):
+                    g[e].zero_()
+        ga_NH = pre_NH.new_empty(pre_NH.shape)
+        for e, a, b in spans:
+            torch.mm(gy_ND[a:b], w2_EHD[e].t(), out=ga_NH[a:b])
+            torch.mm(act_NH[a:b].t(), gy_ND[a:b], out=gw2[e])
+            torch.sum(gy_ND[a:b], 0, out=gb2[e])
+        if ctx.gelu:
+            gp_NH = torch.ops.aten.gelu_backward(ga_NH, pre_NH)
+        else:
+            gp_NH = torch.ops.aten.threshold_backward(ga_NH, act_NH, 0)
+        gx_ND = x_ND.new_empty(x_ND.shape) if ctx.needs_input_grad[0] else None
+        for e, a, b in spans:
+            if gx_ND is not None:
+                torch.mm(gp_NH[a:b], w1_EDH[e].t(), out=gx_ND[a:b])
+            torch.mm(x_ND[a:b].t(), gp_NH[a:b], out=gw1[e])
+            torch.sum(gp_NH[a:b], 0, out=gb1[e])
+        return gx_ND, gw1, gb1, gw2, gb2, None, None
+
+
+class _Gather(torch.autograd.Function):
+    """out[m] = src[idx[m]], with a backward that is a gather too (CPU scatter-add is slow).
+
+    back_idx[r] names the out row whose gradient src row r receives; groups of `group`
+    consecutive back_idx entries are summed into one src row. pad / back_pad: an index equal to
+    the number of src / out rows means a zero row (assignments dropped by the capacity).
+    """
+
+    @staticmethod
+    def forward(ctx, src_RD, idx_M, pad, back_idx, back_pad, group):  # noqa: ANN001
+        ctx.save_for_backward(back_idx)
+        ctx.back_pad, ctx.group, ctx.R = back_pad, group, src_RD.size(0)
+        return _take(src_RD, idx_M, pad)
+
+    @staticmethod
+    def backward(ctx, g_MD):  # noqa: ANN001
+        (back_idx,) = ctx.saved_tensors
+        g_RD = _take(g_MD, back_idx, ctx.back_pad)
+        if ctx.group > 1:
+            g_RD = g_RD.view(ctx.R, ctx.group, -1).sum(1)
+        return g_RD, None, None, None, None, None
+
+
+def _take(src_RD: torch.Tensor, idx_M: torch.Tensor, pad: bool) -> torch.Tensor:
+    if pad:
+        src_RD = F.pad(src_RD, (0, 0, 0, 1))
+    return src_RD.index_select(0, idx_M)
+
+
+def _gather(src_RD: torch.Tensor, idx_M: torch.Tensor, pad: bool, back_idx: torch.Tensor,
+            back_pad: bool, group: int) -> torch.Tensor:
+    if torch.is_grad_enabled() and src_RD.requires_grad:
+        return _Gather.apply(src_RD, idx_M, pad, back_idx, back_pad, group)
+    return _take(src_RD, idx_M, pad)
+
+
 class Experts(nn.Module):
     """E feed-forward networks with stacked weights, so they can run as one grouped matmul."""
 
@@ -110,7 +225,8 @@ class Experts(nn.Module):
         self.b1_EH = nn.Parameter(torch.zeros(n_experts, hidden))
         self.w2_EHD = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
         self.b2_ED = nn.Parameter(torch.zeros(n_experts, n_embd))
-        self.act = F.relu if activation == "relu" else F.gelu
+        self.gelu = activation != "relu"
+        self.act = F.gelu if self.gelu else F.relu
         self.impl = "auto"  # auto | grouped_mm | slices (tests and benchmarks force one)
         nn.init.normal_(self.w1_EDH, std=0.02)
         nn.init.normal_(self.w2_EHD, std=0.02)
@@ -120,6 +236,12 @@ class Experts(nn.Module):
         h = self.act(x_ND @ self.w1_EDH[e] + self.b1_EH[e])
         return h @ self.w2_EHD[e] + self.b2_ED[e]
 
+    def one_token(self, x_1D: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        """The experts `experts` on one token, no autograd: (K, D), in the order given."""
+        w1, b1, w2, b2 = self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED
+        return torch.cat([torch.addmm(b2[e], self.act(torch.addmm(b1[e], x_1D, w1[e])), w2[e])
+                          for e in experts])
+
     def _use_grouped_mm(self, x_ND: torch.Tensor) -> bool:
         if self.impl != "auto":
             return self.impl == "grouped_mm"
@@ -128,10 +250,15 @@ class Experts(nn.Module):
                 and x_ND.dtype == torch.bfloat16
                 and torch.cuda.get_device_capability(x_ND.device) >= (9, 0))
 
-    def forward(self, x_ND: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor
+    def forward(self, x_ND: torch.Tensor, expert_N: torch.Tensor | None, counts_E: torch.Tensor
                 ) -> torch.Tensor:
-        """x_ND sorted by expert; expert_N its expert ids; counts_E rows per expert."""
+        """x_ND sorted by expert; counts_E rows per expert (expert_N: ids, None = from counts)."""
         if self._use_grouped_mm(x_ND):
+            x_ND = x_ND.contiguous()
+            if expert_N is None:
+                expert_N = torch.repeat_interleave(
+                    torch.arange(counts_E.numel(), device=x_ND.device), counts_E,
+                    output_size=x_ND.size(0))
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
             w1, w2 = self.w1_EDH.to(x_ND.dtype), self.w2_EHD.to(x_ND.dtype)
             h_NH = torch._grouped_mm(x_ND, w1, offs=offs) + self.b1_EH[expert_N].to(x_ND.dtype)
@@ -140,17 +267,22 @@ class Experts(nn.Module):
                     + self.b2_ED[expert_N].to(x_ND.dtype)).contiguous()
         # One host sync for the group sizes; then a matmul per non-empty expert on a contiguous
         # slice (no boolean masks, no per-token work).
-        outs = []
-        start = 0
-        for e, n in enumerate(counts_E.tolist()):
-            if n:
-                xs = x_ND[start:start + n]
-                h = self.act(torch.addmm(self.b1_EH[e], xs, self.w1_EDH[e]))
-                outs.append(torch.addmm(self.b2_ED[e], h, self.w2_EHD[e]))
-                start += n
-        if not outs:
-            return x_ND.new_zeros(0, self.w2_EHD.size(-1))
-        return torch.cat(outs)
+        counts = counts_E.tolist()
+        dev = x_ND.device.type
+        if torch.is_autocast_enabled(dev):
+            # addmm(out=) has no autocast rule: cast by hand to the dtype autocast would use.
+            dt = torch.get_autocast_dtype(dev)
+            with torch.autocast(dev, enabled=False):
+                return self._sliced(x_ND.to(dt), counts, dt)
+        return self._sliced(x_ND, counts, x_ND.dtype)
+
+    def _sliced(self, x_ND: torch.Tensor, counts: list[int], dt: torch.dtype) -> torch.Tensor:
+        params = [self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED]
+        if self.w1_EDH.dtype != dt:
+            params = [p.to(dt) for p in params]
+        if torch.is_grad_enabled() and (x_ND.requires_grad or params[0].requires_grad):
+            return _SlicedExperts.apply(x_ND, *params, counts, self.gelu)
+        return _sliced_forward(x_ND, *params, counts, self.gelu)[2]
 
 
 class MoE(nn.Module):
@@ -169,23 +301,29 @@ class MoE(nn.Module):
     def reset_stats(self) -> None:
         E = self.cfg.n_experts
         self.stats = {"tokens_E": torch.zeros(E, dtype=torch.long), "tokens": 0, "dropped": 0,
-                      "entropy_sum": 0.0, "aux_sum": 0.0, "z_sum": 0.0, "calls": 0}
+                      "entropy_token_sum": 0.0, "aux_sum": 0.0, "z_sum": 0.0, "calls": 0,
+                      "loss_calls": 0}
 
     def pop_stats(self) -> dict:
-        """Expert statistics accumulated since the last call (plain Python numbers)."""
+        """Expert statistics accumulated since the last call (plain Python numbers).
+
+        aux_loss and z_loss are means over training calls (evaluation skips the losses);
+        loss_calls says how many there were (0: the losses read 0.0).
+        """
         s = self.stats
-        calls = max(s["calls"], 1)
         tokens_E = s["tokens_E"].tolist()
         total = max(sum(tokens_E), 1)
         mean = total / len(tokens_E)
+        loss_calls = max(s.get("loss_calls", s["calls"]), 1)
         out = {
             "tokens_per_expert": tokens_E,
             "share": [n / total for n in tokens_E],
             "max_over_mean": max(tokens_E) / mean if sum(tokens_E) else 0.0,
-            "entropy": float(s["entropy_sum"]) / calls,
+            "entropy": float(s.get("entropy_token_sum", 0.0)) / max(s["tokens"], 1),
             "dropped_share": int(s["dropped"]) / max(s["tokens"] * self.cfg.top_k, 1),
-            "aux_loss": float(s["aux_sum"]) / calls,
-            "z_loss": float(s["z_sum"]) / calls,
+            "aux_loss": float(s["aux_sum"]) / loss_calls,
+            "z_loss": float(s["z_sum"]) / loss_calls,
+            "loss_calls": s.get("loss_calls", s["calls"]),
         }
         if self.cfg.router == "bias":
             out["expert_bias"] = self.router.expert_bias.tolist()
@@ -197,35 +335,42 @@ class MoE(nn.Module):
         x_TD = x_BTD.reshape(-1, shape[-1])
         r = self.router(x_TD)
         cap = capacity(self.cfg, x_TD.size(0))
-        dispatch = reference_dispatch if self.reference else sorted_dispatch
-        y_TD, kept_TK = dispatch(x_TD, r, self.experts, cap)
+        counts_E = None
+        if self.reference:
+            y_TD, kept_TK = reference_dispatch(x_TD, r, self.experts, cap)
+        else:
+            y_TD, kept_TK, counts_E = _dispatch(x_TD, r, self.experts, cap)
         aux = x_TD.new_zeros((), dtype=torch.float32)
         bal = z = None
-        if self.training or self.cfg.aux_loss_coef or self.cfg.z_loss_coef:
+        if self.training:  # evaluation skips the losses: they would only feed the statistics
             bal = load_balancing_loss(r.probs_TE, r.experts_TK)
             z = router_z_loss(r.logits_TE)
-            if self.training:
-                aux = self.cfg.aux_loss_coef * bal + self.cfg.z_loss_coef * z
-        self._record(r, kept_TK, bal, z)
-        return self.dropout(y_TD.view(shape)), aux
+            aux = self.cfg.aux_loss_coef * bal + self.cfg.z_loss_coef * z
+        self._record(r, kept_TK, counts_E, bal, z)
+        y_BTD = y_TD.view(shape)
+        return (self.dropout(y_BTD) if self.dropout.p > 0 else y_BTD), aux
 
-    @torch.no_grad()
-    def _record(self, r: Routing, kept_TK: torch.Tensor | None, bal: torch.Tensor | None,
-                z: torch.Tensor | None) -> None:
-        # Tensors stay on the device; pop_stats syncs once per log interval.
-        s = self.stats
-        chosen = r.experts_TK if kept_TK is None else r.experts_TK[kept_TK]
-        s["tokens_E"] = s["tokens_E"].to(chosen.device) + torch.bincount(
-            chosen.flatten(), minlength=self.cfg.n_experts)
-        s["tokens"] += r.experts_TK.size(0)
+    def _record(self, r: Routing, kept_TK: torch.Tensor | None, counts_E: torch.Tensor | None,
+                bal: torch.Tensor | None, z: torch.Tensor | None) -> None:
+        # Tensors stay on the device; pop_stats syncs once per log interval. A new dict each
+        # call, so that a caller holding the old one (the trainer around evaluation) keeps it.
+        s = dict(self.stats)
+        T, K = r.experts_TK.shape
+        if counts_E is None:
+            chosen = r.experts_TK if kept_TK is None else r.experts_TK[kept_TK]
+            counts_E = torch.bincount(chosen.flatten(), minlength=self.cfg.n_experts)
+        s["tokens_E"] = s["tokens_E"].to(counts_E.device) + counts_E
+        s["tokens"] += T
         if kept_TK is not None:
-            s["dropped"] = s["dropped"] + (~kept_TK).sum()
-        p = r.probs_TE
-        s["entropy_sum"] = s["entropy_sum"] + (-(p * p.clamp_min(1e-20).log()).sum(-1)).mean()
+            s["dropped"] = s["dropped"] + (T * K - counts_E.sum())
+        s["entropy_token_sum"] = (s.get("entropy_token_sum", 0.0)
+                                  + torch.special.entr(r.probs_TE.detach()).sum())
         if bal is not None:
             s["aux_sum"] = s["aux_sum"] + bal.detach()
             s["z_sum"] = s["z_sum"] + z.detach()
+            s["loss_calls"] = s.get("loss_calls", 0) + 1
         s["calls"] += 1
+        self.stats = s
 
 
 def sorted_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
@@ -235,11 +380,25 @@ def sorted_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int |
     Returns (y_TD, kept_TK): kept_TK is None when dropless, else which assignments fit the
     capacity (earlier tokens win; dropped ones contribute nothing, the residual carries them).
     """
+    y_TD, kept_TK, _ = _dispatch(x_TD, r, experts, cap)
+    return y_TD, kept_TK
+
+
+def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """sorted_dispatch, also returning the kept assignments per expert (counts_E)."""
     T, K = r.experts_TK.shape
     E = experts.w1_EDH.size(0)
+    if T == 1 and cap is None and not torch.is_grad_enabled() and not experts._use_grouped_mm(x_TD):
+        # Batch-1 decoding: the token's K experts one after another; nothing to sort.
+        h_KD = experts.one_token(x_TD, r.experts_TK[0].tolist())
+        y_1D = torch.mm(r.weights_TK.to(h_KD.dtype), h_KD).to(x_TD.dtype)
+        return y_1D, None, None
     flat_e = r.experts_TK.reshape(-1)
     order_N = torch.argsort(flat_e, stable=True)
     counts_E = torch.bincount(flat_e, minlength=E)
+    if cap is None and T * K <= SMALL_N:
+        return _combine_small(x_TD, r, experts, order_N, counts_E), None, counts_E
     kept_TK = None
     if cap is not None:
         starts_E = torch.cumsum(counts_E, 0) - counts_E
@@ -250,12 +409,39 @@ def sorted_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int |
         kept_TK = kept.view(T, K)
         order_N = order_N[keep_N]
         counts_E = counts_E.clamp(max=cap)
-    token_N = order_N // K
-    h_ND = experts(x_TD[token_N], flat_e[order_N], counts_E)
-    w_N = r.weights_TK.reshape(-1)[order_N]
-    y_TD = torch.zeros_like(x_TD)
-    y_TD.index_add_(0, token_N, (h_ND * w_N[:, None]).to(x_TD.dtype))
-    return y_TD, kept_TK
+    N = order_N.numel()
+    dropped = N < T * K
+    token_N = order_N // K if K > 1 else order_N
+    # pos_S: where each of the T*K slots (token-major) sits in expert order; N = dropped.
+    pos_S = order_N.new_full((T * K,), N) if dropped else torch.empty_like(order_N)
+    pos_S.scatter_(0, order_N, torch.arange(N, device=order_N.device))
+    x_ND = _gather(x_TD, token_N, False, pos_S, dropped, K)
+    h_ND = experts(x_ND, None, counts_E)
+    out_TKD = _gather(h_ND, pos_S, dropped, order_N, False, 1).view(T, K, -1)
+    w_TK = r.weights_TK.to(h_ND.dtype)  # as Mixtral: gate weights in the activations' dtype
+    if K == 1:
+        y_TD = out_TKD[:, 0] * w_TK
+    elif T <= 64:  # bmm of T tiny (1,K)x(K,D) products is slow for small T
+        y_TD = (out_TKD * w_TK[..., None]).sum(1)
+    else:
+        y_TD = torch.bmm(w_TK[:, None], out_TKD)[:, 0]
+    return y_TD.to(x_TD.dtype), kept_TK, counts_E
+
+
+def _combine_small(x_TD: torch.Tensor, r: Routing, experts: Experts, order_N: torch.Tensor,
+                   counts_E: torch.Tensor) -> torch.Tensor:
+    """Few assignments (decoding): gate-weight and sum the outputs with one (T, N) matmul.
+
+    Fewer small ops than building the inverse permutation, and no scatter-add.
+    """
+    T, K = r.experts_TK.shape
+    w_N = r.weights_TK.reshape(-1).index_select(0, order_N)
+    token_N = order_N // K if K > 1 else order_N
+    h_ND = experts(x_TD.index_select(0, token_N), None, counts_E)
+    # combine_TN[t, n] = gate weight of assignment n if it belongs to token t, else 0
+    combine_TN = h_ND.new_zeros(T, w_N.numel()).scatter_(0, token_N[None],
+                                                         w_N[None].to(h_ND.dtype))
+    return torch.mm(combine_TN, h_ND).to(x_TD.dtype)
 
 
 def reference_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None

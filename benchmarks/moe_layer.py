@@ -1,0 +1,202 @@
+"""Speed of the MoE layer against a seed-style layer and the ideal, side by side in one run.
+
+Candidates, timed interleaved within each repeat so that machine noise hits them alike:
+  ours        slms.model.moe.MoE (sorted dispatch; small-T decode path)
+  seed_style  a dense (B,T,E) gate tensor from top-k logits, then a Python loop over experts
+              with boolean masks, each expert an nn.Sequential Linear-ReLU-Linear
+  ideal       k dense FFNs of one expert's size over the same tokens (no routing at all)
+
+Routing noise is off in both routed layers by default (ours: router=topk; seed-style: its noisy
+gate without the noise term); --noisy turns it on in both (ours: router=noisy_topk), training
+shapes only. Training shapes run forward+backward in train mode (ours includes its balancing and
+z-losses, as in training); decode shapes run forward only in eval mode under no_grad.
+
+    python benchmarks/moe_layer.py [--json] [--device cpu|cuda] [--dtype fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slms.config import MoEConfig
+from slms.model.moe import MoE
+
+N_EMBD = 256
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    n_experts: int
+    top_k: int
+    hidden: int
+    batch: int
+    seq: int
+    train: bool  # forward+backward in train mode, else forward under no_grad in eval mode
+    inner: int  # calls per timed sample, so that short calls rise above timer noise
+
+
+SHAPES = [
+    Shape("train", 8, 2, 1024, 8, 256, True, 1),
+    Shape("fine", 64, 8, 256, 8, 256, True, 1),
+    Shape("decode1", 8, 2, 1024, 1, 1, False, 200),
+    Shape("decode8", 8, 2, 1024, 8, 1, False, 100),
+]
+
+
+class SeedStyleMoE(nn.Module):
+    """The seed's layer as described: dense gates, then a boolean-mask loop over experts."""
+
+    def __init__(self, n_embd: int, n_experts: int, top_k: int, hidden: int, noisy: bool):
+        super().__init__()
+        self.top_k, self.noisy = top_k, noisy
+        self.gate = nn.Linear(n_embd, n_experts)
+        self.noise = nn.Linear(n_embd, n_experts)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(n_embd, hidden), nn.ReLU(), nn.Linear(hidden, n_embd))
+            for _ in range(n_experts))
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        logits_BTE = self.gate(x_BTD)
+        if self.noisy and self.training:
+            logits_BTE = logits_BTE + torch.randn_like(logits_BTE) * F.softplus(self.noise(x_BTD))
+        top_BTK, idx_BTK = logits_BTE.topk(self.top_k, dim=-1)
+        sparse_BTE = torch.full_like(logits_BTE, float("-inf")).scatter(-1, idx_BTK, top_BTK)
+        gates_BTE = sparse_BTE.softmax(-1)
+        out_BTD = torch.zeros_like(x_BTD)
+        flat_x, flat_gates = x_BTD.view(-1, x_BTD.size(-1)), gates_BTE.view(-1, gates_BTE.size(-1))
+        for e, expert in enumerate(self.experts):
+            mask_BT = (idx_BTK == e).any(dim=-1)
+            flat_mask = mask_BT.view(-1)
+            if flat_mask.any():
+                out = expert(flat_x[flat_mask]) * flat_gates[flat_mask, e].unsqueeze(1)
+                out_BTD[mask_BT] += out
+        return out_BTD
+
+
+class Ideal(nn.Module):
+    """k dense FFNs of one expert's size over all tokens: the work a perfect router would do."""
+
+    def __init__(self, n_embd: int, top_k: int, hidden: int):
+        super().__init__()
+        self.ffns = nn.ModuleList(
+            nn.Sequential(nn.Linear(n_embd, hidden), nn.ReLU(), nn.Linear(hidden, n_embd))
+            for _ in range(top_k))
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        out = self.ffns[0](x_BTD)
+        for ffn in self.ffns[1:]:
+            out = out + ffn(x_BTD)
+        return out
+
+
+def make_step(module: nn.Module, shape: Shape, device: torch.device, dtype: torch.dtype,
+              routed_ours: bool) -> Callable[[], None]:
+    """A closure running one timed call of `module` (forward, or forward+backward)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape.batch, shape.seq, N_EMBD, generator=g).to(device, dtype)
+    if not shape.train:
+        module.eval()
+
+        def fwd() -> None:
+            with torch.no_grad():
+                for _ in range(shape.inner):
+                    module(x)
+        return fwd
+    module.train()
+    x.requires_grad_(True)
+    grad_out = torch.randn(x.shape, generator=g).to(device, dtype)
+
+    def fwd_bwd() -> None:
+        for _ in range(shape.inner):
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            out = module(x)
+            if routed_ours:
+                y, aux = out
+                loss = (y * grad_out).sum() + aux
+            else:
+                loss = (out * grad_out).sum()
+            loss.backward()
+    return fwd_bwd
+
+
+def build(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool
+          ) -> dict[str, Callable[[], None]]:
+    torch.manual_seed(0)
+    router = "noisy_topk" if noisy else "topk"
+    cfg = MoEConfig(n_experts=shape.n_experts, top_k=shape.top_k, router=router)
+    ours = MoE(N_EMBD, cfg, shape.hidden, "relu").to(device, dtype)
+    seed = SeedStyleMoE(N_EMBD, shape.n_experts, shape.top_k, shape.hidden, noisy).to(device,
+                                                                                      dtype)
+    ideal = Ideal(N_EMBD, shape.top_k, shape.hidden).to(device, dtype)
+    return {"ours": make_step(ours, shape, device, dtype, True),
+            "seed_style": make_step(seed, shape, device, dtype, False),
+            "ideal": make_step(ideal, shape, device, dtype, False)}
+
+
+def measure(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool, warmup: int,
+            repeats: int) -> dict[str, float | str]:
+    steps = build(shape, device, dtype, noisy)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():  # interleaved: noise hits all three alike
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) / shape.inner)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return {"name": shape.name, "ours_s": med["ours"], "seed_style_s": med["seed_style"],
+            "ideal_s": med["ideal"], "ratio_to_ideal": med["ours"] / med["ideal"],
+            "speedup_vs_seed_style": med["seed_style"] / med["ours"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--noisy", action="store_true", help="routing noise on in both routed layers")
+    p.add_argument("--shapes", default=",".join(s.name for s in SHAPES),
+                   help="comma-separated subset of " + ",".join(s.name for s in SHAPES))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    wanted = args.shapes.split(",")
+    rows = [measure(s, device, dtype, args.noisy, args.warmup, args.repeats)
+            for s in SHAPES if s.name in wanted]
+    routing = ("noisy (ours noisy_topk, seed-style noisy gate)" if args.noisy
+               else "no noise (ours topk, seed-style gate without noise)")
+    meta = {"device": args.device, "dtype": args.dtype, "threads": args.threads,
+            "repeats": args.repeats, "routing": routing, "torch": torch.__version__}
+    if args.json:
+        print(json.dumps({"shapes": rows, "meta": meta}))
+        return
+    print(f"MoE layer, n_embd {N_EMBD}, {args.dtype} on {args.device}, {args.threads} threads, "
+          f"median of {args.repeats}; routing: {routing}")
+    print(f"{'shape':<8} {'ours ms':>9} {'seed ms':>9} {'ideal ms':>9} {'ours/ideal':>11} "
+          f"{'seed/ours':>10}")
+    for r in rows:
+        print(f"{r['name']:<8} {r['ours_s'] * 1e3:>9.3f} {r['seed_style_s'] * 1e3:>9.3f} "
+              f"{r['ideal_s'] * 1e3:>9.3f} {r['ratio_to_ideal']:>11.2f} "
+              f"{r['speedup_vs_seed_style']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
