@@ -109,21 +109,20 @@ class Router(nn.Module):
 
 def _sliced_forward(x_ND: torch.Tensor, w1_EDH: torch.Tensor, b1_EH: torch.Tensor,
                     w2_EHD: torch.Tensor, b2_ED: torch.Tensor, counts: list[int], gelu: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Experts on contiguous row groups, written in place into one buffer per layer.
 
-    Returns (pre_NH, act_NH, y_ND); for relu pre_NH is act_NH (activated in place).
+    Returns (pre_NH, y_ND): pre_NH is the hidden layer before gelu, after relu (in place).
+    Both matmuls of an expert run back to back, while its hidden rows are still in cache.
     """
     N = x_ND.size(0)
     pre_NH = x_ND.new_empty(N, w1_EDH.size(-1))
     y_ND = x_ND.new_empty(N, w2_EHD.size(-1))
-    spans = _spans(counts)
-    for e, a, b in spans:
-        torch.addmm(b1_EH[e], x_ND[a:b], w1_EDH[e], out=pre_NH[a:b])
-    act_NH = F.gelu(pre_NH) if gelu else pre_NH.relu_()
-    for e, a, b in spans:
-        torch.addmm(b2_ED[e], act_NH[a:b], w2_EHD[e], out=y_ND[a:b])
-    return pre_NH, act_NH, y_ND
+    for e, a, b in _spans(counts):
+        h = torch.addmm(b1_EH[e], x_ND[a:b], w1_EDH[e], out=pre_NH[a:b])
+        h = F.gelu(h) if gelu else h.relu_()
+        torch.addmm(b2_ED[e], h, w2_EHD[e], out=y_ND[a:b])
+    return pre_NH, y_ND
 
 
 def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -145,7 +144,7 @@ class _SlicedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu):  # noqa: ANN001
-        pre_NH, act_NH, y_ND = _sliced_forward(x_ND, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
+        pre_NH, y_ND = _sliced_forward(x_ND, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
         ctx.save_for_backward(x_ND, pre_NH, w1_EDH, w2_EHD)
         ctx.counts, ctx.gelu = counts, gelu
         return y_ND
@@ -154,66 +153,53 @@ class _SlicedExperts(torch.autograd.Function):
     def backward(ctx, gy_ND):  # noqa: ANN001
         x_ND, pre_NH, w1_EDH, w2_EHD = ctx.saved_tensors
         gy_ND = gy_ND.contiguous()
-        act_NH = F.gelu(pre_NH) if ctx.gelu else pre_NH
-        spans = _spans(ctx.counts)
         gw1, gb1 = torch.empty_like(w1_EDH), w1_EDH.new_empty(w1_EDH.shape[::2])
         gw2, gb2 = torch.empty_like(w2_EHD), w2_EHD.new_empty(w2_EHD.shape[::2])
         for e, n in enumerate(ctx.counts):
             if not n:  # experts without tokens get zero gradients
                 for g in (gw1, gb1, gw2, gb2):
                     g[e].zero_()
-        ga_NH = pre_NH.new_empty(pre_NH.shape)
-        for e, a, b in spans:
-            torch.mm(gy_ND[a:b], w2_EHD[e].t(), out=ga_NH[a:b])
-            torch.mm(act_NH[a:b].t(), gy_ND[a:b], out=gw2[e])
-            torch.sum(gy_ND[a:b], 0, out=gb2[e])
-        if ctx.gelu:
-            gp_NH = torch.ops.aten.gelu_backward(ga_NH, pre_NH)
-        else:
-            gp_NH = torch.ops.aten.threshold_backward(ga_NH, act_NH, 0)
-        gx_ND = x_ND.new_empty(x_ND.shape) if ctx.needs_input_grad[0] else None
-        for e, a, b in spans:
-            if gx_ND is not None:
-                torch.mm(gp_NH[a:b], w1_EDH[e].t(), out=gx_ND[a:b])
-            torch.mm(x_ND[a:b].t(), gp_NH[a:b], out=gw1[e])
-            torch.sum(gp_NH[a:b], 0, out=gb1[e])
-        return gx_ND, gw1, gb1, gw2, gb2, None, None
+        need_gx = ctx.needs_input_grad[0]
+        # Slice by slice while the slice is in cache; per-slice temporaries stay small, and the
+        # input gradient overwrites x_ND's rows once they are used (no new (N, D) buffer: fresh
+        # large buffers cost page faults).
+        for e, a, b in _spans(ctx.counts):
+            gy, x, pre = gy_ND[a:b], x_ND[a:b], pre_NH[a:b]
+            ga = torch.mm(gy, w2_EHD[e].t())
+            if ctx.gelu:
+                act, gp = F.gelu(pre), torch.ops.aten.gelu_backward(ga, pre)
+            else:  # pre_NH holds the relu output
+                act, gp = pre, torch.ops.aten.threshold_backward(ga, pre, 0)
+            torch.mm(act.t(), gy, out=gw2[e])
+            torch.sum(gy, 0, out=gb2[e])
+            torch.mm(x.t(), gp, out=gw1[e])
+            torch.sum(gp, 0, out=gb1[e])
+            if need_gx:
+                torch.mm(gp, w1_EDH[e].t(), out=x)
+        return x_ND if need_gx else None, gw1, gb1, gw2, gb2, None, None
 
 
-class _Gather(torch.autograd.Function):
-    """out[m] = src[idx[m]], with a backward that is a gather too (CPU scatter-add is slow).
+class _Dispatch(torch.autograd.Function):
+    """x_ND = x_TD[token_N]; the backward sums each token's K rows with one embedding_bag.
 
-    back_idx[r] names the out row whose gradient src row r receives; groups of `group`
-    consecutive back_idx entries are summed into one src row. pad / back_pad: an index equal to
-    the number of src / out rows means a zero row (assignments dropped by the capacity).
+    Autograd's own backward is a scatter-add (slow on CPU) into the (T, D) gradient.
+    pos_S: the row of each (token, slot) in x_ND, token-major; N (= dropped) when `dropped`.
     """
 
     @staticmethod
-    def forward(ctx, src_RD, idx_M, pad, back_idx, back_pad, group):  # noqa: ANN001
-        ctx.save_for_backward(back_idx)
-        ctx.back_pad, ctx.group, ctx.R = back_pad, group, src_RD.size(0)
-        return _take(src_RD, idx_M, pad)
+    def forward(ctx, x_TD, token_N, pos_S, dropped, K):  # noqa: ANN001
+        ctx.save_for_backward(pos_S)
+        ctx.dropped, ctx.K = dropped, K
+        return x_TD.index_select(0, token_N)
 
     @staticmethod
-    def backward(ctx, g_MD):  # noqa: ANN001
-        (back_idx,) = ctx.saved_tensors
-        g_RD = _take(g_MD, back_idx, ctx.back_pad)
-        if ctx.group > 1:
-            g_RD = g_RD.view(ctx.R, ctx.group, -1).sum(1)
-        return g_RD, None, None, None, None, None
-
-
-def _take(src_RD: torch.Tensor, idx_M: torch.Tensor, pad: bool) -> torch.Tensor:
-    if pad:
-        src_RD = F.pad(src_RD, (0, 0, 0, 1))
-    return src_RD.index_select(0, idx_M)
-
-
-def _gather(src_RD: torch.Tensor, idx_M: torch.Tensor, pad: bool, back_idx: torch.Tensor,
-            back_pad: bool, group: int) -> torch.Tensor:
-    if torch.is_grad_enabled() and src_RD.requires_grad:
-        return _Gather.apply(src_RD, idx_M, pad, back_idx, back_pad, group)
-    return _take(src_RD, idx_M, pad)
+    def backward(ctx, g_ND):  # noqa: ANN001
+        (pos_S,) = ctx.saved_tensors
+        N = g_ND.size(0)
+        g_ND = F.pad(g_ND, (0, 0, 0, 1)) if ctx.dropped else g_ND
+        g_TD = F.embedding_bag(pos_S.view(-1, ctx.K), g_ND, mode="sum",
+                               padding_idx=N if ctx.dropped else None)
+        return g_TD, None, None, None, None
 
 
 class Experts(nn.Module):
@@ -282,7 +268,7 @@ class Experts(nn.Module):
             params = [p.to(dt) for p in params]
         if torch.is_grad_enabled() and (x_ND.requires_grad or params[0].requires_grad):
             return _SlicedExperts.apply(x_ND, *params, counts, self.gelu)
-        return _sliced_forward(x_ND, *params, counts, self.gelu)[2]
+        return _sliced_forward(x_ND, *params, counts, self.gelu)[1]
 
 
 class MoE(nn.Module):
@@ -415,16 +401,20 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
     # pos_S: where each of the T*K slots (token-major) sits in expert order; N = dropped.
     pos_S = order_N.new_full((T * K,), N) if dropped else torch.empty_like(order_N)
     pos_S.scatter_(0, order_N, torch.arange(N, device=order_N.device))
-    x_ND = _gather(x_TD, token_N, False, pos_S, dropped, K)
-    h_ND = experts(x_ND, None, counts_E)
-    out_TKD = _gather(h_ND, pos_S, dropped, order_N, False, 1).view(T, K, -1)
-    w_TK = r.weights_TK.to(h_ND.dtype)  # as Mixtral: gate weights in the activations' dtype
-    if K == 1:
-        y_TD = out_TKD[:, 0] * w_TK
-    elif T <= 64:  # bmm of T tiny (1,K)x(K,D) products is slow for small T
-        y_TD = (out_TKD * w_TK[..., None]).sum(1)
+    if torch.is_grad_enabled() and x_TD.requires_grad:
+        x_ND = _Dispatch.apply(x_TD, token_N, pos_S, dropped, K)
     else:
-        y_TD = torch.bmm(w_TK[:, None], out_TKD)[:, 0]
+        x_ND = x_TD.index_select(0, token_N)
+    h_ND = experts(x_ND, None, counts_E)
+    w_TK = r.weights_TK.to(h_ND.dtype)  # as Mixtral: gate weights in the activations' dtype
+    slot_TK = pos_S.view(T, K)
+    if dropped:
+        if N == 0:
+            return torch.zeros_like(x_TD), kept_TK, counts_E
+        # a dropped slot reads any row with weight 0 (padding_idx would need a padded copy)
+        slot_TK, w_TK = slot_TK.clamp(max=N - 1), w_TK * kept_TK
+    # One fused gather + weighted sum over each token's K rows, no (T, K, D) intermediate.
+    y_TD = F.embedding_bag(slot_TK, h_ND, per_sample_weights=w_TK, mode="sum")
     return y_TD.to(x_TD.dtype), kept_TK, counts_E
 
 
