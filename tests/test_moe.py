@@ -225,3 +225,22 @@ def test_a_held_stats_snapshot_is_not_changed_by_later_calls():
     assert (held["tokens"], held["calls"]) == before[1:]
     moe.stats = held
     assert sum(moe.pop_stats()["tokens_per_expert"]) == 12
+
+
+def test_grad_checkpointing_counts_each_token_once():
+    from conftest import tiny_config
+    from slms.config import MoEConfig
+    from slms.model import GPT
+
+    torch.manual_seed(0)
+    cfg = tiny_config(moe=True)
+    cfg = type(cfg)(**{**cfg.__dict__, "moe": MoEConfig(n_experts=4, top_k=2, router="bias")})
+    model = GPT(cfg).train()
+    model.grad_checkpointing = True
+    for layer in model.moe_layers():
+        layer.reset_stats()
+    x = torch.randint(0, 300, (2, 16))
+    model(x, x).loss.backward()  # replays each block's forward (at least up to the router)
+    for layer in model.moe_layers():
+        assert sum(layer.pop_stats()["tokens_per_expert"]) == 2 * 16 * 2  # T * K, once
+        assert layer.router.load_E.sum().item() == 2 * 16 * 2

@@ -2,6 +2,7 @@
 text hygiene, the padded layout, interrupted runs."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,26 @@ def test_real_lowercase_sample_newline_separator(tokenizer, tmp_path):
     meta = prepare_source(src, tokenizer, tmp_path / "ts", PrepareOptions(train_count=300))
     assert meta["splits"]["train"]["stories"] == 300
     assert read_meta(tmp_path / "ts")["splits"]["val"]["stories"] > 100
+
+
+def test_training_on_padded_rows_counts_real_tokens_only(stories, tokenizer, tmp_path):
+    from slms.cli import main
+    from slms.train.metrics import read_metrics
+
+    chosen = {"train": stories[:40], "val": stories[40:44]}
+    src = Source(None)
+    src.iter = lambda split: iter(chosen[split])
+    prepare_source(src, tokenizer, tmp_path / "pad", PrepareOptions(layout="padded",
+                                                                    block_size=600))
+    argv = ["train", "configs/tiny.toml", f"data.path={tmp_path / 'pad'}", "train.max_steps=2",
+            "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=600",
+            "model.moe.expert_hidden=32", "train.batch_size=4", "train.log_every=1",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    records = read_metrics(tmp_path / "run")
+    steps = [r for r in records if "loss" in r]
+    real = sum(len(tokenizer.encode(s)) + 1 for s in stories[:40]) / 40  # mean row length
+    assert all(r["tokens"] < 2 * 4 * 600 for r in steps)  # far fewer than the padded positions
+    assert steps[-1]["tokens"] == pytest.approx(2 * 4 * (real - 1), rel=0.5)
+    val = [r for r in records if "val_loss" in r][-1]
+    assert math.isfinite(val["val_loss"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,16 +20,24 @@ from slms.model import GPT, IGNORE_INDEX
 from slms.tokenizer import Tokenizer
 
 
-@torch.no_grad()
 def evaluate_tokens(model: GPT, tokens: np.ndarray, batch_size: int, block_size: int,
                     device: torch.device, autocast: AbstractContextManager | None = None
                     ) -> tuple[float, int]:
     """(summed nats, number of targets) over every target of a token stream, in order."""
+    return evaluate_batches(model, eval_windows(tokens, batch_size, block_size), device, autocast)
+
+
+@torch.no_grad()
+def evaluate_batches(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     device: torch.device, autocast: AbstractContextManager | None = None
+                     ) -> tuple[float, int]:
+    """(summed nats, number of real targets) over (x, y) batches; IGNORE_INDEX targets (pads,
+    the short tail window) are not scored."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    for x, y in eval_windows(tokens, batch_size, block_size):
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast or nullcontext():
             logits = model(x).logits
@@ -48,8 +57,8 @@ def evaluate(model: GPT, data: PackedData, split: str = "val", batch_size: int =
     so it compares models with different tokenizers.
     """
     block_size = block_size or model.cfg.block_size
-    nats, n = evaluate_tokens(model, data.tokens(split), batch_size, block_size,
-                              torch.device(device), autocast)
+    nats, n = evaluate_batches(model, data.eval_batches(batch_size, block_size, split),
+                               torch.device(device), autocast)
     loss = nats / max(n, 1)
     n_bytes = data.meta["splits"][split]["bytes"]
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n,

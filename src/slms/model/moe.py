@@ -31,6 +31,12 @@ class Routing:
 SMALL_N = 64  # at most this many (token, expert) assignments: the decoding combine
 
 
+def recomputing() -> bool:
+    """True while autograd runs a backward pass, i.e. when gradient checkpointing replays a
+    forward: statistics must not count those tokens twice."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
     """Switch loss E * sum_e f_e * P_e: f_e share of the T*K routing slots, P_e mean probability.
 
@@ -91,7 +97,9 @@ class Router(nn.Module):
         weights_TK = top_TK.softmax(-1) if self.cfg.renormalize else probs_TE.gather(-1, experts_TK)
         if self.cfg.router == "bias" and self.training:
             with torch.no_grad():
-                self.load_E += torch.bincount(experts_TK.flatten(), minlength=self.cfg.n_experts)
+                if not recomputing():  # a checkpointed forward replayed in backward
+                    self.load_E += torch.bincount(experts_TK.flatten(),
+                                                  minlength=self.cfg.n_experts)
         return Routing(experts_TK, weights_TK, logits_TE, probs_TE)
 
     @torch.no_grad()
@@ -338,6 +346,8 @@ class MoE(nn.Module):
 
     def _record(self, r: Routing, kept_TK: torch.Tensor | None, counts_E: torch.Tensor | None,
                 bal: torch.Tensor | None, z: torch.Tensor | None) -> None:
+        if recomputing():
+            return  # gradient checkpointing replays this forward: it was counted already
         # Tensors stay on the device; pop_stats syncs once per log interval. A new dict each
         # call, so that a caller holding the old one (the trainer around evaluation) keeps it.
         s = dict(self.stats)

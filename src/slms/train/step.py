@@ -13,6 +13,7 @@ from torch import nn
 
 from slms.config import RunConfig
 from slms.data.loader import PackedData
+from slms.model import IGNORE_INDEX
 from slms.train import distributed
 from slms.train.checkpoint import unwrap
 from slms.train.distributed import Dist
@@ -34,6 +35,7 @@ class StepResult:
     aux: float  # MoE router losses (weighted)
     grad_norm: float  # before clipping
     skipped: bool  # non-finite: the optimizer step was not taken
+    tokens: int  # real (scored) target tokens in the global batch: pads excluded
 
 
 def micro_index(d: Dist, grad_accum: int, micro: int) -> int:
@@ -49,9 +51,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Packed
     model.train()
     lm_total = torch.zeros((), device=env.device)
     aux_total = torch.zeros((), device=env.device)
+    n_tokens = 0
     for micro in range(tc.grad_accum):
         index = micro_index(env.dist, tc.grad_accum, micro)
         x, y = data.train_batch(tc.batch_size, cfg.model.block_size, tc.seed, step, micro=index)
+        # Packed data has no pads; the padded layout's pad targets are IGNORE_INDEX.
+        n_tokens += y.numel() if not data.padded else int((y != IGNORE_INDEX).sum())
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         with distributed.grad_sync(model, sync=micro == tc.grad_accum - 1):
             with env.autocast:
@@ -60,7 +65,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Packed
             (env.scaler.scale(loss) if env.scaler else loss).backward()
         lm_total += out.loss.detach() / tc.grad_accum
         aux_total += out.aux_loss.detach() / tc.grad_accum
-    lm, aux = env.dist.mean([float(lm_total), float(aux_total)], env.device)
+    lm, aux, mean_tokens = env.dist.mean([float(lm_total), float(aux_total), float(n_tokens)],
+                                         env.device)
     if env.scaler:
         env.scaler.unscale_(opt)
     clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
@@ -81,4 +87,4 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Packed
             moe.router.load_E.zero_()  # no bias update from a diverged step
         else:
             moe.router.update_bias()
-    return StepResult(lm, aux, grad_norm, bad)
+    return StepResult(lm, aux, grad_norm, bad, round(mean_tokens * env.dist.world))

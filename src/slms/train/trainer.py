@@ -81,8 +81,8 @@ def loop(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: Sto
     while state.step < tc.max_steps:
         result = train_step(run.model, run.opt, run.sched, data, run.cfg, state.step, env)
         state.step += 1
-        state.tokens_seen += meter.tokens_per_step
-        meter.tokens += meter.tokens_per_step
+        state.tokens_seen += result.tokens
+        meter.tokens += result.tokens
         guard_non_finite(run, result, metrics, bar.write)
         last = state.step == tc.max_steps
         stopping = env.dist.any(stop.requested is not None, env.device)

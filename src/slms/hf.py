@@ -1,0 +1,198 @@
+"""Hugging Face `transformers` integration: `SlmsConfig`, `SlmsForCausalLM`, export.
+
+`import slms` registers these with `AutoConfig` / `AutoModelForCausalLM` (see
+`slms._install_hf_hook`), so a directory written by `export_hf` loads with
+`AutoModelForCausalLM.from_pretrained(OUT)` and generates with `generate()` and its KV cache.
+The wrapped module is a plain `slms.model.GPT` under `model.`; nothing is reimplemented here.
+
+Supports transformers 4.40+ and 5.x: the cache keyword is `cache` in 5.x and
+`past_key_values` before; both are accepted, and the output uses the installed name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from slms.config import ModelConfig, model_config_from_dict
+from slms.model import GPT, IGNORE_INDEX
+from slms.tokenizer import EOT, SPECIAL_TOKENS, Tokenizer
+
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# The output field (and generate()'s keyword) holding the KV cache was renamed in 5.x.
+_CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
+                else "past_key_values")
+_MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "tie_weights"]
+
+
+class SlmsConfig(PretrainedConfig):
+    """The `ModelConfig` fields (moe as a dict or None); `tie_weights` is HF's
+    `tie_word_embeddings`."""
+
+    model_type = "slms"
+    attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
+                     "num_attention_heads": "n_head", "max_position_embeddings": "block_size"}
+
+    def __init__(self, vocab_size: int = 2048, block_size: int = 256, n_layer: int = 4,
+                 n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
+                 qkv_bias: bool = True, activation: str = "relu", mlp_ratio: int = 4,
+                 attn_scale: str = "head_dim", moe: dict[str, Any] | None = None,
+                 tie_word_embeddings: bool = True, use_cache: bool = True, **kwargs: Any):
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.n_embd = n_embd
+        self.dropout = dropout
+        self.bias = bias
+        self.qkv_bias = qkv_bias
+        self.activation = activation
+        self.mlp_ratio = mlp_ratio
+        self.attn_scale = attn_scale
+        self.moe = dict(moe) if moe is not None else None
+        self.use_cache = use_cache  # 5.x's base config no longer has it
+        # Passed on (not only set) because 4.x's base __init__ would reset it to its default.
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, **kwargs: Any) -> SlmsConfig:
+        d = dataclasses.asdict(cfg)
+        tie = d.pop("tie_weights")
+        return cls(**d, tie_word_embeddings=tie, **kwargs)
+
+    def to_model_config(self) -> ModelConfig:
+        d = {k: getattr(self, k) for k in _MODEL_FIELDS}
+        d["tie_weights"] = bool(self.tie_word_embeddings)
+        return model_config_from_dict(d)
+
+
+class _LayerCache:
+    """One layer's view of a transformers `Cache`, shaped like `slms.model.attention.KVCache`
+    (`pos` and `append`), so slms attention runs unchanged on generate()'s cache."""
+
+    def __init__(self, cache: Any, layer_idx: int):
+        self.cache = cache
+        self.layer_idx = layer_idx
+
+    @property
+    def pos(self) -> int:
+        return self.cache.get_seq_length(self.layer_idx)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(k, v, self.layer_idx)
+
+
+class SlmsForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = SlmsConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _supports_cache_class = True  # 4.x: hand generate() a DynamicCache, not legacy tuples
+    # 5.x maps each tied target to its source; 4.x lists the targets.
+    _tied_weights_keys = ({"model.lm_head.weight": "model.wte.weight"} if _TRANSFORMERS_5
+                          else ["model.lm_head.weight"])
+
+    def __init__(self, config: SlmsConfig):
+        super().__init__(config)
+        self.model = GPT(config.to_model_config())
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # GPT initialises itself (with its scaled residual projections); re-initialising here
+        # would only undo that. Loaded checkpoints overwrite every parameter anyway.
+        pass
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.wte
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.wte = value
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    def set_output_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.lm_head = value
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                cache: Any = None, past_key_values: Any = None, use_cache: bool | None = None,
+                labels: torch.LongTensor | None = None, logits_to_keep: int = 0,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        """input_ids (B, T): the tokens not yet in the cache. labels (B, T) are shifted inside,
+        as in every transformers causal LM. The loss includes the MoE router losses (zero in
+        eval mode)."""
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("SlmsForCausalLM takes input_ids, not inputs_embeds")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # slms attention has no padding mask: padded rows would attend to pad tokens and
+            # shift positions, silently changing the output.
+            raise ValueError("slms models do not support padding (attention_mask has zeros); "
+                             "generate each prompt separately or give equal-length prompts")
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = bool(self.config.use_cache) and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        caches = ([_LayerCache(cache, i) for i in range(self.config.n_layer)]
+                  if cache is not None else None)
+        targets = None
+        if labels is not None:
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        out = self.model(input_ids, targets, caches=caches,
+                         last_only=labels is None and logits_to_keep == 1)
+        logits = out.logits
+        if logits_to_keep > 1:
+            logits = logits[:, -logits_to_keep:]
+        loss = out.loss + out.aux_loss if out.loss is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      **{_CACHE_FIELD: cache if use_cache else None})
+
+
+def register() -> None:
+    """Register model_type `slms` with AutoConfig and AutoModelForCausalLM (idempotent)."""
+    AutoConfig.register("slms", SlmsConfig, exist_ok=True)
+    AutoModelForCausalLM.register(SlmsConfig, SlmsForCausalLM, exist_ok=True)
+
+
+def from_gpt(gpt: GPT, eos_id: int | None = None) -> SlmsForCausalLM:
+    """A SlmsForCausalLM holding a copy of `gpt`'s weights."""
+    ids = {} if eos_id is None else {"eos_token_id": eos_id, "bos_token_id": eos_id,
+                                     "pad_token_id": eos_id}
+    config = SlmsConfig.from_model_config(gpt.cfg, **ids)
+    model = SlmsForCausalLM(config)
+    model.model.load_state_dict(gpt.state_dict())
+    if eos_id is not None:
+        for k, v in ids.items():
+            setattr(model.generation_config, k, v)
+    return model.eval()
+
+
+def hf_tokenizer(tok: Tokenizer, max_len: int) -> PreTrainedTokenizerFast:
+    """The slms tokenizer as a PreTrainedTokenizerFast; <|endoftext|> is bos and eos."""
+    return PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token=EOT, bos_token=EOT,
+                                   unk_token=SPECIAL_TOKENS[1], model_max_length=max_len,
+                                   clean_up_tokenization_spaces=False)
+
+
+def export_hf(gpt: GPT, tok: Tokenizer, out: str | Path) -> Path:
+    """Write a `save_pretrained` directory (safetensors weights, config, tokenizer) to `out`."""
+    out = Path(out)
+    model = from_gpt(gpt, tok.eos_id)
+    model.save_pretrained(out, safe_serialization=True)
+    hf_tokenizer(tok, gpt.cfg.block_size).save_pretrained(out)
+    return out
