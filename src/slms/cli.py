@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", required=True, help="the seed's tokenizer.json")
     c.add_argument("--out", required=True, help="checkpoint directory to write")
     c.set_defaults(func=cmd_import_seed)
+
+    c = sub.add_parser("export", help="write a Hugging Face transformers model directory")
+    c.add_argument("checkpoint", help="run or checkpoint directory")
+    c.add_argument("--hf", required=True, metavar="OUT",
+                   help="directory for save_pretrained (safetensors) and the tokenizer")
+    c.set_defaults(func=cmd_export)
     return p
 
 
@@ -382,6 +388,21 @@ def cmd_import_seed(args: argparse.Namespace) -> int:
     model, _, path = import_seed(args.seed, args.tokenizer, args.out)
     n = count_params(model)
     print(f"wrote {path}: {n['params_total']:,} parameters ({n['params_active']:,} active)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from importlib.util import find_spec
+
+    if find_spec("transformers") is None:
+        raise ValueError("export --hf needs transformers: pip install 'slms[hf]'")
+    import slms
+    from slms.hf import export_hf
+
+    model, tok = slms.load(args.checkpoint)
+    out = export_hf(model, tok, args.hf)
+    print(f"wrote {out} (load with `import slms` then "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
 

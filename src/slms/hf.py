@@ -117,6 +117,22 @@ class SlmsForCausalLM(PreTrainedModel, GenerationMixin):
         # would only undo that. Loaded checkpoints overwrite every parameter anyway.
         pass
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        model._reset_runtime_state()
+        return loaded
+
+    def _reset_runtime_state(self) -> None:
+        # transformers builds the model on the meta device and loads only the saved tensors:
+        # the MoE statistics and the bias router's non-persistent load counter stay on meta.
+        for moe in self.model.moe_layers():
+            moe.reset_stats()
+            load = getattr(moe.router, "load_E", None)
+            if load is not None and load.is_meta:
+                moe.router.load_E = torch.zeros_like(moe.router.expert_bias)
+
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.wte
 
@@ -196,3 +212,8 @@ def export_hf(gpt: GPT, tok: Tokenizer, out: str | Path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     hf_tokenizer(tok, gpt.cfg.block_size).save_pretrained(out)
     return out
+
+
+# Importing this module registers too: it may be what first imported transformers, while the
+# import hook of `slms/__init__.py` found it half-initialised.
+register()
