@@ -244,3 +244,15 @@ def test_grad_checkpointing_counts_each_token_once():
     for layer in model.moe_layers():
         assert sum(layer.pop_stats()["tokens_per_expert"]) == 2 * 16 * 2  # T * K, once
         assert layer.router.load_E.sum().item() == 2 * 16 * 2
+
+
+def test_generation_leaves_expert_statistics_alone():
+    from conftest import tiny_config
+    from slms.model import GPT
+
+    model = GPT(tiny_config(moe=True)).eval()
+    model(torch.randint(0, 300, (1, 8)))
+    before = [layer.stats["calls"] for layer in model.moe_layers()]
+    model.generate(torch.zeros(1, 2, dtype=torch.long), 5, temperature=0)
+    assert [layer.stats["calls"] for layer in model.moe_layers()] == before == [1, 1]
+    assert all(layer.track_stats for layer in model.moe_layers())

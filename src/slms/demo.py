@@ -17,6 +17,7 @@ from slms.model import count_params
 from slms.train import checkpoint as ckpt
 from slms.train.checkpoint import RUN_CONFIG
 from slms.train.metrics import expert_usage_line
+from slms.train.plot import plot_run
 from slms.train.trainer import train
 
 
@@ -51,7 +52,9 @@ def run_demo(config: str | Path, overrides: list[str], out: str | None = None) -
         print("\n== expert usage on the validation split (share of routed tokens per expert)")
         for i, layer in enumerate(shares):
             print(f"layer {i}: {expert_usage_line(layer)}")
+    plots = plot_run(run_dir)
     print(f"\n== done in {time.perf_counter() - t0:.0f} s. Run directory: {run_dir}")
     print(f"   metrics: {run_dir / 'metrics.jsonl'}")
+    print(f"   plots:   {', '.join(str(p) for p in plots)}")
     print(f"   more stories: .venv/bin/slms generate {run_dir} --prompt \"One day, a little\"")
     return run_dir

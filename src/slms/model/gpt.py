@@ -157,6 +157,8 @@ class GPT(nn.Module):
                              f"the context of {self.cfg.block_size} tokens; shorten one of them")
         was_training = self.training
         self.eval()
+        for layer in self.moe_layers():
+            layer.track_stats = False
         try:
             caches = self.new_caches(B, T + max_new_tokens) if use_cache else None
             seq = idx_BT
@@ -177,3 +179,5 @@ class GPT(nn.Module):
                     break
         finally:
             self.train(was_training)
+            for layer in self.moe_layers():
+                layer.track_stats = True

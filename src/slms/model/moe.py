@@ -290,6 +290,7 @@ class MoE(nn.Module):
         self.experts = Experts(n_embd, hidden, cfg.n_experts, activation)
         self.dropout = nn.Dropout(dropout)
         self.reference = False  # True: the per-expert loop (tests)
+        self.track_stats = True  # generation turns this off: statistics cost per-token time
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -340,7 +341,8 @@ class MoE(nn.Module):
             bal = load_balancing_loss(r.probs_TE, r.experts_TK)
             z = router_z_loss(r.logits_TE)
             aux = self.cfg.aux_loss_coef * bal + self.cfg.z_loss_coef * z
-        self._record(r, kept_TK, counts_E, bal, z)
+        if self.track_stats:
+            self._record(r, kept_TK, counts_E, bal, z)
         y_BTD = y_TD.view(shape)
         return (self.dropout(y_BTD) if self.dropout.p > 0 else y_BTD), aux
 
