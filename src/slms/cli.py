@@ -97,11 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="run or checkpoint directory")
     c.add_argument("--prompt", default="", help="text to continue (default: a new story)")
     c.add_argument("--max-new-tokens", type=int, default=200)
-    c.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    c.add_argument("--top-k", type=int, default=50, help="0 = off")
-    c.add_argument("--top-p", type=float, default=None)
-    c.add_argument("--repetition-penalty", type=float, default=1.0)
-    c.add_argument("--seed", type=int, default=None)
+    add_sampling_options(c)
     c.add_argument("--truncate", choices=["left"], help="keep the end of a too-long prompt")
     c.add_argument("--device", default="cpu")
     c.set_defaults(func=cmd_generate)
@@ -133,11 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive story generation (:help lists the commands)")
     c.add_argument("checkpoint", help="run or checkpoint directory")
     c.add_argument("--max-new-tokens", type=int, default=None)
-    c.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    c.add_argument("--top-k", type=int, default=50, help="0 = off")
-    c.add_argument("--top-p", type=float, default=None)
-    c.add_argument("--repetition-penalty", type=float, default=1.0)
-    c.add_argument("--seed", type=int, default=None)
+    add_sampling_options(c)
     c.add_argument("--device", default="cpu")
     c.set_defaults(func=cmd_chat)
 
@@ -190,6 +182,15 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     train, val = corpus.write_corpus(args.out, n_stories=n, seed=args.seed)
     print(f"wrote {train} and {val} ({n} stories, seed {args.seed})")
     return 0
+
+
+def add_sampling_options(c: argparse.ArgumentParser) -> None:
+    """Sampling options shared by `generate` and `chat`."""
+    c.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    c.add_argument("--top-k", type=int, default=50, help="0 = off")
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
 
 
 def add_source_options(c: argparse.ArgumentParser) -> None:
