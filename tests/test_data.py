@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from slms.data.loader import PackedData, eval_windows
-from slms.data.prepare import prepare, read_meta
-from slms.data.sources import SourceError, load_source, sample, split_txt
+from slms.data.prepare import prepare, read_meta, reservoir
+from slms.data.sources import SourceError, load_source, split_txt
 from slms.model import IGNORE_INDEX
 
 
@@ -92,10 +92,11 @@ def test_source_errors(tmp_path):
         load_source(str(tmp_path / "empty"))
 
 
-def test_sample_is_seeded_subset(stories):
-    a = sample(stories, 10, seed=1)
-    assert a == sample(stories, 10, seed=1) and a != sample(stories, 10, seed=2)
+def test_reservoir_is_seeded_subset_in_order(stories):
+    a = reservoir(iter(stories), 10, seed=1)
+    assert a == reservoir(iter(stories), 10, seed=1) and a != reservoir(iter(stories), 10, seed=2)
     assert set(a) <= set(stories) and len(set(a)) == 10
+    assert a == sorted(a, key=stories.index)  # kept in stream order
 
 
 def test_prepare_replaces_atomically(tmp_path, stories, tokenizer):

@@ -14,17 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slms.data.loader import PackedData, eval_windows
+from slms.data.loader import PackedData
 from slms.data.prepare import META
 from slms.model import GPT, IGNORE_INDEX
 from slms.tokenizer import Tokenizer
-
-
-def evaluate_tokens(model: GPT, tokens: np.ndarray, batch_size: int, block_size: int,
-                    device: torch.device, autocast: AbstractContextManager | None = None
-                    ) -> tuple[float, int]:
-    """(summed nats, number of targets) over every target of a token stream, in order."""
-    return evaluate_batches(model, eval_windows(tokens, batch_size, block_size), device, autocast)
 
 
 @torch.no_grad()
@@ -98,14 +91,14 @@ def find_run_data(path: str | Path) -> Path | None:
 def prepare_for(source: str, tokenizer: Tokenizer, cache_dir: str | Path = ".cache/slms",
                 seed: int = 0) -> Path:
     """A prepared data directory for `source` tokenized with `tokenizer` (cached by both)."""
-    from slms.data.prepare import prepare
-    from slms.data.sources import load_source
+    from slms.data.prepare import prepare_source
+    from slms.data.sources import Source, SourceOptions
 
     src = str(Path(source).resolve()) if Path(source).exists() else source
     key = hashlib.sha256(f"{src}\n{tokenizer.sha256}\n{seed}".encode()).hexdigest()[:12]
     out = Path(cache_dir) / f"eval-{Path(source).name or 'source'}-{key}"
     if not (out / META).is_file():
-        prepare(load_source(source, seed=seed), tokenizer, out, source=source)
+        prepare_source(Source(source, SourceOptions(seed=seed)), tokenizer, out)
     return out
 
 

@@ -137,9 +137,14 @@ def _init_worker(tok_json: str) -> None:
     _worker_tok = Tokenizer.from_str(tok_json)
 
 
+def _encode(tok: Tokenizer, chunk: list[str]) -> tuple[list[list[int]], int]:
+    """(token ids per story, UTF-8 bytes of the chunk)."""
+    return tok.encode_batch(chunk), sum(len(s.encode("utf-8")) for s in chunk)
+
+
 def _encode_chunk(chunk: list[str]) -> tuple[list[list[int]], int]:
     assert _worker_tok is not None
-    return _worker_tok.encode_batch(chunk), sum(len(s.encode("utf-8")) for s in chunk)
+    return _encode(_worker_tok, chunk)
 
 
 def _encoded(chunks: Iterator[list[str]], tok: Tokenizer, num_proc: int
@@ -147,7 +152,7 @@ def _encoded(chunks: Iterator[list[str]], tok: Tokenizer, num_proc: int
     """(token ids per story, UTF-8 bytes) per chunk, in order; on num_proc worker processes."""
     if num_proc == 1:
         for chunk in chunks:
-            yield tok.encode_batch(chunk), sum(len(s.encode("utf-8")) for s in chunk)
+            yield _encode(tok, chunk)
         return
     ctx = mp.get_context("spawn")  # no fork of a process holding tokenizer threads
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tok.to_str(),)) as pool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import glob
 import json
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,10 +127,6 @@ def iter_file(path: Path, opts: SourceOptions) -> Iterator[str]:
         raise SourceError(f"{path}: unsupported file type (use {', '.join(SUFFIXES)})")
 
 
-def read_file(path: Path, text_field: str = "text", separator: str = "eot") -> list[str]:
-    return list(iter_file(path, SourceOptions(separator=separator, text_field=text_field)))
-
-
 def _is_val_name(name: str) -> bool:
     name = name.lower()
     return "val" in name or "valid" in name
@@ -236,12 +231,3 @@ def load_source(source: str | None, seed: int = 0, stories: int = corpus.DEFAULT
     src = Source(source, opts)
     return {split: list(src.iter(split)) for split in SPLITS}
 
-
-def sample(stories: list[str], count: int | None, seed: int) -> list[str]:
-    """A seeded random subset of `count` stories, in source order (all when count is None)."""
-    if count is None or count >= len(stories):
-        return stories
-    if count < 1:
-        raise SourceError("story counts must be >= 1")
-    idx = sorted(random.Random(seed).sample(range(len(stories)), count))
-    return [stories[i] for i in idx]

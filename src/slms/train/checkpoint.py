@@ -7,6 +7,7 @@ the directory; nothing is unpickled except `trainer.pt`, with `weights_only=True
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -63,7 +64,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Tokeniz
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         save_model(gpt, str(tmp / MODEL_FILE))
-        meta = {"model": _model_dict(gpt), "slms_version": __version__,
+        meta = {"model": dataclasses.asdict(gpt.cfg), "slms_version": __version__,
                 "torch_version": torch.__version__, **(info or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         tokenizer.save(tmp / TOKENIZER_FILE)
@@ -85,12 +86,6 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Tokeniz
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _model_dict(model: GPT) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(model.cfg)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

@@ -128,13 +128,19 @@ def load_data(cfg: RunConfig, d: Dist, log) -> PackedData:
     return PackedData(data_dir)
 
 
+def global_batch_tokens(cfg: RunConfig, world: int) -> int:
+    """Token positions per optimizer step: micro batch x accumulation x processes x block."""
+    tc = cfg.train
+    return tc.batch_size * tc.grad_accum * world * cfg.model.block_size
+
+
 def resolve_steps(cfg: RunConfig, data: PackedData, d: Dist) -> RunConfig:
     """With train.epochs > 0, max_steps = ceil(epochs * training tokens / tokens per step), so
     schedules are computed from the true total."""
     tc = cfg.train
     if tc.epochs <= 0:
         return cfg
-    per_step = tc.batch_size * tc.grad_accum * d.world * cfg.model.block_size
+    per_step = global_batch_tokens(cfg, d.world)
     tokens = data.meta["splits"]["train"]["tokens"]
     steps = max(1, math.ceil(tc.epochs * tokens / per_step))
     return dataclasses.replace(cfg, train=dataclasses.replace(tc, max_steps=steps))
@@ -219,7 +225,7 @@ def announce(run: Run, data: PackedData, log) -> None:
     counts = count_params(ckpt.unwrap(run.model))
     tc = cfg.train
     tokens = data.meta["splits"]["train"]["tokens"]
-    per_step = tc.batch_size * tc.grad_accum * d.world * cfg.model.block_size
+    per_step = global_batch_tokens(cfg, d.world)
     log(f"model: {counts['params_total']:,} parameters, {counts['params_active']:,} active per "
         f"token ({'MoE' if cfg.model.moe else 'dense'}, {cfg.model.n_layer} layers, "
         f"n_embd {cfg.model.n_embd})")
@@ -236,7 +242,6 @@ class Meter:
 
     def __init__(self, cfg: RunConfig, env: Env):
         tc = cfg.train
-        self.tokens_per_step = tc.batch_size * tc.grad_accum * env.dist.world * cfg.model.block_size
         self.flops_per_token = flops_per_token(cfg.model)
         peak = peak_flops(env.device, tc.precision, tc.peak_flops)
         self.peak = peak * env.dist.world if peak else None
