@@ -246,7 +246,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from slms.config import load_config
+    from slms.config import load_config, run_config_from_dict
     from slms.train.trainer import train
 
     config = args.config
@@ -259,7 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_config = Path(args.resume) / RUN_CONFIG
         if not run_config.is_file():
             raise FileNotFoundError(f"{run_config} not found: {args.resume} is not a run directory")
-        cfg = load_run_config(run_config, args.overrides)
+        cfg = run_config_from_dict(json.loads(run_config.read_text()), args.overrides)
     else:
         cfg = load_config(resolve_config_path(config) if config else None, args.overrides)
     run_dir = train(cfg, out_dir=args.out, resume=args.resume)
@@ -274,16 +274,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in plot_run(args.run_dir):
         print(f"wrote {path}")
     return 0
-
-
-def load_run_config(path: Path, overrides: list[str]):
-    from slms.config import RunConfig, apply_overrides, from_dict
-
-    data = json.loads(path.read_text())
-    data.pop("data_dir", None)
-    cfg = from_dict(RunConfig, apply_overrides(data, overrides))
-    cfg.validate()
-    return cfg
 
 
 def cmd_info(args: argparse.Namespace) -> int:

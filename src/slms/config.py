@@ -273,8 +273,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path} is not valid TOML: {e}") from None
         name = path.stem
     data.setdefault("name", name)
-    data = apply_overrides(data, overrides or [])
-    cfg = from_dict(RunConfig, data)
+    return run_config_from_dict(data, overrides)
+
+
+def run_config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """A validated RunConfig from a config dict (a TOML file's, or a run's resolved
+    run_config.json, whose extra `data_dir` entry is ignored) plus overrides."""
+    data = {k: v for k, v in data.items() if k != "data_dir"}
+    cfg = from_dict(RunConfig, apply_overrides(data, overrides or []))
     cfg.validate()
     return cfg
 
