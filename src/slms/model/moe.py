@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slms.config import MoEConfig
+from slms.model.moe_kernels import Dispatch, SlicedExperts, sliced_forward
 
 
 @dataclass
@@ -115,101 +116,6 @@ class Router(nn.Module):
         load_E.zero_()
 
 
-def _sliced_forward(x_ND: torch.Tensor, w1_EDH: torch.Tensor, b1_EH: torch.Tensor,
-                    w2_EHD: torch.Tensor, b2_ED: torch.Tensor, counts: list[int], gelu: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Experts on contiguous row groups, written in place into one buffer per layer.
-
-    Returns (pre_NH, y_ND): pre_NH is the hidden layer before gelu, after relu (in place).
-    Both matmuls of an expert run back to back, while its hidden rows are still in cache.
-    """
-    N = x_ND.size(0)
-    pre_NH = x_ND.new_empty(N, w1_EDH.size(-1))
-    y_ND = x_ND.new_empty(N, w2_EHD.size(-1))
-    for e, a, b in _spans(counts):
-        h = torch.addmm(b1_EH[e], x_ND[a:b], w1_EDH[e], out=pre_NH[a:b])
-        h = F.gelu(h) if gelu else h.relu_()
-        torch.addmm(b2_ED[e], h, w2_EHD[e], out=y_ND[a:b])
-    return pre_NH, y_ND
-
-
-def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) of each non-empty group."""
-    out, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            out.append((e, start, start + n))
-            start += n
-    return out
-
-
-class _SlicedExperts(torch.autograd.Function):
-    """Autograd for the sliced experts: every gradient is written once into one buffer.
-
-    Autograd through per-expert slices and `w[e]` selects would allocate a zero-filled
-    full-size gradient per expert and sum them, O(E) times the work (dominant with many experts).
-    """
-
-    @staticmethod
-    def forward(ctx, x_ND, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu):  # noqa: ANN001
-        pre_NH, y_ND = _sliced_forward(x_ND, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
-        ctx.save_for_backward(x_ND, pre_NH, w1_EDH, w2_EHD)
-        ctx.counts, ctx.gelu = counts, gelu
-        return y_ND
-
-    @staticmethod
-    def backward(ctx, gy_ND):  # noqa: ANN001
-        x_ND, pre_NH, w1_EDH, w2_EHD = ctx.saved_tensors
-        gy_ND = gy_ND.contiguous()
-        gw1, gb1 = torch.empty_like(w1_EDH), w1_EDH.new_empty(w1_EDH.shape[::2])
-        gw2, gb2 = torch.empty_like(w2_EHD), w2_EHD.new_empty(w2_EHD.shape[::2])
-        for e, n in enumerate(ctx.counts):
-            if not n:  # experts without tokens get zero gradients
-                for g in (gw1, gb1, gw2, gb2):
-                    g[e].zero_()
-        need_gx = ctx.needs_input_grad[0]
-        # Slice by slice while the slice is in cache; per-slice temporaries stay small, and the
-        # input gradient overwrites x_ND's rows once they are used (no new (N, D) buffer: fresh
-        # large buffers cost page faults).
-        for e, a, b in _spans(ctx.counts):
-            gy, x, pre = gy_ND[a:b], x_ND[a:b], pre_NH[a:b]
-            ga = torch.mm(gy, w2_EHD[e].t())
-            if ctx.gelu:
-                act, gp = F.gelu(pre), torch.ops.aten.gelu_backward(ga, pre)
-            else:  # pre_NH holds the relu output
-                act, gp = pre, torch.ops.aten.threshold_backward(ga, pre, 0)
-            torch.mm(act.t(), gy, out=gw2[e])
-            torch.sum(gy, 0, out=gb2[e])
-            torch.mm(x.t(), gp, out=gw1[e])
-            torch.sum(gp, 0, out=gb1[e])
-            if need_gx:
-                torch.mm(gp, w1_EDH[e].t(), out=x)
-        return x_ND if need_gx else None, gw1, gb1, gw2, gb2, None, None
-
-
-class _Dispatch(torch.autograd.Function):
-    """x_ND = x_TD[token_N]; the backward sums each token's K rows with one embedding_bag.
-
-    Autograd's own backward is a scatter-add (slow on CPU) into the (T, D) gradient.
-    pos_S: the row of each (token, slot) in x_ND, token-major; N (= dropped) when `dropped`.
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD, token_N, pos_S, dropped, K):  # noqa: ANN001
-        ctx.save_for_backward(pos_S)
-        ctx.dropped, ctx.K = dropped, K
-        return x_TD.index_select(0, token_N)
-
-    @staticmethod
-    def backward(ctx, g_ND):  # noqa: ANN001
-        (pos_S,) = ctx.saved_tensors
-        N = g_ND.size(0)
-        g_ND = F.pad(g_ND, (0, 0, 0, 1)) if ctx.dropped else g_ND
-        g_TD = F.embedding_bag(pos_S.view(-1, ctx.K), g_ND, mode="sum",
-                               padding_idx=N if ctx.dropped else None)
-        return g_TD, None, None, None, None
-
-
 class Experts(nn.Module):
     """E feed-forward networks with stacked weights, so they can run as one grouped matmul."""
 
@@ -275,8 +181,8 @@ class Experts(nn.Module):
         if self.w1_EDH.dtype != dt:
             params = [p.to(dt) for p in params]
         if torch.is_grad_enabled() and (x_ND.requires_grad or params[0].requires_grad):
-            return _SlicedExperts.apply(x_ND, *params, counts, self.gelu)
-        return _sliced_forward(x_ND, *params, counts, self.gelu)[1]
+            return SlicedExperts.apply(x_ND, *params, counts, self.gelu)
+        return sliced_forward(x_ND, *params, counts, self.gelu)[1]
 
 
 class MoE(nn.Module):
@@ -414,7 +320,7 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
     pos_S = order_N.new_full((T * K,), N) if dropped else torch.empty_like(order_N)
     pos_S.scatter_(0, order_N, torch.arange(N, device=order_N.device))
     if torch.is_grad_enabled() and x_TD.requires_grad:
-        x_ND = _Dispatch.apply(x_TD, token_N, pos_S, dropped, K)
+        x_ND = Dispatch.apply(x_TD, token_N, pos_S, dropped, K)
     else:
         x_ND = x_TD.index_select(0, token_N)
     h_ND = experts(x_ND, None, counts_E)
