@@ -256,3 +256,23 @@ def test_generation_leaves_expert_statistics_alone():
     model.generate(torch.zeros(1, 2, dtype=torch.long), 5, temperature=0)
     assert [layer.stats["calls"] for layer in model.moe_layers()] == before == [1, 1]
     assert all(layer.track_stats for layer in model.moe_layers())
+
+
+def test_decoding_all_experts_path_follows_weight_changes():
+    """Batch decoding on CPU runs every expert from packed weights: never stale after a change."""
+    if not moe_module.onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    moe = make_moe(8, 2).eval()
+    x = torch.randn(8, 1, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y_before = moe(x)[0]
+        assert moe.experts._packed is not None  # 8 tokens x top-2 >= 8 experts: the path ran
+        moe.experts.w1_EDH.mul_(2)  # as an optimizer step or load_state_dict would, in place
+        moe.experts.b2_ED.add_(0.5)
+        y_after = moe(x)[0]
+        moe.reference = True
+        y_ref = moe(x)[0]
+    torch.testing.assert_close(y_after, y_ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(y_after, y_before)
+    moe.train()
+    assert moe.experts._packed is None  # training frees the packed copy

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from slms.config import MoEConfig
-from slms.model.moe_kernels import Dispatch, SlicedExperts, sliced_forward
+from slms.model.moe_kernels import (
+    Dispatch,
+    SlicedExperts,
+    all_experts_forward,
+    onednn_linear_available,
+    pack_all_experts,
+    sliced_forward,
+)
 
 
 @dataclass
@@ -128,6 +135,7 @@ class Experts(nn.Module):
         self.gelu = activation != "relu"
         self.act = F.gelu if self.gelu else F.relu
         self.impl = "auto"  # auto | grouped_mm | slices (tests and benchmarks force one)
+        self._packed: tuple | None = None  # (key, weights) of the all-experts decode path
         nn.init.normal_(self.w1_EDH, std=0.02)
         nn.init.normal_(self.w2_EHD, std=0.02)
 
@@ -141,6 +149,31 @@ class Experts(nn.Module):
         w1, b1, w2, b2 = self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED
         return torch.cat([torch.addmm(b2[e], self.act(torch.addmm(b1[e], x_1D, w1[e])), w2[e])
                           for e in experts])
+
+    def can_run_all(self, x_TD: torch.Tensor) -> bool:
+        """Whether `all_experts` may run: CPU fp32 inference with oneDNN, outside autocast."""
+        return (self.impl == "auto" and x_TD.device.type == "cpu"
+                and x_TD.dtype == self.w1_EDH.dtype == torch.float32
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and onednn_linear_available())
+
+    def all_experts(self, x_TD: torch.Tensor, g_TE: torch.Tensor) -> torch.Tensor:
+        """sum_e g_TE[:, e] * expert e(x_TD), every expert on every token (decoding, no autograd).
+
+        The weights are packed once for oneDNN and kept until a parameter changes (in place,
+        or replaced) or the module goes back to training.
+        """
+        params = (self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED)
+        key = tuple((p, p._version) for p in params)  # holding p keeps its id unique
+        if self._packed is None or any(a is not b or va != vb for (a, va), (b, vb)
+                                       in zip(self._packed[0], key, strict=True)):
+            self._packed = (key, pack_all_experts(self.w1_EDH, self.b1_EH, self.w2_EHD))
+        return all_experts_forward(x_TD, g_TE, self._packed[1], self.b2_ED, self.gelu)
+
+    def train(self, mode: bool = True) -> Experts:
+        if mode:
+            self._packed = None  # the weights are about to change: free the packed copy
+        return super().train(mode)
 
     def _use_grouped_mm(self, x_ND: torch.Tensor) -> bool:
         if self.impl != "auto":
@@ -298,6 +331,10 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
         h_KD = experts.one_token(x_TD, r.experts_TK[0].tolist())
         y_1D = torch.mm(r.weights_TK.to(h_KD.dtype), h_KD).to(x_TD.dtype)
         return y_1D, None, None
+    if cap is None and T * K <= SMALL_N and T * K >= E and experts.can_run_all(x_TD):
+        # A few tokens hitting most experts (batch decoding on CPU): all experts on all tokens.
+        g_TE = x_TD.new_zeros(T, E).scatter_(1, r.experts_TK, r.weights_TK)
+        return experts.all_experts(x_TD, g_TE), None, None
     flat_e = r.experts_TK.reshape(-1)
     order_N = torch.argsort(flat_e, stable=True)
     counts_E = torch.bincount(flat_e, minlength=E)

@@ -1,7 +1,7 @@
 """The MoE layer's kernels: experts on contiguous row groups, with hand-written autograd.
 
 Shape legend as in slms.model.moe (T tokens, D width, E experts, H expert hidden, K top-k,
-N kept (token, expert) assignments, sorted by expert).
+N kept (token, expert) assignments, sorted by expert; F = E*H, every expert's hidden units).
 """
 
 from __future__ import annotations
@@ -103,3 +103,44 @@ class Dispatch(torch.autograd.Function):
         g_TD = F.embedding_bag(pos_S.view(-1, ctx.K), g_ND, mode="sum",
                                padding_idx=N if ctx.dropped else None)
         return g_TD, None, None, None, None
+
+
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear (CPU builds with mkldnn)."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
+
+
+def pack_all_experts(w1_EDH: torch.Tensor, b1_EH: torch.Tensor, w2_EHD: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every expert side by side as one wide FFN, weights prepacked for oneDNN.
+
+    Returns (w1, b1, w2): w1 the (E*H, D) first layer, w2 the (D, E*H) second, in nn.Linear's
+    (out, in) layout and oneDNN's blocked format; b1 the (E*H,) bias.
+    """
+    E, D, H = w1_EDH.shape
+    with torch.no_grad():
+        w1 = w1_EDH.transpose(1, 2).reshape(E * H, D).contiguous()
+        w2 = w2_EHD.reshape(E * H, D).t().contiguous()
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        return reorder(w1), b1_EH.reshape(E * H).clone(), reorder(w2)
+
+
+def all_experts_forward(x_TD: torch.Tensor, g_TE: torch.Tensor,
+                        packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                        b2_ED: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """sum_e g_TE[:, e] * expert_e(x_TD) with every expert on every token: two wide matmuls.
+
+    For decoding a few tokens on CPU, where g_TE is zero but for each token's K experts: the
+    experts chosen get a row or two each, and a matmul of one or two rows costs nearly what one
+    of many rows does, so computing all E experts at once is faster than the K*T it needs.
+    Zero gates make the other experts' terms exact zeros.
+    """
+    w1, b1, w2 = packed
+    T, E = g_TE.shape
+    linear = torch.ops.mkldnn._linear_pointwise
+    h_TF = linear(x_TD, w1, b1, "gelu", [], "none") if gelu else linear(x_TD, w1, b1, "relu",
+                                                                         [], "")
+    h_TF.view(T, E, -1).mul_(g_TE[:, :, None])
+    return linear(h_TF, w2, None, "none", [], "").addmm_(g_TE, b2_ED)
