@@ -79,8 +79,9 @@ def test_auto_tokenizer_round_trips_text(tmp_path, tokenizer):
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "Once upon a time,  a cat\nsaw a dog.\t<|endoftext|>"
     ids = tok(text)["input_ids"]
-    assert ids == tokenizer.encode(text)
-    assert tok.decode(ids) == text
+    assert ids == tokenizer.encode_prompt(text) == [tokenizer.eos_id, *tokenizer.encode(text)]
+    assert tok(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+    assert tok.decode(ids[1:]) == text
     assert tok.eos_token == tok.bos_token == "<|endoftext|>"
     assert tok.eos_token_id == tokenizer.eos_id
 

@@ -115,6 +115,13 @@ def test_imported_seed_model_equals_reference(moe, tmp_path):
     ids = seed_tok.encode("the cat sat").ids
     assert tok.encode("the cat sat") == ids
     assert tok.decode(ids) == seed_tok.decode(ids, skip_special_tokens=False)
+    # prompts start with their first word, as the seed's did: no <|endoftext|> before them
+    assert tok.prompt_prefix == [] and tok.encode_prompt("the cat sat") == ids
+    from slms.infer.generate import Sampling, generate_text, prompt_ids
+
+    with pytest.raises(ValueError, match="give a prompt"):
+        prompt_ids(tok, "", BS, 4)
+    assert isinstance(generate_text(model, tok, "the cat", Sampling(4, temperature=0)), str)
 
 
 def test_not_a_seed_checkpoint_is_a_clear_error(tmp_path, capsys):

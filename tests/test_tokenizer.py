@@ -36,3 +36,14 @@ def test_save_load_same_ids(tokenizer, stories, tmp_path):
     again = Tokenizer.from_file(tmp_path / "tok.json")
     assert again.encode(stories[3]) == tokenizer.encode(stories[3])
     assert again.sha256 == tokenizer.sha256
+
+
+def test_prompts_start_after_end_of_text_and_the_file_says_so(tokenizer, tmp_path):
+    assert tokenizer.prompt_prefix == [tokenizer.eos_id]
+    assert tokenizer.encode_prompt("Once") == [tokenizer.eos_id, *tokenizer.encode("Once")]
+    tokenizer.save(tmp_path / "tok.json")
+    again = Tokenizer.from_file(tmp_path / "tok.json")
+    assert again.prompt_prefix == [tokenizer.eos_id]
+    # a tokenizer file that declares nothing (written before slms declared it): the same
+    again.hf.post_processor = None
+    assert Tokenizer(again.hf).prompt_prefix == [tokenizer.eos_id]

@@ -10,9 +10,10 @@ dropped.
 
 Its tokenizer (whitespace pre-tokenized BPE, no decoder, specials `<|unknown|>`, `<|im_start|>`,
 `<|im_end|>`) is kept as it is, so it decodes as the seed's did. slms needs an `<|endoftext|>`
-token (prompts start after it, generation stops at it); it is added as one extra id past the
-seed's vocab, whose embedding row is zero and whose output logit is -1e9, so it is never
-produced and leaves every other probability unchanged.
+token (generation stops at it); it is added as one extra id past the seed's vocab, whose
+embedding row is zero and whose output logit is -1e9, so it is never produced and leaves every
+other probability unchanged. Prompts do not start with it (the tokenizer's post-processor says
+so: `Tokenizer.prompt_prefix` is empty), as the seed's did not.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 def seed_tokenizer(path: str | Path) -> Tokenizer:
     """The seed's tokenizer as it is, plus `<|endoftext|>` as one extra special id."""
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, processors
     from tokenizers import Tokenizer as HFTokenizer
 
     path = Path(path)
@@ -116,6 +117,8 @@ def seed_tokenizer(path: str | Path) -> Tokenizer:
     hf = HFTokenizer.from_file(str(path))
     if hf.token_to_id(EOT) is None:
         hf.add_special_tokens([AddedToken(EOT, special=True)])
+    # The seed's prompts start with their first word, not after <|endoftext|>.
+    hf.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
     return Tokenizer(hf)
 
 

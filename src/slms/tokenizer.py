@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 EOT = "<|endoftext|>"
 # <|endoftext|> separates documents; the other three are the seed's, kept for compatibility.
@@ -27,6 +27,11 @@ class Tokenizer:
         if eos is None:
             raise ValueError(f"tokenizer has no {EOT} token; train one with `slms tokenizer`")
         self.eos_id: int = eos
+        # What precedes a prompt: whatever the post-processor adds (slms tokenizers:
+        # <|endoftext|>, as every story follows one in training; an imported seed tokenizer:
+        # nothing). Tokenizers written before slms declared it have none: <|endoftext|>.
+        self.prompt_prefix: list[int] = ([eos] if hf.post_processor is None
+                                         else hf.encode("", add_special_tokens=True).ids)
 
     @property
     def vocab_size(self) -> int:
@@ -34,6 +39,10 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids as generation needs them: `prompt_prefix`, then the text."""
+        return [*self.prompt_prefix, *self.encode(text)]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
@@ -83,4 +92,8 @@ def train_tokenizer(texts: Iterable[str] | Iterator[str], vocab_size: int = 2048
         show_progress=False,
     )
     hf.train_from_iterator(texts, trainer=trainer)
+    # Prompts start after <|endoftext|>: declared here, so Hugging Face tokenizers made from
+    # this one add it too (`add_special_tokens=True`); slms's own encode never adds it.
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B", special_tokens=[(EOT, hf.token_to_id(EOT))])
     return Tokenizer(hf)

@@ -154,9 +154,10 @@ def analyse(model: GPT, tokenizer: Tokenizer, tokens: np.ndarray, out_dir: str |
     (out / "experts.json").write_text(json.dumps(report, indent=1) + "\n")
     write_csv(report, out)
     write_heatmap(report, out / "heatmap.png")
-    ids = [tokenizer.eos_id, *tokenizer.encode(sample_text)][:model.cfg.block_size]
+    ids = tokenizer.encode_prompt(sample_text)[:model.cfg.block_size]
     layers, experts_LTK = route_tokens(model, ids)
-    (out / "experts.html").write_text(render_html(tokenizer, ids[1:], layers, experts_LTK[:, 1:],
+    p = len(tokenizer.prompt_prefix)  # the page shows the text, not the start token
+    (out / "experts.html").write_text(render_html(tokenizer, ids[p:], layers, experts_LTK[:, p:],
                                                   E, title))
     return report
 

@@ -128,7 +128,7 @@ class Chat:
             self.say("this model is dense: it has no experts to analyze")
             return
         text = prompt + self.story(prompt)
-        ids = [self.tok.eos_id, *self.tok.encode(text)][-self.model.cfg.block_size:]
+        ids = self.tok.encode_prompt(text)[-self.model.cfg.block_size:]
         layers, experts_LTK = route_tokens(self.model, ids)
         self.say("token            " + " ".join(f"L{i:<5}" for i in layers)
                  + "  (experts, best first)")

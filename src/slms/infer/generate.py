@@ -25,7 +25,8 @@ class Sampling:
 def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: int,
                truncate: str | None = None, warn: Callable[[str], None] | None = None
                ) -> list[int]:
-    """The prompt's ids after an end-of-text id (stories start after one in training).
+    """The prompt's ids after the tokenizer's prompt prefix (slms: the end-of-text id, as stories
+    start after one in training).
 
     A prompt that does not fit the context with `max_new_tokens` is an error, or with
     truncate='left' keeps its last tokens (with a warning).
@@ -35,11 +36,15 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: 
     if max_new_tokens >= context:
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in "
                          f"the model's context of {context} tokens; use at most {context - 1}")
-    ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    ids = tokenizer.encode_prompt(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty and this model's tokenizer has no start token "
+                         "(an imported seed model): give a prompt")
     room = context - max_new_tokens
     if len(ids) > room:
         if truncate != "left":
-            raise ValueError(f"the prompt is {len(ids) - 1} tokens; with --max-new-tokens "
+            raise ValueError(f"the prompt is {len(ids) - len(tokenizer.prompt_prefix)} tokens; "
+                             f"with --max-new-tokens "
                              f"{max_new_tokens} it does not fit the model's context of {context} "
                              "tokens: shorten it, lower --max-new-tokens, or pass --truncate left")
         (warn or (lambda m: print(m, file=sys.stderr)))(
