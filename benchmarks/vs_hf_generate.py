@@ -3,8 +3,11 @@
 Candidates (same dimensions, random weights, fp32, timed interleaved in each repeat so that
 machine noise hits them alike):
   slms_dense      slms GPT.generate(temperature=0): its preallocated KV cache
-  slms_moe        the same with every FFN an MoE layer (8 experts top-2, expert hidden
-                  4*n_embd unless --expert-hidden)
+  slms_moe        the same with every FFN an MoE layer of 8 experts, top-2, each expert half
+                  the dense FFN's width (2*n_embd unless --expert-hidden): as many active
+                  parameters per token as the dense model, so the ratio to dense is routing's cost
+  slms_moe_wide   the seed's width, experts as wide as the dense FFN (4*n_embd): twice the
+                  dense FFN work per token, and 8x its weights to keep in cache
   hf_gpt2         transformers GPT2LMHeadModel.generate(do_sample=False): DynamicCache
   slms_dense_hf   slms dense through SlmsForCausalLM.generate (transformers' loop and cache)
 
@@ -38,8 +41,9 @@ def build(args: argparse.Namespace) -> dict[str, Callable[[torch.Tensor], torch.
                 n_head=args.n_head, n_embd=args.n_embd, activation="gelu", dropout=0.0)
     torch.manual_seed(0)
     dense = GPT(ModelConfig(**dims)).eval()
-    moe_cfg = MoEConfig(n_experts=8, top_k=2, router="topk", expert_hidden=args.expert_hidden)
-    moe = GPT(ModelConfig(**dims, moe=moe_cfg)).eval()
+    moe, wide = (GPT(ModelConfig(**dims, moe=MoEConfig(n_experts=8, top_k=2, router="topk",
+                                                       expert_hidden=hidden))).eval()
+                 for hidden in (args.expert_hidden or 2 * args.n_embd, 4 * args.n_embd))
     gpt2 = GPT2LMHeadModel(GPT2Config(
         vocab_size=args.vocab, n_positions=args.block, n_embd=args.n_embd, n_layer=args.n_layer,
         n_head=args.n_head, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
@@ -52,6 +56,7 @@ def build(args: argparse.Namespace) -> dict[str, Callable[[torch.Tensor], torch.
     return {
         "slms_dense": lambda p: dense.generate(p, n, temperature=0),
         "slms_moe": lambda p: moe.generate(p, n, temperature=0),
+        "slms_moe_wide": lambda p: wide.generate(p, n, temperature=0),
         "hf_gpt2": lambda p: gpt2.generate(p, attention_mask=torch.ones_like(p), **hf_kw),
         "slms_dense_hf": lambda p: dense_hf.generate(p, attention_mask=torch.ones_like(p),
                                                      **hf_kw),
@@ -89,7 +94,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--block", type=int, default=1024)
     p.add_argument("--expert-hidden", type=int, default=None,
-                   help="MoE expert hidden size (default 4*n_embd, as the dense FFN)")
+                   help="slms_moe's expert hidden size (default 2*n_embd: top-2 of them are "
+                   "as wide as the dense FFN)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,11 +105,13 @@ def main() -> None:
                    "min_s": min(times[name]), "max_s": max(times[name])} for name in med}
     ratios = {"slms_dense_vs_hf_gpt2": med["hf_gpt2"] / med["slms_dense"],
               "slms_moe_time_vs_slms_dense": med["slms_moe"] / med["slms_dense"],
+              "slms_moe_wide_time_vs_slms_dense": med["slms_moe_wide"] / med["slms_dense"],
               "slms_dense_hf_vs_hf_gpt2": med["hf_gpt2"] / med["slms_dense_hf"]}
     meta = {"threads": args.threads, "repeats": args.repeats, "new_tokens": args.new_tokens,
             "prompt_tokens": args.prompt_tokens, "n_layer": args.n_layer, "n_embd": args.n_embd,
             "n_head": args.n_head, "vocab": args.vocab, "block": args.block,
-            "expert_hidden": args.expert_hidden or 4 * args.n_embd,
+            "expert_hidden": args.expert_hidden or 2 * args.n_embd,
+            "expert_hidden_wide": 4 * args.n_embd,
             "torch": torch.__version__, "transformers": transformers.__version__}
     if args.json:
         print(json.dumps({"candidates": rows, "ratios": ratios, "meta": meta}))
@@ -114,7 +122,10 @@ def main() -> None:
         print(f"  {name:14s} {r['tokens_per_s']:8.1f} tokens/s  "
               f"({r['min_s']:.3f}-{r['max_s']:.3f} s per call)")
     print(f"  slms dense speed / transformers GPT-2: {ratios['slms_dense_vs_hf_gpt2']:.2f}x")
-    print(f"  slms MoE time / slms dense time:       {ratios['slms_moe_time_vs_slms_dense']:.2f}x")
+    print(f"  slms MoE time / slms dense time:       {ratios['slms_moe_time_vs_slms_dense']:.2f}x "
+          "(same active parameters)")
+    print(f"  slms wide MoE time / slms dense time:  "
+          f"{ratios['slms_moe_wide_time_vs_slms_dense']:.2f}x (seed-width experts)")
 
 
 if __name__ == "__main__":
