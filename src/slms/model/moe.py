@@ -33,7 +33,15 @@ class Routing:
     experts_TK: torch.Tensor  # int64 expert ids, best first
     weights_TK: torch.Tensor  # fp32 gate weights of the chosen experts
     logits_TE: torch.Tensor  # fp32 router logits (noise included when training noisy_topk)
-    probs_TE: torch.Tensor  # fp32 softmax over all experts of logits_TE
+    probs: torch.Tensor | None = None  # probs_TE when already computed
+
+    @property
+    def probs_TE(self) -> torch.Tensor:
+        """fp32 softmax over all experts of logits_TE, computed when first asked for (decoding
+        with renormalised top-k weights and no statistics never needs it)."""
+        if self.probs is None:
+            self.probs = self.logits_TE.softmax(dim=-1)
+        return self.probs
 
 
 SMALL_N = 64  # at most this many (token, expert) assignments: the decoding combine
@@ -93,7 +101,8 @@ class Router(nn.Module):
             # deterministic.
             std_TE = F.softplus(F.linear(x_TD, self.noise.weight.float(), self.noise.bias.float()))
             logits_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
-        probs_TE = logits_TE.softmax(dim=-1)
+        needed = self.cfg.router == "bias" or not self.cfg.renormalize
+        probs_TE = logits_TE.softmax(dim=-1) if needed else None  # else computed when asked
         K = self.cfg.top_k
         if self.cfg.router == "bias":
             # The bias only chooses the experts; the weights stay the unbiased scores.
@@ -102,7 +111,8 @@ class Router(nn.Module):
         else:
             top_TK, experts_TK = logits_TE.topk(K, dim=-1)
         # Renormalised top-k probabilities are the softmax of the top-k logits: one op, no gather.
-        weights_TK = top_TK.softmax(-1) if self.cfg.renormalize else probs_TE.gather(-1, experts_TK)
+        weights_TK = (top_TK.softmax(-1) if self.cfg.renormalize
+                      else probs_TE.gather(-1, experts_TK))
         if self.cfg.router == "bias" and self.training:
             with torch.no_grad():
                 if not recomputing():  # a checkpointed forward replayed in backward
