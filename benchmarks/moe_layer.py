@@ -9,8 +9,8 @@ Candidates, timed interleaved within each repeat so that machine noise hits them
 Routing noise is off in both routed layers by default (ours: router=topk; seed-style: its noisy
 gate without the noise term); --noisy turns it on in both (ours: router=noisy_topk), training
 shapes only. Training shapes run forward+backward in train mode (ours includes its balancing and
-z-losses, as in training); decode shapes run forward only in eval mode under no_grad, with ours
-recording no expert statistics, as in `GPT.generate`.
+z-losses, as in training); decode shapes run forward only in eval mode under no_grad, ours as in
+the decode steps of `GPT.generate` (no expert statistics, `experts.decoding` set).
 
     python benchmarks/moe_layer.py [--json] [--device cpu|cuda] [--dtype fp32|bf16]
 """
@@ -138,6 +138,7 @@ def build(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool
     cfg = MoEConfig(n_experts=shape.n_experts, top_k=shape.top_k, router=router)
     ours = MoE(N_EMBD, cfg, shape.hidden, "relu").to(device, dtype)
     ours.track_stats = shape.train  # generation turns the statistics off
+    ours.experts.decoding = not shape.train  # as GPT.iter_tokens sets it for its decode steps
     seed = SeedStyleMoE(N_EMBD, shape.n_experts, shape.top_k, shape.hidden, noisy).to(device,
                                                                                       dtype)
     ideal = Ideal(N_EMBD, shape.top_k, shape.hidden).to(device, dtype)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import slms.model.gpt as gpt_module
+import slms.model.moe_kernels as moe_kernels
 from conftest import tiny_config
 from slms.infer.generate import Sampling, generate_text, prompt_ids, stream_text
 from slms.model import GPT
@@ -41,6 +42,10 @@ def test_cached_logits_equal_recomputation_at_every_step(moe, monkeypatch):
     b, full = _step_logits(model, x, 20, monkeypatch, temperature=1.0, generator=gen,
                            use_cache=False)
     assert torch.equal(a, b) and len(cached) == len(full) == 20
+    if moe and moe_kernels.onednn_linear_available():
+        # 2 rows x top-2 >= 4 experts: the decode steps ran every expert from packed weights
+        layer = model.moe_layers()[0].experts
+        assert layer._packed is not None and not layer.decoding
     for step, (lc, lf) in enumerate(zip(cached, full, strict=True)):
         torch.testing.assert_close(lc, lf, rtol=1e-4, atol=1e-5, msg=f"step {step}")
     # and each step's logits are those of one full forward over the sequence so far

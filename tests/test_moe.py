@@ -69,13 +69,16 @@ def test_gelu_experts_equal_reference_loop(T, small_n, monkeypatch):
 @pytest.mark.parametrize("router", ["noisy_topk", "topk", "bias"])
 @pytest.mark.parametrize("E,K", [(1, 1), (4, 2), (8, 1), (8, 2)])
 @pytest.mark.parametrize("T", [1, 8, 37])
-def test_inference_paths_equal_reference_loop(router, E, K, T):
-    """Under no_grad (generation): the batch-1 path, the few-assignments combine, the gathers."""
+@pytest.mark.parametrize("decoding", [False, True])
+def test_inference_paths_equal_reference_loop(router, E, K, T, decoding):
+    """Under no_grad (generation): the batch-1 path, the few-assignments combine, the gathers,
+    and in decode steps every expert on every token."""
     x = torch.randn(T, 1, 16, generator=torch.Generator().manual_seed(2))
     outs = []
     for reference in (True, False):
         moe = make_moe(E, K, router).eval()
         moe.reference = reference
+        moe.experts.decoding = decoding
         with torch.no_grad():
             outs.append((moe(x)[0], moe.pop_stats()))
     (y_ref, s_ref), (y_fast, s_fast) = outs
@@ -265,6 +268,9 @@ def test_decoding_all_experts_path_follows_weight_changes():
     moe = make_moe(8, 2).eval()
     x = torch.randn(8, 1, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
+        moe(x)
+        assert moe.experts._packed is None  # only decode steps pack (not prefill, not eval)
+        moe.experts.decoding = True  # as GPT.iter_tokens sets it
         y_before = moe(x)[0]
         assert moe.experts._packed is not None  # 8 tokens x top-2 >= 8 experts: the path ran
         moe.experts.w1_EDH.mul_(2)  # as an optimizer step or load_state_dict would, in place

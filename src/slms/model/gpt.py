@@ -177,7 +177,12 @@ class GPT(nn.Module):
                 yield nxt
                 if eos_id is not None and bool(done.all()):
                     break
+                # After the prompt, steps of B tokens: small batches may run every expert from
+                # weights packed once, which costs about what 15 steps save (docs/benchmarks.md).
+                for layer in self.moe_layers():
+                    layer.experts.decoding = use_cache and max_new_tokens > 16
         finally:
             self.train(was_training)
             for layer in self.moe_layers():
                 layer.track_stats = True
+                layer.experts.decoding = False

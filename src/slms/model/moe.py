@@ -145,6 +145,9 @@ class Experts(nn.Module):
         self.gelu = activation != "relu"
         self.act = F.gelu if self.gelu else F.relu
         self.impl = "auto"  # auto | grouped_mm | slices (tests and benchmarks force one)
+        # GPT.iter_tokens sets `decoding` for its cached decode steps: only there does packing
+        # the weights for `all_experts` pay for itself (prefill and evaluation never pack).
+        self.decoding = False
         self._packed: tuple | None = None  # (key, weights) of the all-experts decode path
         nn.init.normal_(self.w1_EDH, std=0.02)
         nn.init.normal_(self.w2_EHD, std=0.02)
@@ -161,8 +164,8 @@ class Experts(nn.Module):
                           for e in experts])
 
     def can_run_all(self, x_TD: torch.Tensor) -> bool:
-        """Whether `all_experts` may run: CPU fp32 inference with oneDNN, outside autocast."""
-        return (self.impl == "auto" and x_TD.device.type == "cpu"
+        """Whether `all_experts` may run: decoding on CPU in fp32 with oneDNN, outside autocast."""
+        return (self.decoding and self.impl == "auto" and x_TD.device.type == "cpu"
                 and x_TD.dtype == self.w1_EDH.dtype == torch.float32
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
                 and onednn_linear_available())
