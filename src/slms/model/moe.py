@@ -20,7 +20,7 @@ from torch import nn
 from slms.config import MoEConfig
 from slms.model.moe_kernels import (
     Dispatch,
-    SlicedExperts,
+    GatherExperts,
     all_experts_forward,
     onednn_linear_available,
     pack_all_experts,
@@ -196,39 +196,46 @@ class Experts(nn.Module):
                 and x_ND.dtype == torch.bfloat16
                 and torch.cuda.get_device_capability(x_ND.device) >= (9, 0))
 
-    def forward(self, x_ND: torch.Tensor, expert_N: torch.Tensor | None, counts_E: torch.Tensor
+    def forward(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor,
+                pos_S: torch.Tensor | None = None, K: int = 1, dropped: bool = False
                 ) -> torch.Tensor:
-        """x_ND sorted by expert; counts_E rows per expert (expert_N: ids, None = from counts)."""
-        if self._use_grouped_mm(x_ND):
-            x_ND = x_ND.contiguous()
-            if expert_N is None:
-                expert_N = torch.repeat_interleave(
-                    torch.arange(counts_E.numel(), device=x_ND.device), counts_E,
-                    output_size=x_ND.size(0))
+        """y_ND: the experts on rows token_N of x_TD, grouped by expert (counts_E rows each).
+
+        pos_S (the row of each (token, slot) among the N, token-major; N where `dropped`) is
+        what the input gradient needs to sum each token's K rows.
+        """
+        needs_gx = torch.is_grad_enabled() and x_TD.requires_grad
+        if self._use_grouped_mm(x_TD):
+            x_ND = (Dispatch.apply(x_TD, token_N, pos_S, dropped, K) if needs_gx
+                    else x_TD.index_select(0, token_N))
+            expert_N = torch.repeat_interleave(torch.arange(counts_E.numel(), device=x_TD.device),
+                                               counts_E, output_size=x_ND.size(0))
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
             w1, w2 = self.w1_EDH.to(x_ND.dtype), self.w2_EHD.to(x_ND.dtype)
             h_NH = torch._grouped_mm(x_ND, w1, offs=offs) + self.b1_EH[expert_N].to(x_ND.dtype)
             h_NH = self.act(h_NH)
             return (torch._grouped_mm(h_NH, w2, offs=offs)
                     + self.b2_ED[expert_N].to(x_ND.dtype)).contiguous()
-        # One host sync for the group sizes; then a matmul per non-empty expert on a contiguous
-        # slice (no boolean masks, no per-token work).
+        # One host sync for the group sizes; then a matmul per non-empty expert on its rows
+        # (no boolean masks, no per-token work).
         counts = counts_E.tolist()
-        dev = x_ND.device.type
+        dev = x_TD.device.type
         if torch.is_autocast_enabled(dev):
             # addmm(out=) has no autocast rule: cast by hand to the dtype autocast would use.
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                return self._sliced(x_ND.to(dt), counts, dt)
-        return self._sliced(x_ND, counts, x_ND.dtype)
+                return self._sliced(x_TD.to(dt), token_N, counts, pos_S, K, dropped)
+        return self._sliced(x_TD, token_N, counts, pos_S, K, dropped)
 
-    def _sliced(self, x_ND: torch.Tensor, counts: list[int], dt: torch.dtype) -> torch.Tensor:
+    def _sliced(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts: list[int],
+                pos_S: torch.Tensor | None, K: int, dropped: bool) -> torch.Tensor:
         params = [self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED]
-        if self.w1_EDH.dtype != dt:
-            params = [p.to(dt) for p in params]
-        if torch.is_grad_enabled() and (x_ND.requires_grad or params[0].requires_grad):
-            return SlicedExperts.apply(x_ND, *params, counts, self.gelu)
-        return sliced_forward(x_ND, *params, counts, self.gelu)[1]
+        if self.w1_EDH.dtype != x_TD.dtype:
+            params = [p.to(x_TD.dtype) for p in params]
+        if torch.is_grad_enabled() and (x_TD.requires_grad or params[0].requires_grad):
+            return GatherExperts.apply(x_TD, *params, token_N, pos_S, counts, K, dropped,
+                                       self.gelu)
+        return sliced_forward(x_TD, token_N, *params, counts, self.gelu)[1]
 
 
 class MoE(nn.Module):
@@ -369,11 +376,7 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
     # pos_S: where each of the T*K slots (token-major) sits in expert order; N = dropped.
     pos_S = order_N.new_full((T * K,), N) if dropped else torch.empty_like(order_N)
     pos_S.scatter_(0, order_N, torch.arange(N, device=order_N.device))
-    if torch.is_grad_enabled() and x_TD.requires_grad:
-        x_ND = Dispatch.apply(x_TD, token_N, pos_S, dropped, K)
-    else:
-        x_ND = x_TD.index_select(0, token_N)
-    h_ND = experts(x_ND, None, counts_E)
+    h_ND = experts(x_TD, token_N, counts_E, pos_S, K, dropped)
     w_TK = r.weights_TK.to(h_ND.dtype)  # as Mixtral: gate weights in the activations' dtype
     slot_TK = pos_S.view(T, K)
     if dropped:
@@ -395,7 +398,11 @@ def _combine_small(x_TD: torch.Tensor, r: Routing, experts: Experts, order_N: to
     T, K = r.experts_TK.shape
     w_N = r.weights_TK.reshape(-1).index_select(0, order_N)
     token_N = order_N // K if K > 1 else order_N
-    h_ND = experts(x_TD.index_select(0, token_N), None, counts_E)
+    pos_S = None
+    if torch.is_grad_enabled() and x_TD.requires_grad:
+        pos_S = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(
+            order_N.numel(), device=order_N.device))
+    h_ND = experts(x_TD, token_N, counts_E, pos_S, K)
     # combine_TN[t, n] = gate weight of assignment n if it belongs to token t, else 0
     combine_TN = h_ND.new_zeros(T, w_N.numel()).scatter_(0, token_N[None],
                                                          w_N[None].to(h_ND.dtype))

@@ -10,19 +10,23 @@ import torch
 import torch.nn.functional as F
 
 
-def sliced_forward(x_ND: torch.Tensor, w1_EDH: torch.Tensor, b1_EH: torch.Tensor,
-                    w2_EHD: torch.Tensor, b2_ED: torch.Tensor, counts: list[int], gelu: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Experts on contiguous row groups, written in place into one buffer per layer.
+def sliced_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tensor,
+                   b1_EH: torch.Tensor, w2_EHD: torch.Tensor, b2_ED: torch.Tensor,
+                   counts: list[int], gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert on its group of rows x_TD[token_N[a:b]], written into one buffer per layer.
 
     Returns (pre_NH, y_ND): pre_NH is the hidden layer before gelu, after relu (in place).
-    Both matmuls of an expert run back to back, while its hidden rows are still in cache.
+    A group's rows are gathered inside the loop into a small reused buffer, so they are still in
+    cache for the matmul, and no (N, D) copy of the input is made (with top-k routing it would
+    be K times the input). Both matmuls of an expert run back to back.
     """
-    N = x_ND.size(0)
-    pre_NH = x_ND.new_empty(N, w1_EDH.size(-1))
-    y_ND = x_ND.new_empty(N, w2_EHD.size(-1))
+    N = token_N.numel()
+    pre_NH = x_TD.new_empty(N, w1_EDH.size(-1))
+    y_ND = x_TD.new_empty(N, w2_EHD.size(-1))
+    x_buf = x_TD.new_empty(max(counts, default=0), x_TD.size(-1))
     for e, a, b in spans(counts):
-        h = torch.addmm(b1_EH[e], x_ND[a:b], w1_EDH[e], out=pre_NH[a:b])
+        x = torch.index_select(x_TD, 0, token_N[a:b], out=x_buf[:b - a])
+        h = torch.addmm(b1_EH[e], x, w1_EDH[e], out=pre_NH[a:b])
         h = F.gelu(h) if gelu else h.relu_()
         torch.addmm(b2_ED[e], h, w2_EHD[e], out=y_ND[a:b])
     return pre_NH, y_ND
@@ -38,23 +42,39 @@ def spans(counts: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-class SlicedExperts(torch.autograd.Function):
-    """Autograd for the sliced experts: every gradient is written once into one buffer.
+def sum_slots(g_ND: torch.Tensor, pos_S: torch.Tensor, K: int, dropped: bool) -> torch.Tensor:
+    """g_TD: each token's K rows of g_ND summed, by one embedding_bag (CPU scatter-add is slow).
+
+    pos_S: the row of each (token, slot) in g_ND, token-major; N (= dropped) when `dropped`.
+    """
+    N = g_ND.size(0)
+    g_ND = F.pad(g_ND, (0, 0, 0, 1)) if dropped else g_ND
+    return F.embedding_bag(pos_S.view(-1, K), g_ND, mode="sum",
+                           padding_idx=N if dropped else None)
+
+
+class GatherExperts(torch.autograd.Function):
+    """sliced_forward with autograd: every gradient is written once into one buffer.
 
     Autograd through per-expert slices and `w[e]` selects would allocate a zero-filled
     full-size gradient per expert and sum them, O(E) times the work (dominant with many experts).
+    Only x_TD and the hidden layer are saved; each group's input rows are gathered again.
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu):  # noqa: ANN001
-        pre_NH, y_ND = sliced_forward(x_ND, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
-        ctx.save_for_backward(x_ND, pre_NH, w1_EDH, w2_EHD)
-        ctx.counts, ctx.gelu = counts, gelu
+    def forward(ctx, x_TD, w1_EDH, b1_EH, w2_EHD, b2_ED, token_N, pos_S, counts, K,  # noqa: ANN001
+                dropped, gelu):  # noqa: ANN001
+        pre_NH, y_ND = sliced_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
+        ctx.save_for_backward(x_TD, token_N, pos_S, pre_NH, w1_EDH, w2_EHD)
+        ctx.counts, ctx.K, ctx.dropped, ctx.gelu = counts, K, dropped, gelu
         return y_ND
 
     @staticmethod
     def backward(ctx, gy_ND):  # noqa: ANN001
-        x_ND, pre_NH, w1_EDH, w2_EHD = ctx.saved_tensors
+        x_TD, token_N, pos_S, pre_NH, w1_EDH, w2_EHD = ctx.saved_tensors
+        # y_ND has one consumer (the layer's combine), so this gradient is ours: after each
+        # group's rows are used they are overwritten with the input gradient (no new (N, D)
+        # buffer: fresh large buffers cost page faults).
         gy_ND = gy_ND.contiguous()
         gw1, gb1 = torch.empty_like(w1_EDH), w1_EDH.new_empty(w1_EDH.shape[::2])
         gw2, gb2 = torch.empty_like(w2_EHD), w2_EHD.new_empty(w2_EHD.shape[::2])
@@ -63,11 +83,10 @@ class SlicedExperts(torch.autograd.Function):
                 for g in (gw1, gb1, gw2, gb2):
                     g[e].zero_()
         need_gx = ctx.needs_input_grad[0]
-        # Slice by slice while the slice is in cache; per-slice temporaries stay small, and the
-        # input gradient overwrites x_ND's rows once they are used (no new (N, D) buffer: fresh
-        # large buffers cost page faults).
+        x_buf = x_TD.new_empty(max(ctx.counts, default=0), x_TD.size(-1))
         for e, a, b in spans(ctx.counts):
-            gy, x, pre = gy_ND[a:b], x_ND[a:b], pre_NH[a:b]
+            gy, pre = gy_ND[a:b], pre_NH[a:b]
+            x = torch.index_select(x_TD, 0, token_N[a:b], out=x_buf[:b - a])
             ga = torch.mm(gy, w2_EHD[e].t())
             if ctx.gelu:
                 act, gp = F.gelu(pre), torch.ops.aten.gelu_backward(ga, pre)
@@ -78,16 +97,14 @@ class SlicedExperts(torch.autograd.Function):
             torch.mm(x.t(), gp, out=gw1[e])
             torch.sum(gp, 0, out=gb1[e])
             if need_gx:
-                torch.mm(gp, w1_EDH[e].t(), out=x)
-        return x_ND if need_gx else None, gw1, gb1, gw2, gb2, None, None
+                torch.mm(gp, w1_EDH[e].t(), out=gy)
+        gx_TD = sum_slots(gy_ND, pos_S, ctx.K, ctx.dropped) if need_gx else None
+        return gx_TD, gw1, gb1, gw2, gb2, None, None, None, None, None, None
 
 
 class Dispatch(torch.autograd.Function):
-    """x_ND = x_TD[token_N]; the backward sums each token's K rows with one embedding_bag.
-
-    Autograd's own backward is a scatter-add (slow on CPU) into the (T, D) gradient.
-    pos_S: the row of each (token, slot) in x_ND, token-major; N (= dropped) when `dropped`.
-    """
+    """x_ND = x_TD[token_N] (the grouped-matmul path); backward: `sum_slots`, not autograd's
+    scatter-add (slow on CPU)."""
 
     @staticmethod
     def forward(ctx, x_TD, token_N, pos_S, dropped, K):  # noqa: ANN001
@@ -98,11 +115,7 @@ class Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ND):  # noqa: ANN001
         (pos_S,) = ctx.saved_tensors
-        N = g_ND.size(0)
-        g_ND = F.pad(g_ND, (0, 0, 0, 1)) if ctx.dropped else g_ND
-        g_TD = F.embedding_bag(pos_S.view(-1, ctx.K), g_ND, mode="sum",
-                               padding_idx=N if ctx.dropped else None)
-        return g_TD, None, None, None, None
+        return sum_slots(g_ND, pos_S, ctx.K, ctx.dropped), None, None, None, None
 
 
 def onednn_linear_available() -> bool:
