@@ -20,8 +20,9 @@ from torch import nn
 from slms.config import MoEConfig
 from slms.model.moe_kernels import (
     Dispatch,
-    GatherExperts,
+    SlicedMoE,
     all_experts_forward,
+    combine,
     onednn_linear_available,
     pack_all_experts,
     sliced_forward,
@@ -196,26 +197,24 @@ class Experts(nn.Module):
                 and x_ND.dtype == torch.bfloat16
                 and torch.cuda.get_device_capability(x_ND.device) >= (9, 0))
 
-    def forward(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor,
-                pos_S: torch.Tensor | None = None, K: int = 1, dropped: bool = False
+    def forward(self, x_TD: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor,
+                pos_S: torch.Tensor, counts_E: torch.Tensor, dropped: bool = False
                 ) -> torch.Tensor:
-        """y_ND: the experts on rows token_N of x_TD, grouped by expert (counts_E rows each).
+        """y_TD: for each token, its kept experts' outputs weighted by w_TK and summed.
 
-        pos_S (the row of each (token, slot) among the N, token-major; N where `dropped`) is
-        what the input gradient needs to sum each token's K rows.
+        order_N: the kept (token, slot) assignments as slot ids t*K + k, sorted by expert
+        (counts_E per expert); pos_S: the inverse, each slot's row in that order (N where
+        `dropped`, and w_TK is 0 there).
         """
-        needs_gx = torch.is_grad_enabled() and x_TD.requires_grad
+        K = w_TK.size(1)
         if self._use_grouped_mm(x_TD):
-            x_ND = (Dispatch.apply(x_TD, token_N, pos_S, dropped, K) if needs_gx
+            token_N = order_N // K
+            x_ND = (Dispatch.apply(x_TD, token_N, pos_S, dropped, K)
+                    if torch.is_grad_enabled() and x_TD.requires_grad
                     else x_TD.index_select(0, token_N))
-            expert_N = torch.repeat_interleave(torch.arange(counts_E.numel(), device=x_TD.device),
-                                               counts_E, output_size=x_ND.size(0))
-            offs = torch.cumsum(counts_E, 0).to(torch.int32)
-            w1, w2 = self.w1_EDH.to(x_ND.dtype), self.w2_EHD.to(x_ND.dtype)
-            h_NH = torch._grouped_mm(x_ND, w1, offs=offs) + self.b1_EH[expert_N].to(x_ND.dtype)
-            h_NH = self.act(h_NH)
-            return (torch._grouped_mm(h_NH, w2, offs=offs)
-                    + self.b2_ED[expert_N].to(x_ND.dtype)).contiguous()
+            h_ND = self._grouped(x_ND, counts_E)
+            # as Mixtral: gate weights in the activations' dtype
+            return combine(h_ND, pos_S, w_TK.to(h_ND.dtype), dropped)
         # One host sync for the group sizes; then a matmul per non-empty expert on its rows
         # (no boolean masks, no per-token work).
         counts = counts_E.tolist()
@@ -224,18 +223,42 @@ class Experts(nn.Module):
             # addmm(out=) has no autocast rule: cast by hand to the dtype autocast would use.
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                return self._sliced(x_TD.to(dt), token_N, counts, pos_S, K, dropped)
-        return self._sliced(x_TD, token_N, counts, pos_S, K, dropped)
+                return self._sliced(x_TD.to(dt), w_TK.to(dt), order_N, pos_S, counts, dropped)
+        return self._sliced(x_TD, w_TK.to(x_TD.dtype), order_N, pos_S, counts, dropped)
 
-    def _sliced(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts: list[int],
-                pos_S: torch.Tensor | None, K: int, dropped: bool) -> torch.Tensor:
+    def rows(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor
+             ) -> torch.Tensor:
+        """y_ND, no autograd: each expert on its rows x_TD[token_N] (grouped, counts_E each)."""
+        if self._use_grouped_mm(x_TD):
+            return self._grouped(x_TD.index_select(0, token_N), counts_E)
+        return sliced_forward(x_TD, token_N, *self._params(x_TD.dtype), counts_E.tolist(),
+                              self.gelu)[1]
+
+    def _params(self, dt: torch.dtype) -> list[torch.Tensor]:
         params = [self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED]
-        if self.w1_EDH.dtype != x_TD.dtype:
-            params = [p.to(x_TD.dtype) for p in params]
-        if torch.is_grad_enabled() and (x_TD.requires_grad or params[0].requires_grad):
-            return GatherExperts.apply(x_TD, *params, token_N, pos_S, counts, K, dropped,
-                                       self.gelu)
-        return sliced_forward(x_TD, token_N, *params, counts, self.gelu)[1]
+        return params if self.w1_EDH.dtype == dt else [p.to(dt) for p in params]
+
+    def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        x_ND = x_ND.contiguous()
+        expert_N = torch.repeat_interleave(torch.arange(counts_E.numel(), device=x_ND.device),
+                                           counts_E, output_size=x_ND.size(0))
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        w1, w2 = self.w1_EDH.to(x_ND.dtype), self.w2_EHD.to(x_ND.dtype)
+        h_NH = torch._grouped_mm(x_ND, w1, offs=offs) + self.b1_EH[expert_N].to(x_ND.dtype)
+        h_NH = self.act(h_NH)
+        return (torch._grouped_mm(h_NH, w2, offs=offs)
+                + self.b2_ED[expert_N].to(x_ND.dtype)).contiguous()
+
+    def _sliced(self, x_TD: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor,
+                pos_S: torch.Tensor, counts: list[int], dropped: bool) -> torch.Tensor:
+        params = self._params(x_TD.dtype)
+        if torch.is_grad_enabled() and (x_TD.requires_grad or w_TK.requires_grad
+                                        or params[0].requires_grad):
+            return SlicedMoE.apply(x_TD, w_TK, *params, order_N, pos_S, counts, dropped,
+                                   self.gelu)
+        token_N = order_N // w_TK.size(1)
+        y_ND = sliced_forward(x_TD, token_N, *params, counts, self.gelu)[1]
+        return combine(y_ND, pos_S, w_TK, dropped)
 
 
 class MoE(nn.Module):
@@ -358,7 +381,7 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
     flat_e = r.experts_TK.reshape(-1)
     order_N = torch.argsort(flat_e, stable=True)
     counts_E = torch.bincount(flat_e, minlength=E)
-    if cap is None and T * K <= SMALL_N:
+    if cap is None and T * K <= SMALL_N and not torch.is_grad_enabled():
         return _combine_small(x_TD, r, experts, order_N, counts_E), None, counts_E
     kept_TK = None
     if cap is not None:
@@ -372,37 +395,29 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
         counts_E = counts_E.clamp(max=cap)
     N = order_N.numel()
     dropped = N < T * K
-    token_N = order_N // K if K > 1 else order_N
     # pos_S: where each of the T*K slots (token-major) sits in expert order; N = dropped.
     pos_S = order_N.new_full((T * K,), N) if dropped else torch.empty_like(order_N)
     pos_S.scatter_(0, order_N, torch.arange(N, device=order_N.device))
-    h_ND = experts(x_TD, token_N, counts_E, pos_S, K, dropped)
-    w_TK = r.weights_TK.to(h_ND.dtype)  # as Mixtral: gate weights in the activations' dtype
-    slot_TK = pos_S.view(T, K)
+    w_TK = r.weights_TK
     if dropped:
         if N == 0:
             return torch.zeros_like(x_TD), kept_TK, counts_E
-        # a dropped slot reads any row with weight 0 (padding_idx would need a padded copy)
-        slot_TK, w_TK = slot_TK.clamp(max=N - 1), w_TK * kept_TK
-    # One fused gather + weighted sum over each token's K rows, no (T, K, D) intermediate.
-    y_TD = F.embedding_bag(slot_TK, h_ND, per_sample_weights=w_TK, mode="sum")
+        w_TK = w_TK * kept_TK  # a dropped slot contributes nothing
+    y_TD = experts(x_TD, w_TK, order_N, pos_S, counts_E, dropped)
     return y_TD.to(x_TD.dtype), kept_TK, counts_E
 
 
 def _combine_small(x_TD: torch.Tensor, r: Routing, experts: Experts, order_N: torch.Tensor,
                    counts_E: torch.Tensor) -> torch.Tensor:
-    """Few assignments (decoding): gate-weight and sum the outputs with one (T, N) matmul.
+    """Few assignments, no autograd (decoding): gate-weight and sum the outputs with one (T, N)
+    matmul.
 
     Fewer small ops than building the inverse permutation, and no scatter-add.
     """
     T, K = r.experts_TK.shape
     w_N = r.weights_TK.reshape(-1).index_select(0, order_N)
     token_N = order_N // K if K > 1 else order_N
-    pos_S = None
-    if torch.is_grad_enabled() and x_TD.requires_grad:
-        pos_S = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(
-            order_N.numel(), device=order_N.device))
-    h_ND = experts(x_TD, token_N, counts_E, pos_S, K)
+    h_ND = experts.rows(x_TD, token_N, counts_E)
     # combine_TN[t, n] = gate weight of assignment n if it belongs to token t, else 0
     combine_TN = h_ND.new_zeros(T, w_N.numel()).scatter_(0, token_N[None],
                                                          w_N[None].to(h_ND.dtype))

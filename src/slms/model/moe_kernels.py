@@ -53,29 +53,48 @@ def sum_slots(g_ND: torch.Tensor, pos_S: torch.Tensor, K: int, dropped: bool) ->
                            padding_idx=N if dropped else None)
 
 
-class GatherExperts(torch.autograd.Function):
-    """sliced_forward with autograd: every gradient is written once into one buffer.
+def combine(y_ND: torch.Tensor, pos_S: torch.Tensor, w_TK: torch.Tensor, dropped: bool
+            ) -> torch.Tensor:
+    """y_TD: each token's K expert outputs, gate-weighted and summed by one embedding_bag (no
+    (T, K, D) intermediate). A dropped slot reads any row; its weight in w_TK must be 0."""
+    T, K = w_TK.shape
+    slot_TK = pos_S.view(T, K)
+    if dropped:
+        slot_TK = slot_TK.clamp(max=y_ND.size(0) - 1)
+    return F.embedding_bag(slot_TK, y_ND, per_sample_weights=w_TK, mode="sum")
 
-    Autograd through per-expert slices and `w[e]` selects would allocate a zero-filled
-    full-size gradient per expert and sum them, O(E) times the work (dominant with many experts).
-    Only x_TD and the hidden layer are saved; each group's input rows are gathered again.
+
+class SlicedMoE(torch.autograd.Function):
+    """The experts and the gate-weighted combine as one autograd function.
+
+    forward: `sliced_forward`, then `combine`. backward, expert by expert while its rows are in
+    cache: each row's output gradient is gathered from the (T, D) gradient, its gate weight's
+    gradient is a dot product with the saved output row, and every weight gradient is written
+    once into one buffer (autograd through per-expert slices and `w[e]` selects would allocate
+    a zero-filled full-size gradient per expert and sum them, O(E) times the work). Saved:
+    x_TD, the hidden and output rows; no (T*K, D) gradient buffer is made: each input-gradient
+    row overwrites its output row once that is used (so the graph cannot be run backward twice:
+    autograd then reports the in-place change).
     """
 
     @staticmethod
-    def forward(ctx, x_TD, w1_EDH, b1_EH, w2_EHD, b2_ED, token_N, pos_S, counts, K,  # noqa: ANN001
+    def forward(ctx, x_TD, w_TK, w1_EDH, b1_EH, w2_EHD, b2_ED, order_N, pos_S, counts,  # noqa: ANN001
                 dropped, gelu):  # noqa: ANN001
+        K = w_TK.size(1)
+        token_N = order_N // K
         pre_NH, y_ND = sliced_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
-        ctx.save_for_backward(x_TD, token_N, pos_S, pre_NH, w1_EDH, w2_EHD)
-        ctx.counts, ctx.K, ctx.dropped, ctx.gelu = counts, K, dropped, gelu
-        return y_ND
+        ctx.save_for_backward(x_TD, w_TK, order_N, pos_S, pre_NH, y_ND, w1_EDH, w2_EHD)
+        ctx.counts, ctx.dropped, ctx.gelu = counts, dropped, gelu
+        return combine(y_ND, pos_S, w_TK, dropped)
 
     @staticmethod
-    def backward(ctx, gy_ND):  # noqa: ANN001
-        x_TD, token_N, pos_S, pre_NH, w1_EDH, w2_EHD = ctx.saved_tensors
-        # y_ND has one consumer (the layer's combine), so this gradient is ours: after each
-        # group's rows are used they are overwritten with the input gradient (no new (N, D)
-        # buffer: fresh large buffers cost page faults).
-        gy_ND = gy_ND.contiguous()
+    def backward(ctx, g_TD):  # noqa: ANN001
+        x_TD, w_TK, order_N, pos_S, pre_NH, y_ND, w1_EDH, w2_EHD = ctx.saved_tensors
+        g_TD = g_TD.contiguous()
+        T, K = w_TK.shape
+        token_N = order_N // K
+        w_N = w_TK.reshape(-1).index_select(0, order_N)
+        gw_N = w_N.new_empty(w_N.shape)
         gw1, gb1 = torch.empty_like(w1_EDH), w1_EDH.new_empty(w1_EDH.shape[::2])
         gw2, gb2 = torch.empty_like(w2_EHD), w2_EHD.new_empty(w2_EHD.shape[::2])
         for e, n in enumerate(ctx.counts):
@@ -83,9 +102,13 @@ class GatherExperts(torch.autograd.Function):
                 for g in (gw1, gb1, gw2, gb2):
                     g[e].zero_()
         need_gx = ctx.needs_input_grad[0]
-        x_buf = x_TD.new_empty(max(ctx.counts, default=0), x_TD.size(-1))
+        rows = max(ctx.counts, default=0)
+        g_buf, x_buf = g_TD.new_empty(rows, g_TD.size(-1)), x_TD.new_empty(rows, x_TD.size(-1))
         for e, a, b in spans(ctx.counts):
-            gy, pre = gy_ND[a:b], pre_NH[a:b]
+            y, pre = y_ND[a:b], pre_NH[a:b]
+            gy = torch.index_select(g_TD, 0, token_N[a:b], out=g_buf[:b - a])
+            torch.linalg.vecdot(gy, y, out=gw_N[a:b])
+            gy.mul_(w_N[a:b, None])
             x = torch.index_select(x_TD, 0, token_N[a:b], out=x_buf[:b - a])
             ga = torch.mm(gy, w2_EHD[e].t())
             if ctx.gelu:
@@ -97,9 +120,12 @@ class GatherExperts(torch.autograd.Function):
             torch.mm(x.t(), gp, out=gw1[e])
             torch.sum(gp, 0, out=gb1[e])
             if need_gx:
-                torch.mm(gp, w1_EDH[e].t(), out=gy)
-        gx_TD = sum_slots(gy_ND, pos_S, ctx.K, ctx.dropped) if need_gx else None
-        return gx_TD, gw1, gb1, gw2, gb2, None, None, None, None, None, None
+                torch.mm(gp, w1_EDH[e].t(), out=y)
+        gx_TD = sum_slots(y_ND, pos_S, K, ctx.dropped) if need_gx else None
+        gw_TK = None
+        if ctx.needs_input_grad[1]:  # dropped slots: 0
+            gw_TK = gw_N.new_zeros(T * K).index_copy_(0, order_N, gw_N).view(T, K)
+        return gx_TD, gw_TK, gw1, gb1, gw2, gb2, None, None, None, None, None
 
 
 class Dispatch(torch.autograd.Function):
