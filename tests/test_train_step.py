@@ -147,3 +147,46 @@ def test_compiled_checkpointed_run_saves_plain_keys(tmp_path, data_dir, monkeypa
     run = train(cfg, out_dir=tmp_path / "run", log=lambda *a: None)
     model = load_checkpoint(run / "checkpoints" / "step-2")[0]  # strict: no _orig_mod. keys
     assert not any("_orig_mod" in k for k in model.state_dict())
+
+
+def test_accumulation_weighs_every_real_target_equally(stories, tokenizer, tmp_path):
+    """Padded rows: the step's gradient is that of the mean loss over all real targets of its
+    micro-batches, not the mean of per-micro-batch means (which over-weighs short rows)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from slms.data.prepare import PrepareOptions, prepare_source
+    from slms.data.sources import Source
+    from slms.model import IGNORE_INDEX
+
+    chosen = {"train": stories[:30], "val": stories[30:32]}
+    src = Source(None)
+    src.iter = lambda split: iter(chosen[split])  # an in-memory source
+    block = 400  # longer than every story: rows end in pads, differently
+    prepare_source(src, tokenizer, tmp_path / "pad", PrepareOptions(layout="padded",
+                                                                    block_size=block))
+    data = PackedData(tmp_path / "pad")
+    torch.manual_seed(0)
+    mcfg = tiny_config(block_size=block)
+    cfg = RunConfig(model=mcfg, train=TrainConfig(batch_size=2, grad_accum=2, grad_clip=0.0,
+                                                  warmup_steps=0))
+    model = GPT(mcfg)
+    before = copy.deepcopy(model)
+    opt = build_optimizer(model, cfg.train, torch.device("cpu"))
+    seen: dict[str, torch.Tensor] = {}
+    opt.register_step_pre_hook(lambda *_: seen.update(
+        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    env = Env(torch.device("cpu"), nullcontext(), None, Dist())
+    result = train_step(model, opt, build_scheduler(opt, cfg.train), data, cfg, 0, env)
+    # the reference: the same two micro-batches, summed losses over the real targets / their count
+    batches = [data.train_batch(2, block, cfg.train.seed, 0, micro=i) for i in range(2)]
+    counts = [int((y != IGNORE_INDEX).sum()) for _, y in batches]
+    assert counts[0] != counts[1]  # else equal weighting would be right too
+    nats = sum(F.cross_entropy(before(x).logits.flatten(0, 1), y.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum") for x, y in batches)
+    (nats / sum(counts)).backward()
+    assert result.tokens == sum(counts)
+    for name, p in before.named_parameters():
+        torch.testing.assert_close(seen[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert result.loss == pytest.approx(nats.item() / sum(counts), rel=1e-6)

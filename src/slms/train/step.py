@@ -51,22 +51,30 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Packed
     model.train()
     lm_total = torch.zeros((), device=env.device)
     aux_total = torch.zeros((), device=env.device)
-    n_tokens = 0
+    batches = []
     for micro in range(tc.grad_accum):
         index = micro_index(env.dist, tc.grad_accum, micro)
         x, y = data.train_batch(tc.batch_size, cfg.model.block_size, tc.seed, step, micro=index)
         # Packed data has no pads; the padded layout's pad targets are IGNORE_INDEX.
-        n_tokens += y.numel() if not data.padded else int((y != IGNORE_INDEX).sum())
+        batches.append((x, y, y.numel() if not data.padded else int((y != IGNORE_INDEX).sum())))
+    local = sum(n for _, _, n in batches)
+    # The step's LM loss is the mean over every real target of the global batch, however the
+    # pads fall between micro-batches and ranks: micro-batch i's mean is weighted by its share
+    # n_i / total (times world: DDP and FSDP average gradients over ranks). Packed micro-batches
+    # are all full, so the weights are 1/grad_accum and no count needs exchanging.
+    total = env.dist.sum([float(local)], env.device)[0] if data.padded else local * env.dist.world
+    for micro, (x, y, n) in enumerate(batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         with distributed.grad_sync(model, sync=micro == tc.grad_accum - 1):
             with env.autocast:
                 out = model(x, y)
-                loss = (out.loss + out.aux_loss) / tc.grad_accum
+                # a micro-batch of pads only has no LM loss (its mean would be 0/0)
+                lm_loss = out.loss * (n * env.dist.world / total) if n else out.loss.new_zeros(())
+                loss = lm_loss + out.aux_loss / tc.grad_accum
             (env.scaler.scale(loss) if env.scaler else loss).backward()
-        lm_total += out.loss.detach() / tc.grad_accum
+        lm_total += lm_loss.detach()
         aux_total += out.aux_loss.detach() / tc.grad_accum
-    lm, aux, mean_tokens = env.dist.mean([float(lm_total), float(aux_total), float(n_tokens)],
-                                         env.device)
+    lm, aux = env.dist.mean([float(lm_total), float(aux_total)], env.device)
     if env.scaler:
         env.scaler.unscale_(opt)
     clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
@@ -87,4 +95,4 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Packed
             moe.router.load_E.zero_()  # no bias update from a diverged step
         else:
             moe.router.update_bias()
-    return StepResult(lm, aux, grad_norm, bad, round(mean_tokens * env.dist.world))
+    return StepResult(lm, aux, grad_norm, bad, round(total))
