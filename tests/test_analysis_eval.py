@@ -52,3 +52,27 @@ def test_eval_cli_prepares_a_source_on_the_fly(ckpt, tmp_path, capsys, monkeypat
 def test_eval_without_data_is_a_clear_error(ckpt, capsys):
     assert main(["eval", str(ckpt)]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_evaluation_sums_to_the_whole_and_runs_equal_forwards(world):
+    from slms.analysis.evaluate import evaluate_batches
+    from slms.model import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 300, (2, 8), generator=g),
+                torch.randint(0, 300, (2, 8), generator=g)) for _ in range(5)]
+    batches[4][1][1, 3:] = IGNORE_INDEX  # a padded tail: not scored
+    whole = evaluate_batches(model, batches, torch.device("cpu"))
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    parts, forwards = [], []
+    for rank in range(world):
+        calls.clear()
+        parts.append(evaluate_batches(model, batches, torch.device("cpu"), shard=(rank, world)))
+        forwards.append(len(calls))
+    assert sum(n for _, n in parts) == whole[1] == 5 * 16 - 5
+    assert sum(nats for nats, _ in parts) == pytest.approx(whole[0], rel=1e-9)
+    assert forwards == [-(-5 // world)] * world  # 5 batches: the short ranks run a spare

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from slms.config import load_config
 from slms.train.checkpoint import load_checkpoint
 from slms.train.trainer import train
-from train_helpers import dist_worker, losses
+from train_helpers import dist_worker, losses, val_losses
 
 BASE = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
         "model.moe.expert_hidden=32", "model.moe.router=\"topk\"", "train.batch_size=4",
@@ -45,3 +45,7 @@ def test_two_gloo_processes_match_one(tmp_path, data_dir, single, parallel):
     for (s1, l1), (s2, l2) in zip(losses(out), losses(single), strict=True):
         assert s1 == s2 and abs(l1 - l2) < 1e-5
     assert (out / "best" / "model.safetensors").is_file()
+    # the ranks shared the validation batches and summed them: the loss of the whole split
+    val, val_ref = val_losses(out), val_losses(single)
+    assert len(val) == len(val_ref) == 1 and val[0][0] == val_ref[0][0]
+    assert val[0][1] == pytest.approx(val_ref[0][1], rel=1e-5)

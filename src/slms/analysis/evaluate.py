@@ -18,40 +18,61 @@ from slms.data.loader import PackedData
 from slms.data.prepare import META
 from slms.model import GPT, IGNORE_INDEX
 from slms.tokenizer import Tokenizer
+from slms.train.distributed import Dist
 
 
 @torch.no_grad()
 def evaluate_batches(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                     device: torch.device, autocast: AbstractContextManager | None = None
-                     ) -> tuple[float, int]:
+                     device: torch.device, autocast: AbstractContextManager | None = None,
+                     shard: tuple[int, int] = (0, 1)) -> tuple[float, int]:
     """(summed nats, number of real targets) over (x, y) batches; IGNORE_INDEX targets (pads,
-    the short tail window) are not scored."""
+    the short tail window) are not scored.
+
+    shard=(rank, world): this process scores batches rank, rank + world, ...; every process
+    runs the same number of forwards (one unscored extra where the batches do not divide
+    evenly), as FSDP's collectives need.
+    """
+    rank, world = shard
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    for x, y in batches:
+    count, mine, seen, spare = 0, 0, 0, None
+    for i, (x, y) in enumerate(batches):
+        seen = i + 1
+        spare = x if spare is None else spare
+        if i % world != rank:
+            continue
+        mine += 1
         x, y = x.to(device), y.to(device)
         with autocast or nullcontext():
             logits = model(x).logits
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
                                  ignore_index=IGNORE_INDEX, reduction="sum").double()
         count += int((y != IGNORE_INDEX).sum())
+    if spare is not None and mine < -(-seen // world):
+        with autocast or nullcontext():
+            model(spare.to(device))
     model.train(was_training)
     return float(total), count
 
 
 def evaluate(model: GPT, data: PackedData, split: str = "val", batch_size: int = 16,
              block_size: int | None = None, device: torch.device | str = "cpu",
-             autocast: AbstractContextManager | None = None) -> dict[str, Any]:
+             autocast: AbstractContextManager | None = None, dist: Dist | None = None
+             ) -> dict[str, Any]:
     """Loss (nats/token), perplexity and bits per byte over the whole split.
 
     Bits per byte divides the summed nats by ln 2 and by the UTF-8 bytes of the stories scored,
-    so it compares models with different tokenizers.
+    so it compares models with different tokenizers. With `dist`, the ranks share the batches
+    and sum their results: every rank returns the same figures.
     """
     block_size = block_size or model.cfg.block_size
+    shard = (dist.rank, dist.world) if dist is not None else (0, 1)
     nats, n = evaluate_batches(model, data.eval_batches(batch_size, block_size, split),
-                               torch.device(device), autocast)
+                               torch.device(device), autocast, shard)
+    if dist is not None:
+        nats, n = dist.sum([nats, float(n)], torch.device(device))
+        n = round(n)
     loss = nats / max(n, 1)
     n_bytes = data.meta["splits"][split]["bytes"]
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n,

@@ -301,11 +301,10 @@ def run_eval(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, write
     gpt, state = ckpt.unwrap(run.model), run.state
     stats_before = [layer.stats for layer in gpt.moe_layers()]
     val = evaluate(gpt, data, "val", run.cfg.train.batch_size, run.cfg.model.block_size,
-                   env.device, env.autocast)
+                   env.device, env.autocast, env.dist)  # the ranks share the batches
     # Evaluation routing is reported by `slms experts`; keep training statistics clean.
     for layer, stats in zip(gpt.moe_layers(), stats_before, strict=True):
         layer.stats = stats
-    val["loss"] = env.dist.mean([val["loss"]], env.device)[0]  # equal on all ranks already
     metrics.write({"step": state.step, "val_loss": val["loss"], "val_perplexity":
                    val["perplexity"], "val_bits_per_byte": val["bits_per_byte"],
                    "tokens": state.tokens_seen})
