@@ -280,5 +280,17 @@ def test_decoding_all_experts_path_follows_weight_changes():
         y_ref = moe(x)[0]
     torch.testing.assert_close(y_after, y_ref, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(y_after, y_before)
+    moe.reference = False
+    with torch.no_grad():  # replacing a parameter's data (no version bump) is seen too
+        moe.experts.w2_EHD.data = moe.experts.w2_EHD.data * 3
+        y_data = moe(x)[0]
+        moe.reference = True
+        torch.testing.assert_close(y_data, moe(x)[0], rtol=1e-5, atol=1e-6)
+    # the packed tensors cannot be copied or pickled: copies and saves leave them out
+    import copy
+    import io
+
+    assert copy.deepcopy(moe).experts._packed is None
+    torch.save(moe, io.BytesIO())
     moe.train()
     assert moe.experts._packed is None  # training frees the packed copy

@@ -178,8 +178,9 @@ class Experts(nn.Module):
         or replaced) or the module goes back to training.
         """
         params = (self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED)
-        key = tuple((p, p._version) for p in params)  # holding p keeps its id unique
-        if self._packed is None or any(a is not b or va != vb for (a, va), (b, vb)
+        # in-place changes bump _version, `p.data = t` moves data_ptr, a new parameter is not p
+        key = tuple((p, p._version, p.data_ptr()) for p in params)  # holding p keeps ids unique
+        if self._packed is None or any(a is not b or ka != kb for (a, *ka), (b, *kb)
                                        in zip(self._packed[0], key, strict=True)):
             self._packed = (key, pack_all_experts(self.w1_EDH, self.b1_EH, self.w2_EHD))
         return all_experts_forward(x_TD, g_TE, self._packed[1], self.b2_ED, self.gelu)
@@ -188,6 +189,11 @@ class Experts(nn.Module):
         if mode:
             self._packed = None  # the weights are about to change: free the packed copy
         return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and torch.save(model): oneDNN's packed tensors cannot be copied or
+        # pickled, and are rebuilt when needed.
+        return {**super().__getstate__(), "_packed": None}
 
     def _use_grouped_mm(self, x_ND: torch.Tensor) -> bool:
         if self.impl != "auto":
