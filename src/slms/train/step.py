@@ -68,8 +68,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Packed
         with distributed.grad_sync(model, sync=micro == tc.grad_accum - 1):
             with env.autocast:
                 out = model(x, y)
-                # a micro-batch of pads only has no LM loss (its mean would be 0/0)
-                lm_loss = out.loss * (n * env.dist.world / total) if n else out.loss.new_zeros(())
+                # a micro-batch of pads only has no LM loss (its mean would be 0/0); zero times
+                # the logits keeps every parameter in the graph, as DDP needs
+                lm_loss = (out.loss * (n * env.dist.world / total) if n
+                           else out.logits.sum() * 0.0)
                 loss = lm_loss + out.aux_loss / tc.grad_accum
             (env.scaler.scale(loss) if env.scaler else loss).backward()
         lm_total += lm_loss.detach()
