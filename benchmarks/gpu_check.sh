@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU readiness check: the test suite's CUDA-marked tests, then a short seed-moe training
-# benchmark in bf16 without and with torch.compile, printing tokens/s and MFU. About 5-8 minutes
-# on one H100/H200. Usage: benchmarks/gpu_check.sh   (PYTHON=... to pick the interpreter)
+# GPU readiness check: the test suite's CUDA-marked tests, a short seed-moe training benchmark
+# in bf16 without and with torch.compile (tokens/s and MFU), then the MoE layer benchmark in
+# bf16. About 6-10 minutes on one H100/H200. Usage: benchmarks/gpu_check.sh   (PYTHON=... to pick the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -54,4 +54,10 @@ print(f"compile={compile}: {tps:,.0f} tokens/s, MFU {mfu_text}, peak memory "
       f"{recs[-1]['memory_gb']:.1f} GB, final loss {recs[-1]['loss']:.3f}")
 PYEOF
 done
+
+echo "== MoE layer, bf16 on the GPU (issue 3's benchmark; ours uses torch._grouped_mm on sm90+)"
+if ! timeout 240 "$PY" benchmarks/moe_layer.py --device cuda --dtype bf16 --repeats 15; then
+    echo "gpu_check: error: benchmarks/moe_layer.py failed on the GPU" >&2
+    status=1
+fi
 exit $status
