@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -224,21 +225,28 @@ class Experts(nn.Module):
         # One host sync for the group sizes; then a matmul per non-empty expert on its rows
         # (no boolean masks, no per-token work).
         counts = counts_E.tolist()
-        dev = x_TD.device.type
-        if torch.is_autocast_enabled(dev):
-            # addmm(out=) has no autocast rule: cast by hand to the dtype autocast would use.
-            dt = torch.get_autocast_dtype(dev)
-            with torch.autocast(dev, enabled=False):
-                return self._sliced(x_TD.to(dt), w_TK.to(dt), order_N, pos_S, counts, dropped)
-        return self._sliced(x_TD, w_TK.to(x_TD.dtype), order_N, pos_S, counts, dropped)
+        with self._manual_autocast(x_TD) as dt:
+            return self._sliced(x_TD.to(dt), w_TK.to(dt), order_N, pos_S, counts, dropped)
 
     def rows(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor
              ) -> torch.Tensor:
         """y_ND, no autograd: each expert on its rows x_TD[token_N] (grouped, counts_E each)."""
         if self._use_grouped_mm(x_TD):
             return self._grouped(x_TD.index_select(0, token_N), counts_E)
-        return sliced_forward(x_TD, token_N, *self._params(x_TD.dtype), counts_E.tolist(),
-                              self.gelu)[1]
+        with self._manual_autocast(x_TD) as dt:
+            return sliced_forward(x_TD.to(dt), token_N, *self._params(dt), counts_E.tolist(),
+                                  self.gelu)[1]
+
+    @contextlib.contextmanager
+    def _manual_autocast(self, x_TD: torch.Tensor) -> Iterator[torch.dtype]:
+        """The dtype to compute in, with autocast off: addmm(out=) has no autocast rule, so the
+        sliced experts cast by hand to the dtype autocast would use."""
+        dev = x_TD.device.type
+        if not torch.is_autocast_enabled(dev):  # entering autocast costs microseconds
+            yield x_TD.dtype
+            return
+        with torch.autocast(dev, enabled=False):
+            yield torch.get_autocast_dtype(dev)
 
     def _params(self, dt: torch.dtype) -> list[torch.Tensor]:
         params = [self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED]
