@@ -106,3 +106,15 @@ def test_export_without_transformers_is_one_line(tmp_path, tokenizer, monkeypatc
                         lambda name, *a: None if name == "transformers" else real(name, *a))
     assert main(["export", str(tmp_path / "ck"), "--hf", str(tmp_path / "hf")]) == 2
     assert "pip install 'slms[hf]'" in capsys.readouterr().err
+
+
+def test_tokenizer_files_from_before_the_prefix_declaration_export_it(tmp_path, tokenizer):
+    from slms.tokenizer import Tokenizer
+
+    old = Tokenizer.from_str(tokenizer.to_str())
+    old.hf.post_processor = None  # as tokenizer.json files written by earlier slms versions
+    old = Tokenizer(old.hf)
+    export(tmp_path, old)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok("Once upon")["input_ids"] == old.encode_prompt("Once upon")
+    assert old.hf.post_processor is None  # the declaration went on a copy

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import slms.model.gpt as gpt_module
+import slms.model.moe as moe_module
 import slms.model.moe_kernels as moe_kernels
 from conftest import tiny_config
 from slms.infer.generate import Sampling, generate_text, prompt_ids, stream_text
@@ -35,6 +36,9 @@ def _step_logits(model, x, n, monkeypatch, **kw) -> tuple[torch.Tensor, list[tor
 def test_cached_logits_equal_recomputation_at_every_step(moe, monkeypatch):
     model = _model(moe)
     x = torch.randint(0, 300, (2, 6))
+    packed = []
+    pack = moe_module.pack_all_experts
+    monkeypatch.setattr(moe_module, "pack_all_experts", lambda *a: (packed.append(1), pack(*a))[1])
     gen = torch.Generator().manual_seed(1)
     a, cached = _step_logits(model, x, 20, monkeypatch, temperature=1.0, generator=gen,
                              use_cache=True)
@@ -43,9 +47,11 @@ def test_cached_logits_equal_recomputation_at_every_step(moe, monkeypatch):
                            use_cache=False)
     assert torch.equal(a, b) and len(cached) == len(full) == 20
     if moe and moe_kernels.onednn_linear_available():
-        # 2 rows x top-2 >= 4 experts: the decode steps ran every expert from packed weights
-        layer = model.moe_layers()[0].experts
-        assert layer._packed is not None and not layer.decoding
+        # 2 rows x top-2 >= 4 experts: the decode steps ran every expert from weights packed
+        # once per layer, and the packed copies are gone after the generation
+        assert packed == [1] * len(model.moe_layers())
+        assert all(m.experts._packed is None and not m.experts.decoding
+                   for m in model.moe_layers())
     for step, (lc, lf) in enumerate(zip(cached, full, strict=True)):
         torch.testing.assert_close(lc, lf, rtol=1e-4, atol=1e-5, msg=f"step {step}")
     # and each step's logits are those of one full forward over the sequence so far
@@ -122,3 +128,14 @@ def test_top_p_and_top_k_keep_only_allowed_tokens():
     # repetition penalty: a seen token's positive logit is divided
     assert int(sample_next(logits, 0, repetition_penalty=2.0,
                            history_BT=torch.tensor([[0]]))) == 1
+
+
+def test_left_truncation_keeps_the_start_token(tokenizer):
+    prompt = "Once upon a time there was a little dog who liked to run in the park every day."
+    ids = tokenizer.encode(prompt)
+    warned = []
+    got = prompt_ids(tokenizer, prompt, 24, 16, truncate="left", warn=warned.append)
+    assert got == [tokenizer.eos_id, *ids[-7:]] and len(got) == 24 - 16
+    assert warned == ["warning: prompt truncated to its last 7 tokens"]
+    with pytest.raises(ValueError, match="no room for the prompt"):
+        prompt_ids(tokenizer, prompt, 24, 23, truncate="left")

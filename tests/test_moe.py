@@ -264,31 +264,34 @@ def test_generation_leaves_expert_statistics_alone():
     assert all(layer.track_stats for layer in model.moe_layers())
 
 
-def test_decoding_all_experts_path_follows_weight_changes():
-    """Batch decoding on CPU runs every expert from packed weights: never stale after a change."""
+def test_decoding_all_experts_path_packs_the_weights_it_finds():
+    """Batch decoding on CPU runs every expert from packed weights, packed per decoding run."""
     if not moe_module.onednn_linear_available():
         pytest.skip("this torch build has no oneDNN linear")
     moe = make_moe(8, 2).eval()
     x = torch.randn(8, 1, 16, generator=torch.Generator().manual_seed(3))
+
+    def check() -> torch.Tensor:
+        moe.reference = False
+        y = moe(x)[0]
+        moe.reference = True
+        torch.testing.assert_close(y, moe(x)[0], rtol=1e-5, atol=1e-6)
+        return y
+
     with torch.no_grad():
         moe(x)
         assert moe.experts._packed is None  # only decode steps pack (not prefill, not eval)
         moe.experts.decoding = True  # as GPT.iter_tokens sets it
-        y_before = moe(x)[0]
+        y_before = check()
         assert moe.experts._packed is not None  # 8 tokens x top-2 >= 8 experts: the path ran
+        moe.experts.decoding = False  # the end of a generation frees the packed copy
+        assert moe.experts._packed is None
         moe.experts.w1_EDH.mul_(2)  # as an optimizer step or load_state_dict would, in place
         moe.experts.b2_ED.add_(0.5)
-        y_after = moe(x)[0]
-        moe.reference = True
-        y_ref = moe(x)[0]
-    torch.testing.assert_close(y_after, y_ref, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(y_after, y_before)
-    moe.reference = False
-    with torch.no_grad():  # replacing a parameter's data (no version bump) is seen too
-        moe.experts.w2_EHD.data = moe.experts.w2_EHD.data * 3
-        y_data = moe(x)[0]
-        moe.reference = True
-        torch.testing.assert_close(y_data, moe(x)[0], rtol=1e-5, atol=1e-6)
+        moe.experts.decoding = True
+        assert not torch.allclose(check(), y_before)  # the next run packs the new weights
+        moe.experts.w2_EHD.data = moe.experts.w2_EHD.data * 3  # re-pointed during a run
+        check()
     # the packed tensors cannot be copied or pickled: copies and saves leave them out
     import copy
     import io
@@ -297,3 +300,7 @@ def test_decoding_all_experts_path_follows_weight_changes():
     torch.save(moe, io.BytesIO())
     moe.train()
     assert moe.experts._packed is None  # training frees the packed copy
+    with torch.inference_mode():  # parameters made as inference tensors decode too
+        frozen = make_moe(8, 2).eval()
+        frozen.experts.decoding = True
+        frozen(x)

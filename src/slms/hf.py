@@ -199,8 +199,20 @@ def from_gpt(gpt: GPT, eos_id: int | None = None) -> SlmsForCausalLM:
 
 
 def hf_tokenizer(tok: Tokenizer, max_len: int) -> PreTrainedTokenizerFast:
-    """The slms tokenizer as a PreTrainedTokenizerFast; <|endoftext|> is bos and eos."""
-    return PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token=EOT, bos_token=EOT,
+    """The slms tokenizer as a PreTrainedTokenizerFast; <|endoftext|> is bos and eos, and text
+    is encoded after the same prompt prefix as slms's (declared on a copy when the tokenizer
+    file predates the declaration)."""
+    hf = tok.hf
+    if hf.post_processor is None:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import processors
+
+        hf = HFTokenizer.from_str(hf.to_str())
+        start = " ".join(hf.id_to_token(i) for i in tok.prompt_prefix)
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{start} $A", pair=f"{start} $A {start} $B",
+            special_tokens=[(hf.id_to_token(i), i) for i in set(tok.prompt_prefix)])
+    return PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=EOT, bos_token=EOT,
                                    unk_token=SPECIAL_TOKENS[1], model_max_length=max_len,
                                    clean_up_tokenization_spaces=False)
 

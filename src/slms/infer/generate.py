@@ -47,9 +47,14 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: 
                              f"with --max-new-tokens "
                              f"{max_new_tokens} it does not fit the model's context of {context} "
                              "tokens: shorten it, lower --max-new-tokens, or pass --truncate left")
+        prefix = tokenizer.prompt_prefix
+        keep = room - len(prefix)
+        if keep < 1:
+            raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt "
+                             f"in the model's context of {context} tokens; lower it")
         (warn or (lambda m: print(m, file=sys.stderr)))(
-            f"warning: prompt truncated to its last {room} tokens")
-        ids = ids[-room:]
+            f"warning: prompt truncated to its last {keep} tokens")
+        ids = [*prefix, *ids[len(ids) - keep:]]  # the start token stays
     return ids
 
 

@@ -178,7 +178,8 @@ class GPT(nn.Module):
                 if eos_id is not None and bool(done.all()):
                     break
                 # After the prompt, steps of B tokens: small batches may run every expert from
-                # weights packed once, which costs about what 15 steps save (docs/benchmarks.md).
+                # weights packed once per generation, which costs about what 15 steps save
+                # (docs/benchmarks.md); the finally below frees the packed copy.
                 for layer in self.moe_layers():
                     layer.experts.decoding = use_cache and max_new_tokens > 16
         finally:

@@ -147,9 +147,7 @@ class Experts(nn.Module):
         self.gelu = activation != "relu"
         self.act = F.gelu if self.gelu else F.relu
         self.impl = "auto"  # auto | grouped_mm | slices (tests and benchmarks force one)
-        # GPT.iter_tokens sets `decoding` for its cached decode steps: only there does packing
-        # the weights for `all_experts` pay for itself (prefill and evaluation never pack).
-        self.decoding = False
+        self._decoding = False
         self._packed: tuple | None = None  # (key, weights) of the all-experts decode path
         nn.init.normal_(self.w1_EDH, std=0.02)
         nn.init.normal_(self.w2_EHD, std=0.02)
@@ -172,16 +170,30 @@ class Experts(nn.Module):
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
                 and onednn_linear_available())
 
+    @property
+    def decoding(self) -> bool:
+        """On during `GPT.iter_tokens`'s cached decode steps: only there does packing the weights
+        for `all_experts` pay for itself (prefill and evaluation never pack). The packed copy
+        lives while this is on; turning it off frees it, so each generation packs the weights
+        it finds."""
+        return self._decoding
+
+    @decoding.setter
+    def decoding(self, on: bool) -> None:
+        self._decoding = on
+        if not on:
+            self._packed = None
+
     def all_experts(self, x_TD: torch.Tensor, g_TE: torch.Tensor) -> torch.Tensor:
         """sum_e g_TE[:, e] * expert e(x_TD), every expert on every token (decoding, no autograd).
 
-        The weights are packed once for oneDNN and kept until a parameter changes (in place,
-        or replaced) or the module goes back to training.
+        The weights are packed for oneDNN on the first call while `decoding` is on, and again if
+        a parameter is replaced or re-pointed (`p.data = t`) meanwhile; weights changed in place
+        during one decoding run are not noticed (generation never does that).
         """
         params = (self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED)
-        # in-place changes bump _version, `p.data = t` moves data_ptr, a new parameter is not p
-        key = tuple((p, p._version, p.data_ptr()) for p in params)  # holding p keeps ids unique
-        if self._packed is None or any(a is not b or ka != kb for (a, *ka), (b, *kb)
+        key = tuple((p, p.data_ptr()) for p in params)  # holding p keeps its id unique
+        if self._packed is None or any(a is not b or pa != pb for (a, pa), (b, pb)
                                        in zip(self._packed[0], key, strict=True)):
             self._packed = (key, pack_all_experts(self.w1_EDH, self.b1_EH, self.w2_EHD))
         return all_experts_forward(x_TD, g_TE, self._packed[1], self.b2_ED, self.gelu)

@@ -69,9 +69,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Packed
             with env.autocast:
                 out = model(x, y)
                 # a micro-batch of pads only has no LM loss (its mean would be 0/0); zero times
-                # the logits keeps every parameter in the graph, as DDP needs
+                # the logits keeps every parameter in the graph, as DDP needs (multiplied before
+                # the sum: an fp16 sum can overflow, and inf * 0 is NaN)
                 lm_loss = (out.loss * (n * env.dist.world / total) if n
-                           else out.logits.sum() * 0.0)
+                           else (out.logits * 0).sum())
                 loss = lm_loss + out.aux_loss / tc.grad_accum
             (env.scaler.scale(loss) if env.scaler else loss).backward()
         lm_total += lm_loss.detach()
