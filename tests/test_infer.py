@@ -36,6 +36,7 @@ def _step_logits(model, x, n, monkeypatch, **kw) -> tuple[torch.Tensor, list[tor
 def test_cached_logits_equal_recomputation_at_every_step(moe, monkeypatch):
     model = _model(moe)
     x = torch.randint(0, 300, (2, 6))
+    monkeypatch.setattr(gpt_module, "PACK_MIN_TOKENS", 8)  # 20 tokens: pack for batch decoding
     packed = []
     pack = moe_module.pack_all_experts
     monkeypatch.setattr(moe_module, "pack_all_experts", lambda *a: (packed.append(1), pack(*a))[1])

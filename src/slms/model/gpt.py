@@ -21,6 +21,9 @@ from slms.model.sampling import sample_next
 
 IGNORE_INDEX = -100
 
+# Generations at least this long pack MoE experts for batch decoding (Experts.decoding).
+PACK_MIN_TOKENS = 64
+
 
 class Output(NamedTuple):
     logits: torch.Tensor  # (B, T, V); only the last position when targets is None and last_only
@@ -178,10 +181,10 @@ class GPT(nn.Module):
                 if eos_id is not None and bool(done.all()):
                     break
                 # After the prompt, steps of B tokens: small batches may run every expert from
-                # weights packed once per generation, which costs about what 15 steps save
-                # (docs/benchmarks.md); the finally below frees the packed copy.
+                # weights packed once per generation, which costs about what 25-50 steps save
+                # on a CPU (docs/benchmarks.md); the finally below frees the packed copy.
                 for layer in self.moe_layers():
-                    layer.experts.decoding = use_cache and max_new_tokens > 16
+                    layer.experts.decoding = use_cache and max_new_tokens >= PACK_MIN_TOKENS
         finally:
             self.train(was_training)
             for layer in self.moe_layers():
