@@ -105,7 +105,7 @@ def test_padded_loss_is_the_loss_of_real_tokens_only(stories, tokenizer, tmp_pat
     block = 96
     meta = prepare_source(src, tokenizer, tmp_path / "pad",
                           PrepareOptions(layout="padded", block_size=block))
-    lengths = [len(tokenizer.encode(s)) + 1 for s in chosen["train"]]
+    lengths = [1 + len(tokenizer.encode(s)) + 1 for s in chosen["train"]]  # eot, story, eot
     assert meta["splits"]["train"]["real_tokens"] == sum(min(n, block + 1) for n in lengths)
     data = PackedData(tmp_path / "pad")
     torch.manual_seed(0)
@@ -114,8 +114,9 @@ def test_padded_loss_is_the_loss_of_real_tokens_only(stories, tokenizer, tmp_pat
     assert int((y != IGNORE_INDEX).sum()) == sum(min(n, block + 1) - 1 for n in lengths)
     padded_loss = model(x, y).loss
     nats, count = 0.0, 0
-    for s in chosen["train"]:  # each story alone: its real tokens and nothing else
-        ids = torch.tensor([tokenizer.encode(s) + [tokenizer.eos_id]])[:, : block + 1]
+    for s in chosen["train"]:  # each story alone, after an end-of-text id, and nothing else
+        ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(s), tokenizer.eos_id]])
+        ids = ids[:, : block + 1]
         logits = model(ids[:, :-1]).logits
         nats += F.cross_entropy(logits[0], ids[0, 1:], reduction="sum").item()
         count += ids.size(1) - 1

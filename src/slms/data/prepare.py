@@ -5,7 +5,9 @@ Layouts:
     end-of-text id, so no position is padding.
   - ``padded``: the seed's layout, one story per row of block_size + 1 ids (truncated, or padded
     with end-of-text ids); DIR/{split}.lengths.npy holds each row's real length so the loader
-    can exclude pad positions from every loss.
+    can exclude pad positions from every loss. A row starts with an end-of-text id, as every
+    story follows one in the packed layout: the first word is scored, and generation prompts
+    (which start after one) look like training rows.
 Token ids are uint16 when the vocab fits, else uint32. Output is written to a temporary
 directory renamed into place at the end: an interrupted run leaves nothing that looks complete.
 """
@@ -178,10 +180,10 @@ def _write_split(stories: Iterable[str], tok: Tokenizer, out: Path, split: str,
             else:
                 rows = np.full((len(seqs), width), tok.eos_id, dtype=dtype)
                 for r, seq in enumerate(seqs):
-                    n = min(len(seq), width)
-                    rows[r, :n] = seq[:n]
+                    n = min(len(seq) + 1, width)  # + the row's leading end-of-text id
+                    rows[r, 1:n] = seq[:n - 1]
                     lengths.append(n)
-                    n_truncated += len(seq) > width
+                    n_truncated += len(seq) + 1 > width
                 rows.tofile(f)
             per_story = [len(s) for s in seqs]
             n_stories += len(seqs)
