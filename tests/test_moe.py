@@ -304,3 +304,27 @@ def test_decoding_all_experts_path_packs_the_weights_it_finds():
         frozen = make_moe(8, 2).eval()
         frozen.experts.decoding = True
         frozen(x)
+
+
+@pytest.mark.parametrize("router", ["topk", "bias"])
+@pytest.mark.parametrize("cf", [0.0, 4.0])
+def test_pads_are_routed_but_left_out_of_losses_and_statistics(router, cf):
+    """The padded layout: router losses, the bias router's load and the statistics of a batch
+    with pads equal those of its real tokens alone."""
+    x = torch.randn(1, 12, 16, generator=torch.Generator().manual_seed(4))
+    real = torch.zeros(1, 12, dtype=torch.bool)
+    real[0, :7] = True
+    outs = []
+    for inputs, mask in ((x, real), (x[:, :7], None)):
+        moe = make_moe(4, 2, router, cf).train()
+        torch.manual_seed(5)
+        _, aux = moe(inputs, mask)
+        outs.append((aux, moe.pop_stats(), getattr(moe.router, "load_E", None)))
+    (aux_pad, s_pad, load_pad), (aux_real, s_real, load_real) = outs
+    assert aux_pad.item() == pytest.approx(aux_real.item(), rel=1e-5)
+    assert s_pad["tokens_per_expert"] == s_real["tokens_per_expert"]
+    assert sum(s_pad["tokens_per_expert"]) == 7 * 2
+    assert s_pad["entropy"] == pytest.approx(s_real["entropy"], rel=1e-5)
+    assert s_pad["z_loss"] == pytest.approx(s_real["z_loss"], rel=1e-5)
+    if router == "bias":
+        assert load_pad.tolist() == load_real.tolist()

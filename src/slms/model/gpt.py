@@ -40,7 +40,8 @@ class MLP(nn.Module):
         self.act = F.relu if cfg.activation == "relu" else F.gelu
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, real_BT: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.dropout(self.proj(self.act(self.fc(x)))), x.new_zeros((), dtype=torch.float32)
 
 
@@ -57,10 +58,10 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                real_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.ln1(x), cache)
-        y, aux = self.ffn(self.ln2(x))
+        y, aux = self.ffn(self.ln2(x), real_BT)
         return x + y, aux
 
 
@@ -109,11 +110,14 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx_BT.device)
         x = self.drop(self.wte(idx_BT) + self.wpe(pos))
         aux = x.new_zeros((), dtype=torch.float32)
+        # Positions with a target are real tokens; the others (the padded layout's pads) are
+        # left out of the MoE router losses and statistics as they are out of the LM loss.
+        real_BT = targets_BT != IGNORE_INDEX if targets_BT is not None else None
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and caches is None:
-                x, a = checkpoint(block, x, use_reentrant=False)
+                x, a = checkpoint(block, x, None, real_BT, use_reentrant=False)
             else:
-                x, a = block(x, caches[i] if caches else None)
+                x, a = block(x, caches[i] if caches else None, real_BT)
             aux = aux + a
         x = self.ln_f(x)
         if targets_BT is None:

@@ -55,20 +55,46 @@ def recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor,
+                        real_T: torch.Tensor | None = None) -> torch.Tensor:
     """Switch loss E * sum_e f_e * P_e: f_e share of the T*K routing slots, P_e mean probability.
 
     1.0 at perfect balance, E when every token goes to one expert with all its probability.
+    real_T (bool): only these tokens count (the padded layout's pads do not).
     """
     E = probs_TE.size(-1)
-    f_E = torch.bincount(experts_TK.flatten(), minlength=E).to(probs_TE.dtype)
-    f_E = f_E / experts_TK.numel()
-    return E * (f_E * probs_TE.mean(0)).sum()
+    if real_T is None:
+        f_E = torch.bincount(experts_TK.flatten(), minlength=E).to(probs_TE.dtype)
+        return E * (f_E / experts_TK.numel() * probs_TE.mean(0)).sum()
+    w_T = real_T.to(probs_TE.dtype)
+    n = w_T.sum().clamp(min=1)
+    K = experts_TK.size(1)
+    f_E = torch.bincount(experts_TK.flatten(), weights=w_T.repeat_interleave(K), minlength=E)
+    return E * (f_E.to(probs_TE.dtype) / (n * K) * (probs_TE * w_T[:, None]).sum(0) / n).sum()
 
 
-def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """mean over tokens of logsumexp(logits)^2 (ST-MoE): keeps router logits small."""
-    return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+def router_z_loss(logits_TE: torch.Tensor, real_T: torch.Tensor | None = None) -> torch.Tensor:
+    """mean over tokens (those in real_T) of logsumexp(logits)^2 (ST-MoE): keeps router logits
+    small."""
+    z_T = torch.logsumexp(logits_TE, dim=-1).pow(2)
+    if real_T is None:
+        return z_T.mean()
+    w_T = real_T.to(z_T.dtype)
+    return (z_T * w_T).sum() / w_T.sum().clamp(min=1)
+
+
+def count_experts(experts_TK: torch.Tensor, E: int, real_T: torch.Tensor | None = None,
+                  kept_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """Routing slots per expert (int64): only the tokens in real_T and the slots in kept_TK
+    count when given (a weighted bincount: no host sync)."""
+    if real_T is None and kept_TK is None:
+        return torch.bincount(experts_TK.flatten(), minlength=E)
+    w_TK = torch.ones(experts_TK.shape, device=experts_TK.device)
+    if real_T is not None:
+        w_TK = w_TK * real_T[:, None]
+    if kept_TK is not None:
+        w_TK = w_TK * kept_TK
+    return torch.bincount(experts_TK.flatten(), weights=w_TK.flatten(), minlength=E).round().long()
 
 
 def capacity(cfg: MoEConfig, n_tokens: int) -> int | None:
@@ -90,13 +116,15 @@ class Router(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
             self.register_buffer("load_E", torch.zeros(cfg.n_experts), persistent=False)
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, real_T: torch.Tensor | None = None) -> Routing:
+        """real_T (bool): the tokens whose load the bias router balances (pads are routed but
+        not counted)."""
         # Entering autocast(enabled=False) costs microseconds that matter when decoding.
         off = torch.is_autocast_enabled(x_TD.device.type)
         with torch.autocast(x_TD.device.type, enabled=False) if off else contextlib.nullcontext():
-            return self._route(x_TD.float())
+            return self._route(x_TD.float(), real_T)
 
-    def _route(self, x_TD: torch.Tensor) -> Routing:
+    def _route(self, x_TD: torch.Tensor, real_T: torch.Tensor | None) -> Routing:
         logits_TE = F.linear(x_TD, self.gate.weight.float(), self.gate.bias.float())
         if self.noise is not None and self.training:
             # The seed's noisy gate, but only in training: evaluation and generation are
@@ -118,8 +146,7 @@ class Router(nn.Module):
         if self.cfg.router == "bias" and self.training:
             with torch.no_grad():
                 if not recomputing():  # a checkpointed forward replayed in backward
-                    self.load_E += torch.bincount(experts_TK.flatten(),
-                                                  minlength=self.cfg.n_experts)
+                    self.load_E += count_experts(experts_TK, self.cfg.n_experts, real_T)
         return Routing(experts_TK, weights_TK, logits_TE, probs_TE)
 
     @torch.no_grad()
@@ -322,8 +349,8 @@ class MoE(nn.Module):
             "tokens_per_expert": tokens_E,
             "share": [n / total for n in tokens_E],
             "max_over_mean": max(tokens_E) / mean if sum(tokens_E) else 0.0,
-            "entropy": float(s.get("entropy_token_sum", 0.0)) / max(s["tokens"], 1),
-            "dropped_share": int(s["dropped"]) / max(s["tokens"] * self.cfg.top_k, 1),
+            "entropy": float(s.get("entropy_token_sum", 0.0)) / max(int(s["tokens"]), 1),
+            "dropped_share": int(s["dropped"]) / max(int(s["tokens"]) * self.cfg.top_k, 1),
             "aux_loss": float(s["aux_sum"]) / loss_calls,
             "z_loss": float(s["z_sum"]) / loss_calls,
             "loss_calls": s.get("loss_calls", s["calls"]),
@@ -333,10 +360,15 @@ class MoE(nn.Module):
         self.reset_stats()
         return out
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_BTD: torch.Tensor, real_BT: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """real_BT (bool, optional): the real tokens; pads (the padded layout) are routed like
+        any token but left out of the router losses, the bias router's load and the
+        statistics."""
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
-        r = self.router(x_TD)
+        real_T = None if real_BT is None else real_BT.reshape(-1)
+        r = self.router(x_TD, real_T)
         cap = capacity(self.cfg, x_TD.size(0))
         counts_E = None
         if self.reference:
@@ -346,31 +378,34 @@ class MoE(nn.Module):
         aux = x_TD.new_zeros((), dtype=torch.float32)
         bal = z = None
         if self.training:  # evaluation skips the losses: they would only feed the statistics
-            bal = load_balancing_loss(r.probs_TE, r.experts_TK)
-            z = router_z_loss(r.logits_TE)
+            bal = load_balancing_loss(r.probs_TE, r.experts_TK, real_T)
+            z = router_z_loss(r.logits_TE, real_T)
             aux = self.cfg.aux_loss_coef * bal + self.cfg.z_loss_coef * z
         if self.track_stats:
-            self._record(r, kept_TK, counts_E, bal, z)
+            self._record(r, kept_TK, None if real_T is not None else counts_E, bal, z, real_T)
         y_BTD = y_TD.view(shape)
         return (self.dropout(y_BTD) if self.dropout.p > 0 else y_BTD), aux
 
     def _record(self, r: Routing, kept_TK: torch.Tensor | None, counts_E: torch.Tensor | None,
-                bal: torch.Tensor | None, z: torch.Tensor | None) -> None:
+                bal: torch.Tensor | None, z: torch.Tensor | None,
+                real_T: torch.Tensor | None = None) -> None:
         if recomputing():
             return  # gradient checkpointing replays this forward: it was counted already
         # Tensors stay on the device; pop_stats syncs once per log interval. A new dict each
         # call, so that a caller holding the old one (the trainer around evaluation) keeps it.
         s = dict(self.stats)
         T, K = r.experts_TK.shape
-        if counts_E is None:
-            chosen = r.experts_TK if kept_TK is None else r.experts_TK[kept_TK]
-            counts_E = torch.bincount(chosen.flatten(), minlength=self.cfg.n_experts)
+        if counts_E is None:  # the kept slots of the real tokens, per expert
+            counts_E = count_experts(r.experts_TK, self.cfg.n_experts, real_T, kept_TK)
+        n_real = T if real_T is None else real_T.sum()
         s["tokens_E"] = s["tokens_E"].to(counts_E.device) + counts_E
-        s["tokens"] += T
+        s["tokens"] = s["tokens"] + n_real
         if kept_TK is not None:
-            s["dropped"] = s["dropped"] + (T * K - counts_E.sum())
-        s["entropy_token_sum"] = (s.get("entropy_token_sum", 0.0)
-                                  + torch.special.entr(r.probs_TE.detach()).sum())
+            s["dropped"] = s["dropped"] + (n_real * K - counts_E.sum())
+        entropy_T = torch.special.entr(r.probs_TE.detach()).sum(-1)
+        if real_T is not None:
+            entropy_T = entropy_T * real_T
+        s["entropy_token_sum"] = s.get("entropy_token_sum", 0.0) + entropy_T.sum()
         if bal is not None:
             s["aux_sum"] = s["aux_sum"] + bal.detach()
             s["z_sum"] = s["z_sum"] + z.detach()
