@@ -140,3 +140,22 @@ def test_seed_attention_scale_is_expressible():
     scores = scores.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
     y = (F.softmax(scores, -1) @ v).transpose(1, 2).reshape(1, 6, 32)
     torch.testing.assert_close(attn(x), attn.proj(y))
+
+
+def test_pads_skipping_the_experts_change_nothing_at_real_positions():
+    """Rows padded at their end: with real_BT the pads skip the MoE experts, and the logits at
+    real positions and the loss are those of the full computation."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(moe=True)).eval()
+    x = torch.randint(0, 300, (3, 20))
+    y = torch.randint(0, 300, (3, 20))
+    for row, n in enumerate((20, 12, 5)):
+        y[row, n:] = IGNORE_INDEX
+    real = y != IGNORE_INDEX
+    full = model(x, y)
+    skipped = model(x, y, real_BT=real)
+    torch.testing.assert_close(skipped.logits[real], full.logits[real], rtol=1e-5, atol=1e-5)
+    assert skipped.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+    real[1, 3] = False  # a hole before a real position: not rows padded at their end
+    with pytest.raises(ValueError, match="real positions first"):
+        model(x, y, real_BT=real)

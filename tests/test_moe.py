@@ -309,8 +309,8 @@ def test_decoding_all_experts_path_packs_the_weights_it_finds():
 @pytest.mark.parametrize("router", ["topk", "bias"])
 @pytest.mark.parametrize("cf", [0.0, 4.0])
 def test_pads_are_routed_but_left_out_of_losses_and_statistics(router, cf):
-    """The padded layout: router losses, the bias router's load and the statistics of a batch
-    with pads equal those of its real tokens alone."""
+    """The padded layout: outputs, router losses, the bias router's load and the statistics of
+    a batch with pads equal those of its real tokens alone."""
     x = torch.randn(1, 12, 16, generator=torch.Generator().manual_seed(4))
     real = torch.zeros(1, 12, dtype=torch.bool)
     real[0, :7] = True
@@ -318,9 +318,11 @@ def test_pads_are_routed_but_left_out_of_losses_and_statistics(router, cf):
     for inputs, mask in ((x, real), (x[:, :7], None)):
         moe = make_moe(4, 2, router, cf).train()
         torch.manual_seed(5)
-        _, aux = moe(inputs, mask)
-        outs.append((aux, moe.pop_stats(), getattr(moe.router, "load_E", None)))
-    (aux_pad, s_pad, load_pad), (aux_real, s_real, load_real) = outs
+        y, aux = moe(inputs, mask)
+        outs.append((y, aux, moe.pop_stats(), getattr(moe.router, "load_E", None)))
+    (y_pad, aux_pad, s_pad, load_pad), (y_real, aux_real, s_real, load_real) = outs
+    torch.testing.assert_close(y_pad[:, :7], y_real, rtol=1e-5, atol=1e-6)
+    assert (y_pad[:, 7:] == 0).all()  # pads skip the experts: the residual carries them
     assert aux_pad.item() == pytest.approx(aux_real.item(), rel=1e-5)
     assert s_pad["tokens_per_expert"] == s_real["tokens_per_expert"]
     assert sum(s_pad["tokens_per_expert"]) == 7 * 2
@@ -328,3 +330,25 @@ def test_pads_are_routed_but_left_out_of_losses_and_statistics(router, cf):
     assert s_pad["z_loss"] == pytest.approx(s_real["z_loss"], rel=1e-5)
     if router == "bias":
         assert load_pad.tolist() == load_real.tolist()
+
+
+@pytest.mark.parametrize("router", ["noisy_topk", "topk", "bias"])
+@pytest.mark.parametrize("E,K", [(1, 1), (4, 2), (8, 2)])
+@pytest.mark.parametrize("cf", [0.0, 0.75])
+def test_pads_skip_the_experts_as_in_the_reference_loop(router, E, K, cf):
+    """With pads: outputs and all gradients equal the reference loop's; pads get 0."""
+    real = torch.rand(1, 37, generator=torch.Generator().manual_seed(6)) < 0.6
+    results = []
+    for reference in (True, False):
+        moe = make_moe(E, K, router, cf)
+        moe.reference = reference
+        moe.eval()  # noise off: both paths must see identical routing
+        x = torch.randn(1, 37, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y, _ = moe(x, real)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().add(0 * x.sum()).backward()
+        results.append((y.detach(), grads(moe, x)))
+    (y_ref, g_ref), (y_fast, g_fast) = results
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
+    assert (y_fast[~real] == 0).all()
+    for a, b in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

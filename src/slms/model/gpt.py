@@ -101,7 +101,15 @@ class GPT(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, last_only: bool = False) -> Output:
+                caches: list[KVCache] | None = None, last_only: bool = False,
+                real_BT: torch.Tensor | None = None) -> Output:
+        """Logits (and the mean loss over targets != IGNORE_INDEX when targets are given).
+
+        real_BT (bool, optional), for rows padded at their end (the padded layout): which
+        positions are real. Pads skip the MoE experts and are left out of the router losses
+        and statistics; no real position attends to one, so the result at real positions is
+        the same. Each row must be real positions then pads.
+        """
         B, T = idx_BT.shape
         start = caches[0].pos if caches else 0
         if start + T > self.cfg.block_size:
@@ -110,9 +118,8 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx_BT.device)
         x = self.drop(self.wte(idx_BT) + self.wpe(pos))
         aux = x.new_zeros((), dtype=torch.float32)
-        # Positions with a target are real tokens; the others (the padded layout's pads) are
-        # left out of the MoE router losses and statistics as they are out of the LM loss.
-        real_BT = targets_BT != IGNORE_INDEX if targets_BT is not None else None
+        if real_BT is not None and bool((real_BT[:, 1:] & ~real_BT[:, :-1]).any()):
+            raise ValueError("real_BT must mark each row's real positions first, then pads")
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and caches is None:
                 x, a = checkpoint(block, x, None, real_BT, use_reentrant=False)

@@ -362,9 +362,9 @@ class MoE(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, real_BT: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """real_BT (bool, optional): the real tokens; pads (the padded layout) are routed like
-        any token but left out of the router losses, the bias router's load and the
-        statistics."""
+        """real_BT (bool, optional): the real tokens; pads (the padded layout) are routed but
+        skip the experts (output 0) and are left out of the router losses, the bias router's
+        load and the statistics."""
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
         real_T = None if real_BT is None else real_BT.reshape(-1)
@@ -372,9 +372,9 @@ class MoE(nn.Module):
         cap = capacity(self.cfg, x_TD.size(0))
         counts_E = None
         if self.reference:
-            y_TD, kept_TK = reference_dispatch(x_TD, r, self.experts, cap)
+            y_TD, kept_TK = reference_dispatch(x_TD, r, self.experts, cap, real_T)
         else:
-            y_TD, kept_TK, counts_E = _dispatch(x_TD, r, self.experts, cap)
+            y_TD, kept_TK, counts_E = _dispatch(x_TD, r, self.experts, cap, real_T)
         aux = x_TD.new_zeros((), dtype=torch.float32)
         bal = z = None
         if self.training:  # evaluation skips the losses: they would only feed the statistics
@@ -414,18 +414,21 @@ class MoE(nn.Module):
         self.stats = s
 
 
-def sorted_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
+def sorted_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
+                    real_T: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sort the T*K assignments by expert, run the experts on contiguous groups, scatter back.
 
-    Returns (y_TD, kept_TK): kept_TK is None when dropless, else which assignments fit the
-    capacity (earlier tokens win; dropped ones contribute nothing, the residual carries them).
+    Returns (y_TD, kept_TK): kept_TK is None when every assignment ran, else which did: those
+    of real tokens (real_T; all when None) that fit the capacity (earlier tokens win). Dropped
+    ones contribute nothing; the residual carries their tokens.
     """
-    y_TD, kept_TK, _ = _dispatch(x_TD, r, experts, cap)
+    y_TD, kept_TK, _ = _dispatch(x_TD, r, experts, cap, real_T)
     return y_TD, kept_TK
 
 
-def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
+def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
+              real_T: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """sorted_dispatch, also returning the kept assignments per expert (counts_E)."""
     T, K = r.experts_TK.shape
@@ -440,20 +443,28 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
         g_TE = x_TD.new_zeros(T, E).scatter_(1, r.experts_TK, r.weights_TK)
         return experts.all_experts(x_TD, g_TE), None, None
     flat_e = r.experts_TK.reshape(-1)
-    order_N = torch.argsort(flat_e, stable=True)
+    real_S = None if real_T is None else real_T.repeat_interleave(K)
+    # Pads sort after each expert's real assignments, so that capacity ranks real ones only.
+    order_N = torch.argsort(flat_e if real_S is None else flat_e * 2 + (~real_S), stable=True)
     counts_E = torch.bincount(flat_e, minlength=E)
-    if cap is None and T * K <= SMALL_N and not torch.is_grad_enabled():
+    if cap is None and real_S is None and T * K <= SMALL_N and not torch.is_grad_enabled():
         return _combine_small(x_TD, r, experts, order_N, counts_E), None, counts_E
     kept_TK = None
-    if cap is not None:
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        rank_N = torch.arange(T * K, device=flat_e.device) - starts_E[flat_e[order_N]]
-        keep_N = rank_N < cap
+    if cap is not None or real_S is not None:
+        # Dropped: assignments past an expert's capacity, and every pad's (no real token
+        # attends to a pad: its output would only serve pad predictions, which are not scored).
+        keep_N = torch.ones(T * K, dtype=torch.bool, device=flat_e.device)
+        if cap is not None:
+            starts_E = torch.cumsum(counts_E, 0) - counts_E
+            rank_N = torch.arange(T * K, device=flat_e.device) - starts_E[flat_e[order_N]]
+            keep_N = rank_N < cap
+        if real_S is not None:
+            keep_N = keep_N & real_S[order_N]
         kept = torch.zeros(T * K, dtype=torch.bool, device=flat_e.device)
         kept[order_N[keep_N]] = True
         kept_TK = kept.view(T, K)
         order_N = order_N[keep_N]
-        counts_E = counts_E.clamp(max=cap)
+        counts_E = count_experts(r.experts_TK, E, kept_TK=kept_TK)
     N = order_N.numel()
     dropped = N < T * K
     # pos_S: where each of the T*K slots (token-major) sits in expert order; N = dropped.
@@ -485,16 +496,23 @@ def _combine_small(x_TD: torch.Tensor, r: Routing, experts: Experts, order_N: to
     return torch.mm(combine_TN, h_ND).to(x_TD.dtype)
 
 
-def reference_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None
+def reference_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
+                       real_T: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The plain per-expert loop; same capacity rule (first `cap` assignments in token order)."""
+    """The plain per-expert loop; same rules (real tokens only, the first `cap` assignments
+    in token order)."""
     T, K = r.experts_TK.shape
     y_TD = torch.zeros_like(x_TD)
-    kept_TK = None if cap is None else torch.zeros(T, K, dtype=torch.bool, device=x_TD.device)
+    kept_TK = (None if cap is None and real_T is None
+               else torch.zeros(T, K, dtype=torch.bool, device=x_TD.device))
     for e in range(experts.w1_EDH.size(0)):
-        tok, slot = (r.experts_TK == e).nonzero(as_tuple=True)
+        chosen_TK = r.experts_TK == e
+        if real_T is not None:
+            chosen_TK = chosen_TK & real_T[:, None]
+        tok, slot = chosen_TK.nonzero(as_tuple=True)
         if cap is not None:
             tok, slot = tok[:cap], slot[:cap]
+        if kept_TK is not None:
             kept_TK[tok, slot] = True
         if len(tok):
             out = experts.expert(e, x_TD[tok]) * r.weights_TK[tok, slot, None]

@@ -67,7 +67,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Packed
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         with distributed.grad_sync(model, sync=micro == tc.grad_accum - 1):
             with env.autocast:
-                out = model(x, y)
+                # padded rows: the pads (no target) skip the MoE experts and router losses
+                out = model(x, y, real_BT=(y != IGNORE_INDEX) if data.padded else None)
                 # a micro-batch of pads only has no LM loss (its mean would be 0/0); zero times
                 # the logits keeps every parameter in the graph, as DDP needs (multiplied before
                 # the sum: an fp16 sum can overflow, and inf * 0 is NaN)
