@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import random
@@ -53,6 +54,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
     """
     env = setup(cfg.train)
     log = log if env.dist.main else _quiet
+    run = None
     try:
         data = load_data(cfg, env.dist, log)
         tokenizer = Tokenizer.from_file(data.dir / "tokenizer.json")
@@ -68,6 +70,11 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
         metrics.close()
         return run.run_dir
     finally:
+        if env.dist.enabled:
+            # DDP/FSDP modules hold the process group: free them while it is alive, not at
+            # interpreter exit after it is gone (a rank aborted there, rarely, under FSDP2).
+            run = None
+            gc.collect()
         distributed.shutdown(env.dist)
 
 
