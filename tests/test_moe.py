@@ -307,7 +307,7 @@ def test_decoding_all_experts_path_packs_the_weights_it_finds():
 
 
 @pytest.mark.parametrize("router", ["topk", "bias"])
-@pytest.mark.parametrize("cf", [0.0, 4.0])
+@pytest.mark.parametrize("cf", [0.0, 0.75, 4.0])
 def test_pads_are_routed_but_left_out_of_losses_and_statistics(router, cf):
     """The padded layout: outputs, router losses, the bias router's load and the statistics of
     a batch with pads equal those of its real tokens alone."""
@@ -325,7 +325,9 @@ def test_pads_are_routed_but_left_out_of_losses_and_statistics(router, cf):
     assert (y_pad[:, 7:] == 0).all()  # pads skip the experts: the residual carries them
     assert aux_pad.item() == pytest.approx(aux_real.item(), rel=1e-5)
     assert s_pad["tokens_per_expert"] == s_real["tokens_per_expert"]
-    assert sum(s_pad["tokens_per_expert"]) == 7 * 2
+    assert s_pad["dropped_share"] == s_real["dropped_share"]  # capacity of the real tokens
+    assert sum(s_pad["tokens_per_expert"]) == (7 * 2 if cf != 0.75 else
+                                               sum(s_real["tokens_per_expert"]))
     assert s_pad["entropy"] == pytest.approx(s_real["entropy"], rel=1e-5)
     assert s_pad["z_loss"] == pytest.approx(s_real["z_loss"], rel=1e-5)
     if router == "bias":

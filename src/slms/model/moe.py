@@ -369,7 +369,9 @@ class MoE(nn.Module):
         x_TD = x_BTD.reshape(-1, shape[-1])
         real_T = None if real_BT is None else real_BT.reshape(-1)
         r = self.router(x_TD, real_T)
-        cap = capacity(self.cfg, x_TD.size(0))
+        # capacity per real token: pads neither take slots nor enlarge them
+        cap = capacity(self.cfg, x_TD.size(0) if real_T is None or self.cfg.capacity_factor <= 0
+                       else int(real_T.sum()))
         counts_E = None
         if self.reference:
             y_TD, kept_TK = reference_dispatch(x_TD, r, self.experts, cap, real_T)
