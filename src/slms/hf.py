@@ -31,7 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from slms.config import ModelConfig, model_config_from_dict
 from slms.model import GPT, IGNORE_INDEX
-from slms.tokenizer import EOT, SPECIAL_TOKENS, Tokenizer
+from slms.tokenizer import EOT, SPECIAL_TOKENS, Tokenizer, declare_prompt_prefix
 
 _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 # The output field (and generate()'s keyword) holding the KV cache was renamed in 5.x.
@@ -205,13 +205,9 @@ def hf_tokenizer(tok: Tokenizer, max_len: int) -> PreTrainedTokenizerFast:
     hf = tok.hf
     if hf.post_processor is None:
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import processors
 
         hf = HFTokenizer.from_str(hf.to_str())
-        start = " ".join(hf.id_to_token(i) for i in tok.prompt_prefix)
-        hf.post_processor = processors.TemplateProcessing(
-            single=f"{start} $A", pair=f"{start} $A {start} $B",
-            special_tokens=[(hf.id_to_token(i), i) for i in set(tok.prompt_prefix)])
+        declare_prompt_prefix(hf, tok.prompt_prefix)
     return PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=EOT, bos_token=EOT,
                                    unk_token=SPECIAL_TOKENS[1], model_max_length=max_len,
                                    clean_up_tokenization_spaces=False)

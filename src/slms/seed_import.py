@@ -26,7 +26,7 @@ import torch
 
 from slms.config import ModelConfig, MoEConfig
 from slms.model import GPT
-from slms.tokenizer import EOT, Tokenizer
+from slms.tokenizer import EOT, Tokenizer, declare_prompt_prefix
 
 HYPER = ("vocab_size", "block_size", "n_embed", "n_heads", "n_layers")
 NEVER_LOGIT = -1e9
@@ -108,7 +108,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 def seed_tokenizer(path: str | Path) -> Tokenizer:
     """The seed's tokenizer as it is, plus `<|endoftext|>` as one extra special id."""
-    from tokenizers import AddedToken, processors
+    from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer
 
     path = Path(path)
@@ -117,8 +117,7 @@ def seed_tokenizer(path: str | Path) -> Tokenizer:
     hf = HFTokenizer.from_file(str(path))
     if hf.token_to_id(EOT) is None:
         hf.add_special_tokens([AddedToken(EOT, special=True)])
-    # The seed's prompts start with their first word, not after <|endoftext|>.
-    hf.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    declare_prompt_prefix(hf, [])  # the seed's prompts start with their first word
     return Tokenizer(hf)
 
 

@@ -94,6 +94,14 @@ def train_tokenizer(texts: Iterable[str] | Iterator[str], vocab_size: int = 2048
     hf.train_from_iterator(texts, trainer=trainer)
     # Prompts start after <|endoftext|>: declared here, so Hugging Face tokenizers made from
     # this one add it too (`add_special_tokens=True`); slms's own encode never adds it.
-    hf.post_processor = processors.TemplateProcessing(
-        single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B", special_tokens=[(EOT, hf.token_to_id(EOT))])
+    declare_prompt_prefix(hf, [hf.token_to_id(EOT)])
     return Tokenizer(hf)
+
+
+def declare_prompt_prefix(hf: HFTokenizer, ids: list[int]) -> None:
+    """Set the post-processor that puts `ids` before a text (none: the text alone); it is what
+    `Tokenizer.prompt_prefix` reads back."""
+    start = "".join(f"{hf.id_to_token(i)} " for i in ids)
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{start}$A", pair=f"{start}$A {start}$B",
+        special_tokens=[(hf.id_to_token(i), i) for i in dict.fromkeys(ids)])

@@ -36,6 +36,7 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: 
     if max_new_tokens >= context:
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in "
                          f"the model's context of {context} tokens; use at most {context - 1}")
+    prefix = tokenizer.prompt_prefix
     ids = tokenizer.encode_prompt(prompt)
     if not ids:
         raise ValueError("the prompt is empty and this model's tokenizer has no start token "
@@ -43,11 +44,10 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: 
     room = context - max_new_tokens
     if len(ids) > room:
         if truncate != "left":
-            raise ValueError(f"the prompt is {len(ids) - len(tokenizer.prompt_prefix)} tokens; "
+            raise ValueError(f"the prompt is {len(ids) - len(prefix)} tokens; "
                              f"with --max-new-tokens "
                              f"{max_new_tokens} it does not fit the model's context of {context} "
                              "tokens: shorten it, lower --max-new-tokens, or pass --truncate left")
-        prefix = tokenizer.prompt_prefix
         keep = room - len(prefix)
         if keep < 1:
             raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt "

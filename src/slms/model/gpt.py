@@ -178,7 +178,7 @@ class GPT(nn.Module):
             seq = idx_BT
             step_input = idx_BT
             done = torch.zeros(B, dtype=torch.bool, device=idx_BT.device)
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 logits = self(step_input if use_cache else seq, caches=caches,
                               last_only=True).logits
                 nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p,
@@ -191,11 +191,12 @@ class GPT(nn.Module):
                 yield nxt
                 if eos_id is not None and bool(done.all()):
                     break
-                # After the prompt, steps of B tokens: small batches may run every expert from
-                # weights packed once per generation, which costs about what 25-50 steps save
-                # on a CPU (docs/benchmarks.md); the finally below frees the packed copy.
-                for layer in self.moe_layers():
-                    layer.experts.decoding = use_cache and max_new_tokens >= PACK_MIN_TOKENS
+                if step == 0 and use_cache and max_new_tokens >= PACK_MIN_TOKENS:
+                    # After the prompt, steps of B tokens: small batches may run every expert
+                    # from weights packed once per generation, which costs about what 25-50
+                    # steps save on a CPU (docs/benchmarks.md); the finally frees the copy.
+                    for layer in self.moe_layers():
+                        layer.experts.decoding = True
         finally:
             self.train(was_training)
             for layer in self.moe_layers():

@@ -63,24 +63,22 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor,
     real_T (bool): only these tokens count (the padded layout's pads do not).
     """
     E = probs_TE.size(-1)
-    if real_T is None:
-        f_E = torch.bincount(experts_TK.flatten(), minlength=E).to(probs_TE.dtype)
-        return E * (f_E / experts_TK.numel() * probs_TE.mean(0)).sum()
-    w_T = real_T.to(probs_TE.dtype)
-    n = w_T.sum().clamp(min=1)
-    K = experts_TK.size(1)
-    f_E = torch.bincount(experts_TK.flatten(), weights=w_T.repeat_interleave(K), minlength=E)
-    return E * (f_E.to(probs_TE.dtype) / (n * K) * (probs_TE * w_T[:, None]).sum(0) / n).sum()
+    f_E = count_experts(experts_TK, E, real_T).to(probs_TE.dtype)
+    return E * (f_E / f_E.sum().clamp(min=1) * token_mean(probs_TE, real_T)).sum()
 
 
 def router_z_loss(logits_TE: torch.Tensor, real_T: torch.Tensor | None = None) -> torch.Tensor:
     """mean over tokens (those in real_T) of logsumexp(logits)^2 (ST-MoE): keeps router logits
     small."""
-    z_T = torch.logsumexp(logits_TE, dim=-1).pow(2)
+    return token_mean(torch.logsumexp(logits_TE, dim=-1).pow(2), real_T)
+
+
+def token_mean(v_T: torch.Tensor, real_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over dim 0 (tokens), over the tokens in real_T when given."""
     if real_T is None:
-        return z_T.mean()
-    w_T = real_T.to(z_T.dtype)
-    return (z_T * w_T).sum() / w_T.sum().clamp(min=1)
+        return v_T.mean(0)
+    w_T = real_T.to(v_T.dtype).view(-1, *[1] * (v_T.dim() - 1))
+    return (v_T * w_T).sum(0) / w_T.sum().clamp(min=1)
 
 
 def count_experts(experts_TK: torch.Tensor, E: int, real_T: torch.Tensor | None = None,

@@ -56,19 +56,22 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Packed
         index = micro_index(env.dist, tc.grad_accum, micro)
         x, y = data.train_batch(tc.batch_size, cfg.model.block_size, tc.seed, step, micro=index)
         # Packed data has no pads; the padded layout's pad targets are IGNORE_INDEX.
-        batches.append((x, y, y.numel() if not data.padded else int((y != IGNORE_INDEX).sum())))
-    local = sum(n for _, _, n in batches)
+        real = (y != IGNORE_INDEX) if data.padded else None
+        batches.append((x, y, real, y.numel() if real is None else int(real.sum())))
+    local = sum(n for *_, n in batches)
     # The step's LM loss is the mean over every real target of the global batch, however the
     # pads fall between micro-batches and ranks: micro-batch i's mean is weighted by its share
     # n_i / total (times world: DDP and FSDP average gradients over ranks). Packed micro-batches
     # are all full, so the weights are 1/grad_accum and no count needs exchanging.
     total = env.dist.sum([float(local)], env.device)[0] if data.padded else local * env.dist.world
-    for micro, (x, y, n) in enumerate(batches):
+    for micro, (x, y, real, n) in enumerate(batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        if real is not None:
+            real = real.to(env.device, non_blocking=True)
         with distributed.grad_sync(model, sync=micro == tc.grad_accum - 1):
             with env.autocast:
                 # padded rows: the pads (no target) skip the MoE experts and router losses
-                out = model(x, y, real_BT=(y != IGNORE_INDEX) if data.padded else None)
+                out = model(x, y, real_BT=real)
                 # a micro-batch of pads only has no LM loss (its mean would be 0/0); zero times
                 # the logits keeps every parameter in the graph, as DDP needs (multiplied before
                 # the sum: an fp16 sum can overflow, and inf * 0 is NaN)
