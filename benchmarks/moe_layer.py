@@ -1,7 +1,7 @@
 """Speed of the MoE layer against a seed-style layer and the ideal, side by side in one run.
 
 Candidates, timed interleaved within each repeat so that machine noise hits them alike:
-  ours        slms.model.moe.MoE (sorted dispatch; small-T decode path)
+  ours        slms.model.moe.MoE (sorted dispatch; decode shapes: the C++ decode kernel)
   seed_style  a dense (B,T,E) gate tensor from top-k logits, then a Python loop over experts
               with boolean masks, each expert an nn.Sequential Linear-ReLU-Linear
   ideal       k dense FFNs of one expert's size over the same tokens (no routing at all)
@@ -10,7 +10,7 @@ Routing noise is off in both routed layers by default (ours: router=topk; seed-s
 gate without the noise term); --noisy turns it on in both (ours: router=noisy_topk), training
 shapes only. Training shapes run forward+backward in train mode (ours includes its balancing and
 z-losses, as in training); decode shapes run forward only in eval mode under no_grad, ours as in
-the decode steps of `GPT.generate` (no expert statistics, `experts.decoding` set).
+the decode steps of `GPT.generate` (no expert statistics).
 
     python benchmarks/moe_layer.py [--json] [--device cpu|cuda] [--dtype fp32|bf16]
 """
@@ -138,7 +138,6 @@ def build(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool
     cfg = MoEConfig(n_experts=shape.n_experts, top_k=shape.top_k, router=router)
     ours = MoE(N_EMBD, cfg, shape.hidden, "relu").to(device, dtype)
     ours.track_stats = shape.train  # generation turns the statistics off
-    ours.experts.decoding = not shape.train  # as GPT.iter_tokens sets it for its decode steps
     seed = SeedStyleMoE(N_EMBD, shape.n_experts, shape.top_k, shape.hidden, noisy).to(device,
                                                                                       dtype)
     ideal = Ideal(N_EMBD, shape.top_k, shape.hidden).to(device, dtype)

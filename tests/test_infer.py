@@ -6,10 +6,9 @@ import torch
 
 import slms.model.gpt as gpt_module
 import slms.model.moe as moe_module
-import slms.model.moe_kernels as moe_kernels
 from conftest import tiny_config
 from slms.infer.generate import Sampling, generate_text, prompt_ids, stream_text
-from slms.model import GPT
+from slms.model import GPT, native
 
 
 def _model(moe: bool, seed: int = 0, **kw) -> GPT:
@@ -36,23 +35,21 @@ def _step_logits(model, x, n, monkeypatch, **kw) -> tuple[torch.Tensor, list[tor
 def test_cached_logits_equal_recomputation_at_every_step(moe, monkeypatch):
     model = _model(moe)
     x = torch.randint(0, 300, (2, 6))
-    monkeypatch.setattr(gpt_module, "PACK_MIN_TOKENS", 8)  # 20 tokens: pack for batch decoding
-    packed = []
-    pack = moe_module.pack_all_experts
-    monkeypatch.setattr(moe_module, "pack_all_experts", lambda *a: (packed.append(1), pack(*a))[1])
+    decoded = []
+    decode = moe_module.Experts.decode
+    monkeypatch.setattr(moe_module.Experts, "decode",
+                        lambda self, *a: (decoded.append(a[0].shape[0]), decode(self, *a))[1])
     gen = torch.Generator().manual_seed(1)
     a, cached = _step_logits(model, x, 20, monkeypatch, temperature=1.0, generator=gen,
                              use_cache=True)
+    decoded_cached = list(decoded)
     gen = torch.Generator().manual_seed(1)
     b, full = _step_logits(model, x, 20, monkeypatch, temperature=1.0, generator=gen,
                            use_cache=False)
     assert torch.equal(a, b) and len(cached) == len(full) == 20
-    if moe and moe_kernels.onednn_linear_available():
-        # 2 rows x top-2 >= 4 experts: the decode steps ran every expert from weights packed
-        # once per layer, and the packed copies are gone after the generation
-        assert packed == [1] * len(model.moe_layers())
-        assert all(m.experts._packed is None and not m.experts.decoding
-                   for m in model.moe_layers())
+    if moe and native.ops() is not None:
+        # the decode steps (2 rows each) ran the C++ decode kernel in every MoE layer
+        assert decoded_cached.count(2) == 19 * len(model.moe_layers())
     for step, (lc, lf) in enumerate(zip(cached, full, strict=True)):
         torch.testing.assert_close(lc, lf, rtol=1e-4, atol=1e-5, msg=f"step {step}")
     # and each step's logits are those of one full forward over the sequence so far

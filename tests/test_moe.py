@@ -5,6 +5,7 @@ import torch
 
 import slms.model.moe as moe_module
 from slms.config import MoEConfig
+from slms.model import native
 from slms.model.moe import (
     MoE,
     Routing,
@@ -27,21 +28,33 @@ def make_moe(E: int, K: int, router: str = "topk", cf: float = 0.0, seed: int = 
     return moe
 
 
+def use_kernels(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """native: the C++ kernels (skipped where they cannot be built); python: the Python loop."""
+    if kernels == "python":
+        monkeypatch.setattr(native, "ops", lambda: None)
+    elif native.ops() is None:
+        pytest.skip("the C++ MoE kernels cannot be built here")
+
+
 def grads(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             for p in module.parameters()] + [x.grad.clone()]
 
 
-@pytest.mark.parametrize("impl", ["slices", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["native", "slices", "grouped_mm"])
 @pytest.mark.parametrize("router", ["noisy_topk", "topk", "bias"])
 @pytest.mark.parametrize("E,K", [(1, 1), (4, 1), (4, 2), (8, 1), (8, 2)])
 @pytest.mark.parametrize("cf", [0.0, 0.75])
 @pytest.mark.parametrize("T,small_n", [(1, 64), (37, 0), (37, 64)])
 def test_sorted_dispatch_equals_reference_loop(impl, router, E, K, cf, T, small_n, monkeypatch,
                                                activation="relu"):
-    """Outputs and all gradients; small_n picks the few-assignments combine or the gathers."""
+    """Outputs and all gradients; small_n picks the few-assignments combine or the gathers.
+
+    native: the experts' loop in C++ (the default on CPU); slices: the same loop in Python."""
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not available")
+    use_kernels("native" if impl == "native" else "python", monkeypatch)
+    impl = "slices" if impl == "native" else impl
     monkeypatch.setattr(moe_module, "SMALL_N", small_n)
     results = []
     for reference in (True, False):
@@ -60,25 +73,26 @@ def test_sorted_dispatch_equals_reference_loop(impl, router, E, K, cf, T, small_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["native", "slices"])
 @pytest.mark.parametrize("T,small_n", [(1, 64), (37, 0), (37, 64)])
-def test_gelu_experts_equal_reference_loop(T, small_n, monkeypatch):
-    test_sorted_dispatch_equals_reference_loop("slices", "topk", 8, 2, 0.0, T, small_n,
+def test_gelu_experts_equal_reference_loop(impl, T, small_n, monkeypatch):
+    test_sorted_dispatch_equals_reference_loop(impl, "topk", 8, 2, 0.0, T, small_n,
                                                monkeypatch, activation="gelu")
 
 
 @pytest.mark.parametrize("router", ["noisy_topk", "topk", "bias"])
 @pytest.mark.parametrize("E,K", [(1, 1), (4, 2), (8, 1), (8, 2)])
 @pytest.mark.parametrize("T", [1, 8, 37])
-@pytest.mark.parametrize("decoding", [False, True])
-def test_inference_paths_equal_reference_loop(router, E, K, T, decoding):
-    """Under no_grad (generation): the batch-1 path, the few-assignments combine, the gathers,
-    and in decode steps every expert on every token."""
+@pytest.mark.parametrize("kernels", ["native", "python"])
+def test_inference_paths_equal_reference_loop(router, E, K, T, kernels, monkeypatch):
+    """Under no_grad (generation): the C++ decode kernel, or without it the batch-1 path and
+    the few-assignments combine; the gathers (37 tokens)."""
+    use_kernels(kernels, monkeypatch)
     x = torch.randn(T, 1, 16, generator=torch.Generator().manual_seed(2))
     outs = []
     for reference in (True, False):
         moe = make_moe(E, K, router).eval()
         moe.reference = reference
-        moe.experts.decoding = decoding
         with torch.no_grad():
             outs.append((moe(x)[0], moe.pop_stats()))
     (y_ref, s_ref), (y_fast, s_fast) = outs
@@ -264,46 +278,90 @@ def test_generation_leaves_expert_statistics_alone():
     assert all(layer.track_stats for layer in model.moe_layers())
 
 
-def test_decoding_all_experts_path_packs_the_weights_it_finds():
-    """Batch decoding on CPU runs every expert from packed weights, packed per decoding run."""
-    if not moe_module.onednn_linear_available():
-        pytest.skip("this torch build has no oneDNN linear")
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T,K,H,skew", [(1, 2, 24, False), (8, 2, 96, False), (5, 3, 200, False),
+                                        (40, 1, 40, True), (16, 4, 64, True)])
+def test_decode_kernel_equals_expert_by_expert(gelu, threads, T, K, H, skew):
+    """The C++ decode kernel: any hidden width (a 32-column tail), 1-4-row groups and more rows
+    per expert than a group (skew: most tokens on one expert), hidden chunks shared by threads,
+    and a zero gate weight (a dropped slot) contributing nothing."""
+    ops = native.ops()
+    if ops is None:
+        pytest.skip("the C++ MoE kernels cannot be built here")
+    g = torch.Generator().manual_seed(T * 100 + H)
+    E, D = 6, 48
+    w1, b1 = torch.randn(E, D, H, generator=g) * 0.2, torch.randn(E, H, generator=g) * 0.1
+    w2, b2 = torch.randn(E, H, D, generator=g) * 0.2, torch.randn(E, D, generator=g) * 0.1
+    x = torch.randn(T, D, generator=g)
+    scores = torch.randn(T, E, generator=g)
+    if skew:
+        scores[:, 2] += 10
+    w_TK, experts_TK = scores.softmax(-1).topk(K)
+    w_TK[0, -1] = 0.0
+    act = torch.nn.functional.gelu if gelu else torch.relu
+    ref = torch.zeros(T, D)
+    for t in range(T):
+        for k in range(K):
+            e = experts_TK[t, k]
+            ref[t] += w_TK[t, k] * (act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e])
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.experts_decode(x, experts_TK, w_TK.contiguous(), w1, b1, w2, b2, gelu)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_runs_for_few_tokens_without_autograd_only(monkeypatch):
+    """Generation's steps (few tokens, no_grad, fp32) take the kernel; training, autocast and
+    inference-mode parameters behave."""
+    if native.ops() is None:
+        pytest.skip("the C++ MoE kernels cannot be built here")
+    calls = []
+    decode = moe_module.Experts.decode
+    monkeypatch.setattr(moe_module.Experts, "decode",
+                        lambda self, *a: (calls.append(a[0].shape[0]), decode(self, *a))[1])
     moe = make_moe(8, 2).eval()
-    x = torch.randn(8, 1, 16, generator=torch.Generator().manual_seed(3))
-
-    def check() -> torch.Tensor:
-        moe.reference = False
-        y = moe(x)[0]
-        moe.reference = True
-        torch.testing.assert_close(y, moe(x)[0], rtol=1e-5, atol=1e-6)
-        return y
-
+    x = torch.randn(8, 1, 16)
     with torch.no_grad():
         moe(x)
-        assert moe.experts._packed is None  # only decode steps pack (not prefill, not eval)
-        moe.experts.decoding = True  # as GPT.iter_tokens sets it
-        y_before = check()
-        assert moe.experts._packed is not None  # 8 tokens x top-2 >= 8 experts: the path ran
-        moe.experts.decoding = False  # the end of a generation frees the packed copy
-        assert moe.experts._packed is None
-        moe.experts.w1_EDH.mul_(2)  # as an optimizer step or load_state_dict would, in place
-        moe.experts.b2_ED.add_(0.5)
-        moe.experts.decoding = True
-        assert not torch.allclose(check(), y_before)  # the next run packs the new weights
-        moe.experts.w2_EHD.data = moe.experts.w2_EHD.data * 3  # re-pointed during a run
-        check()
-    # the packed tensors cannot be copied or pickled: copies and saves leave them out
-    import copy
-    import io
-
-    assert copy.deepcopy(moe).experts._packed is None
-    torch.save(moe, io.BytesIO())
+        moe(torch.randn(40, 1, 16))  # 80 assignments: the sorted path
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            moe(x)  # bf16 compute: not the fp32 kernel
     moe.train()
-    assert moe.experts._packed is None  # training frees the packed copy
+    moe(x)[0].sum().backward()
+    assert calls == [8]
     with torch.inference_mode():  # parameters made as inference tensors decode too
         frozen = make_moe(8, 2).eval()
-        frozen.experts.decoding = True
         frozen(x)
+    assert calls == [8, 8]
+
+
+def test_native_kernels_fall_back_with_one_warning(monkeypatch, caplog):
+    """No compiler (any build error): one warning naming the cause, then the Python loop;
+    SLMS_NATIVE=0 turns the kernels off without a word."""
+    import torch.utils.cpp_extension as cpp
+
+    def fail(**kw):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_ops", None)
+    monkeypatch.setattr(cpp, "load", fail)
+    with caplog.at_level("WARNING", logger="slms.model.native"):
+        assert native.ops() is None and native.ops() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "slms: C++ MoE kernels unavailable (Error building extension: c++: command not found); "
+        "using the Python loop. Install a C++ compiler, or set SLMS_NATIVE=0 to silence this."]
+    moe = make_moe(4, 2)
+    moe(torch.randn(2, 5, 16))[0].sum().backward()  # the Python loop
+    monkeypatch.setenv("SLMS_NATIVE", "0")
+    monkeypatch.setattr(native, "_tried", False)
+    with caplog.at_level("WARNING", logger="slms.model.native"):
+        assert native.ops() is None
+    assert len(caplog.records) == 1
 
 
 @pytest.mark.parametrize("router", ["topk", "bias"])

@@ -21,9 +21,6 @@ from slms.model.sampling import sample_next
 
 IGNORE_INDEX = -100
 
-# Generations at least this long pack MoE experts for batch decoding (Experts.decoding).
-PACK_MIN_TOKENS = 64
-
 
 class Output(NamedTuple):
     logits: torch.Tensor  # (B, T, V); only the last position when targets is None and last_only
@@ -178,7 +175,7 @@ class GPT(nn.Module):
             seq = idx_BT
             step_input = idx_BT
             done = torch.zeros(B, dtype=torch.bool, device=idx_BT.device)
-            for step in range(max_new_tokens):
+            for _ in range(max_new_tokens):
                 logits = self(step_input if use_cache else seq, caches=caches,
                               last_only=True).logits
                 nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p,
@@ -191,14 +188,7 @@ class GPT(nn.Module):
                 yield nxt
                 if eos_id is not None and bool(done.all()):
                     break
-                if step == 0 and use_cache and max_new_tokens >= PACK_MIN_TOKENS:
-                    # After the prompt, steps of B tokens: small batches may run every expert
-                    # from weights packed once per generation, which costs about what 25-50
-                    # steps save on a CPU (docs/benchmarks.md); the finally frees the copy.
-                    for layer in self.moe_layers():
-                        layer.experts.decoding = True
         finally:
             self.train(was_training)
             for layer in self.moe_layers():
                 layer.track_stats = True
-                layer.experts.decoding = False

@@ -19,15 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slms.config import MoEConfig
-from slms.model.moe_kernels import (
-    Dispatch,
-    SlicedMoE,
-    all_experts_forward,
-    combine,
-    onednn_linear_available,
-    pack_all_experts,
-    sliced_forward,
-)
+from slms.model import native
+from slms.model.moe_kernels import Dispatch, SlicedMoE, combine, experts_forward
 
 
 @dataclass
@@ -172,8 +165,6 @@ class Experts(nn.Module):
         self.gelu = activation != "relu"
         self.act = F.gelu if self.gelu else F.relu
         self.impl = "auto"  # auto | grouped_mm | slices (tests and benchmarks force one)
-        self._decoding = False
-        self._packed: tuple | None = None  # (key, weights) of the all-experts decode path
         nn.init.normal_(self.w1_EDH, std=0.02)
         nn.init.normal_(self.w2_EHD, std=0.02)
 
@@ -188,50 +179,18 @@ class Experts(nn.Module):
         return torch.cat([torch.addmm(b2[e], self.act(torch.addmm(b1[e], x_1D, w1[e])), w2[e])
                           for e in experts])
 
-    def can_run_all(self, x_TD: torch.Tensor) -> bool:
-        """Whether `all_experts` may run: decoding on CPU in fp32 with oneDNN, outside autocast."""
-        return (self.decoding and self.impl == "auto" and x_TD.device.type == "cpu"
+    def can_decode(self, x_TD: torch.Tensor) -> bool:
+        """Whether `decode` may run: fp32 on CPU outside autocast, with the C++ kernels."""
+        return (self.impl == "auto" and x_TD.device.type == "cpu"
                 and x_TD.dtype == self.w1_EDH.dtype == torch.float32
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and onednn_linear_available())
+                and not torch.is_autocast_enabled("cpu") and native.ops() is not None)
 
-    @property
-    def decoding(self) -> bool:
-        """On during `GPT.iter_tokens`'s cached decode steps: only there does packing the weights
-        for `all_experts` pay for itself (prefill and evaluation never pack). The packed copy
-        lives while this is on; turning it off frees it, so each generation packs the weights
-        it finds."""
-        return self._decoding
-
-    @decoding.setter
-    def decoding(self, on: bool) -> None:
-        self._decoding = on
-        if not on:
-            self._packed = None
-
-    def all_experts(self, x_TD: torch.Tensor, g_TE: torch.Tensor) -> torch.Tensor:
-        """sum_e g_TE[:, e] * expert e(x_TD), every expert on every token (decoding, no autograd).
-
-        The weights are packed for oneDNN on the first call while `decoding` is on, and again if
-        a parameter is replaced or re-pointed (`p.data = t`) meanwhile; weights changed in place
-        during one decoding run are not noticed (generation never does that).
-        """
-        params = (self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED)
-        key = tuple((p, p.data_ptr()) for p in params)  # holding p keeps its id unique
-        if self._packed is None or any(a is not b or pa != pb for (a, pa), (b, pb)
-                                       in zip(self._packed[0], key, strict=True)):
-            self._packed = (key, pack_all_experts(self.w1_EDH, self.b1_EH, self.w2_EHD))
-        return all_experts_forward(x_TD, g_TE, self._packed[1], self.b2_ED, self.gelu)
-
-    def train(self, mode: bool = True) -> Experts:
-        if mode:
-            self._packed = None  # the weights are about to change: free the packed copy
-        return super().train(mode)
-
-    def __getstate__(self) -> dict:
-        # copy.deepcopy and torch.save(model): oneDNN's packed tensors cannot be copied or
-        # pickled, and are rebuilt when needed.
-        return {**super().__getstate__(), "_packed": None}
+    def decode(self, x_TD: torch.Tensor, r: Routing) -> torch.Tensor:
+        """y_TD for a few tokens without autograd (decoding), by the C++ kernel: each chosen
+        expert's weights are read once for all its tokens, split across the CPU threads."""
+        return native.ops().experts_decode(
+            x_TD.contiguous(), r.experts_TK, r.weights_TK.float().contiguous(), self.w1_EDH,
+            self.b1_EH, self.w2_EHD, self.b2_ED, self.gelu)
 
     def _use_grouped_mm(self, x_ND: torch.Tensor) -> bool:
         if self.impl != "auto":
@@ -271,8 +230,8 @@ class Experts(nn.Module):
         if self._use_grouped_mm(x_TD):
             return self._grouped(x_TD.index_select(0, token_N), counts_E)
         with self._manual_autocast(x_TD) as dt:
-            return sliced_forward(x_TD.to(dt), token_N, *self._params(dt), counts_E.tolist(),
-                                  self.gelu)[1]
+            return experts_forward(x_TD.to(dt), token_N, *self._params(dt), counts_E.tolist(),
+                                   self.gelu)[1]
 
     @contextlib.contextmanager
     def _manual_autocast(self, x_TD: torch.Tensor) -> Iterator[torch.dtype]:
@@ -308,7 +267,7 @@ class Experts(nn.Module):
             return SlicedMoE.apply(x_TD, w_TK, *params, order_N, pos_S, counts, dropped,
                                    self.gelu)
         token_N = order_N // w_TK.size(1)
-        y_ND = sliced_forward(x_TD, token_N, *params, counts, self.gelu)[1]
+        y_ND = experts_forward(x_TD, token_N, *params, counts, self.gelu)[1]
         return combine(y_ND, pos_S, w_TK, dropped)
 
 
@@ -433,15 +392,15 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
     """sorted_dispatch, also returning the kept assignments per expert (counts_E)."""
     T, K = r.experts_TK.shape
     E = experts.w1_EDH.size(0)
-    if T == 1 and cap is None and not torch.is_grad_enabled() and not experts._use_grouped_mm(x_TD):
-        # Batch-1 decoding: the token's K experts one after another; nothing to sort.
+    few = cap is None and T * K <= SMALL_N and not torch.is_grad_enabled()
+    if few and real_T is None and experts.can_decode(x_TD):
+        # Decoding on CPU: the C++ kernel; no sort, no gathers.
+        return experts.decode(x_TD, r), None, None
+    if T == 1 and few and not experts._use_grouped_mm(x_TD):
+        # Batch-1 decoding otherwise: the token's K experts one after another.
         h_KD = experts.one_token(x_TD, r.experts_TK[0].tolist())
         y_1D = torch.mm(r.weights_TK.to(h_KD.dtype), h_KD).to(x_TD.dtype)
         return y_1D, None, None
-    if cap is None and T * K <= SMALL_N and T * K >= E and experts.can_run_all(x_TD):
-        # A few tokens hitting most experts (batch decoding on CPU): all experts on all tokens.
-        g_TE = x_TD.new_zeros(T, E).scatter_(1, r.experts_TK, r.weights_TK)
-        return experts.all_experts(x_TD, g_TE), None, None
     flat_e = r.experts_TK.reshape(-1)
     real_S = None if real_T is None else real_T.repeat_interleave(K)
     # Pads sort after each expert's real assignments, so that capacity ranks real ones only.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slms.model import native
+
 
 def sliced_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tensor,
                    b1_EH: torch.Tensor, w2_EHD: torch.Tensor, b2_ED: torch.Tensor,
@@ -64,6 +66,60 @@ def combine(y_ND: torch.Tensor, pos_S: torch.Tensor, w_TK: torch.Tensor, dropped
     return F.embedding_bag(slot_TK, y_ND, per_sample_weights=w_TK, mode="sum")
 
 
+def experts_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tensor,
+                    b1_EH: torch.Tensor, w2_EHD: torch.Tensor, b2_ED: torch.Tensor,
+                    counts: list[int], gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sliced_forward`, by the C++ kernel on CPU when it is available (same results)."""
+    native_ops = native.ops() if x_TD.device.type == "cpu" else None
+    if native_ops is None:
+        return sliced_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
+    return native_ops.experts_fwd(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
+
+
+def experts_backward(g_TD: torch.Tensor, x_TD: torch.Tensor, token_N: torch.Tensor,
+                     w_N: torch.Tensor, pre_NH: torch.Tensor, y_ND: torch.Tensor,
+                     w1_EDH: torch.Tensor, w2_EHD: torch.Tensor, counts: list[int], gelu: bool,
+                     need_gx: bool) -> tuple[torch.Tensor, ...]:
+    """The experts' backward, expert by expert (see `SlicedMoE`); by the C++ kernel on CPU
+    when it is available.
+
+    Returns (gw_N, gw1, gb1, gw2, gb2): the gradients of the gate weights w_N (before the
+    gate weighting: the rows' dot products with the output rows) and of the expert
+    parameters; with `need_gx`, each input-gradient row overwrites its row of y_ND.
+    """
+    native_ops = native.ops() if g_TD.device.type == "cpu" else None
+    if native_ops is not None:
+        return native_ops.experts_bwd(g_TD, x_TD, token_N, w_N, pre_NH, y_ND, w1_EDH, w2_EHD,
+                                  counts, gelu, need_gx)
+    gw_N = w_N.new_empty(w_N.shape)
+    gw1, gb1 = torch.empty_like(w1_EDH), w1_EDH.new_empty(w1_EDH.shape[::2])
+    gw2, gb2 = torch.empty_like(w2_EHD), w2_EHD.new_empty(w2_EHD.shape[::2])
+    for e, n in enumerate(counts):
+        if not n:  # experts without tokens get zero gradients
+            for g in (gw1, gb1, gw2, gb2):
+                g[e].zero_()
+    rows = max(counts, default=0)
+    g_buf, x_buf = g_TD.new_empty(rows, g_TD.size(-1)), x_TD.new_empty(rows, x_TD.size(-1))
+    for e, a, b in spans(counts):
+        y, pre = y_ND[a:b], pre_NH[a:b]
+        gy = torch.index_select(g_TD, 0, token_N[a:b], out=g_buf[:b - a])
+        torch.linalg.vecdot(gy, y, out=gw_N[a:b])
+        gy.mul_(w_N[a:b, None])
+        x = torch.index_select(x_TD, 0, token_N[a:b], out=x_buf[:b - a])
+        ga = torch.mm(gy, w2_EHD[e].t())
+        if gelu:
+            act, gp = F.gelu(pre), torch.ops.aten.gelu_backward(ga, pre)
+        else:  # pre_NH holds the relu output
+            act, gp = pre, torch.ops.aten.threshold_backward(ga, pre, 0)
+        torch.mm(act.t(), gy, out=gw2[e])
+        torch.sum(gy, 0, out=gb2[e])
+        torch.mm(x.t(), gp, out=gw1[e])
+        torch.sum(gp, 0, out=gb1[e])
+        if need_gx:
+            torch.mm(gp, w1_EDH[e].t(), out=y)
+    return gw_N, gw1, gb1, gw2, gb2
+
+
 class SlicedMoE(torch.autograd.Function):
     """The experts and the gate-weighted combine as one autograd function.
 
@@ -82,7 +138,7 @@ class SlicedMoE(torch.autograd.Function):
                 dropped, gelu):  # noqa: ANN001
         K = w_TK.size(1)
         token_N = order_N // K
-        pre_NH, y_ND = sliced_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
+        pre_NH, y_ND = experts_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
         ctx.save_for_backward(x_TD, w_TK, order_N, pos_S, pre_NH, y_ND, w1_EDH, w2_EHD)
         ctx.counts, ctx.dropped, ctx.gelu = counts, dropped, gelu
         return combine(y_ND, pos_S, w_TK, dropped)
@@ -94,33 +150,10 @@ class SlicedMoE(torch.autograd.Function):
         T, K = w_TK.shape
         token_N = order_N // K
         w_N = w_TK.reshape(-1).index_select(0, order_N)
-        gw_N = w_N.new_empty(w_N.shape)
-        gw1, gb1 = torch.empty_like(w1_EDH), w1_EDH.new_empty(w1_EDH.shape[::2])
-        gw2, gb2 = torch.empty_like(w2_EHD), w2_EHD.new_empty(w2_EHD.shape[::2])
-        for e, n in enumerate(ctx.counts):
-            if not n:  # experts without tokens get zero gradients
-                for g in (gw1, gb1, gw2, gb2):
-                    g[e].zero_()
         need_gx = ctx.needs_input_grad[0]
-        rows = max(ctx.counts, default=0)
-        g_buf, x_buf = g_TD.new_empty(rows, g_TD.size(-1)), x_TD.new_empty(rows, x_TD.size(-1))
-        for e, a, b in spans(ctx.counts):
-            y, pre = y_ND[a:b], pre_NH[a:b]
-            gy = torch.index_select(g_TD, 0, token_N[a:b], out=g_buf[:b - a])
-            torch.linalg.vecdot(gy, y, out=gw_N[a:b])
-            gy.mul_(w_N[a:b, None])
-            x = torch.index_select(x_TD, 0, token_N[a:b], out=x_buf[:b - a])
-            ga = torch.mm(gy, w2_EHD[e].t())
-            if ctx.gelu:
-                act, gp = F.gelu(pre), torch.ops.aten.gelu_backward(ga, pre)
-            else:  # pre_NH holds the relu output
-                act, gp = pre, torch.ops.aten.threshold_backward(ga, pre, 0)
-            torch.mm(act.t(), gy, out=gw2[e])
-            torch.sum(gy, 0, out=gb2[e])
-            torch.mm(x.t(), gp, out=gw1[e])
-            torch.sum(gp, 0, out=gb1[e])
-            if need_gx:
-                torch.mm(gp, w1_EDH[e].t(), out=y)
+        gw_N, gw1, gb1, gw2, gb2 = experts_backward(g_TD, x_TD, token_N, w_N, pre_NH, y_ND,
+                                                    w1_EDH, w2_EHD, ctx.counts, ctx.gelu,
+                                                    need_gx)
         gx_TD = sum_slots(y_ND, pos_S, K, ctx.dropped) if need_gx else None
         gw_TK = None
         if ctx.needs_input_grad[1]:  # dropped slots: 0
@@ -142,44 +175,3 @@ class Dispatch(torch.autograd.Function):
     def backward(ctx, g_ND):  # noqa: ANN001
         (pos_S,) = ctx.saved_tensors
         return sum_slots(g_ND, pos_S, ctx.K, ctx.dropped), None, None, None, None
-
-
-def onednn_linear_available() -> bool:
-    """Whether this torch build has oneDNN's prepacked linear (CPU builds with mkldnn)."""
-    ops = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise"))
-
-
-def pack_all_experts(w1_EDH: torch.Tensor, b1_EH: torch.Tensor, w2_EHD: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every expert side by side as one wide FFN, weights prepacked for oneDNN.
-
-    Returns (w1, b1, w2): w1 the (E*H, D) first layer, w2 the (D, E*H) second, in nn.Linear's
-    (out, in) layout and oneDNN's blocked format; b1 the (E*H,) bias.
-    """
-    E, D, H = w1_EDH.shape
-    with torch.no_grad():
-        w1 = w1_EDH.transpose(1, 2).reshape(E * H, D).contiguous()
-        w2 = w2_EHD.reshape(E * H, D).t().contiguous()
-        reorder = torch.ops.mkldnn._reorder_linear_weight
-        return reorder(w1), b1_EH.reshape(E * H).clone(), reorder(w2)
-
-
-def all_experts_forward(x_TD: torch.Tensor, g_TE: torch.Tensor,
-                        packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                        b2_ED: torch.Tensor, gelu: bool) -> torch.Tensor:
-    """sum_e g_TE[:, e] * expert_e(x_TD) with every expert on every token: two wide matmuls.
-
-    For decoding a few tokens on CPU, where g_TE is zero but for each token's K experts: the
-    experts chosen get a row or two each, and a matmul of one or two rows costs nearly what one
-    of many rows does, so computing all E experts at once is faster than the K*T it needs.
-    Zero gates make the other experts' terms exact zeros.
-    """
-    w1, b1, w2 = packed
-    T, E = g_TE.shape
-    linear = torch.ops.mkldnn._linear_pointwise
-    h_TF = linear(x_TD, w1, b1, "gelu", [], "none") if gelu else linear(x_TD, w1, b1, "relu",
-                                                                         [], "")
-    h_TF.view(T, E, -1).mul_(g_TE[:, :, None])
-    return linear(h_TF, w2, None, "none", [], "").addmm_(g_TE, b2_ED)
