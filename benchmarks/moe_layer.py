@@ -12,6 +12,10 @@ shapes only. Training shapes run forward+backward in train mode (ours includes i
 z-losses, as in training); decode shapes run forward only in eval mode under no_grad, ours as in
 the decode steps of `GPT.generate` (no expert statistics).
 
+On the CPU the process keeps freed memory for reuse, as `slms train` does there
+(slms.train.memory; --malloc default leaves glibc's defaults: our layer then pays ~10 ms of
+page faults per `fine` step for its 16 MB tensors, the ideal's 2 MB ones none).
+
     python benchmarks/moe_layer.py [--json] [--device cpu|cuda] [--dtype fp32|bf16]
 """
 
@@ -30,6 +34,7 @@ from torch import nn
 
 from slms.config import MoEConfig
 from slms.model.moe import MoE
+from slms.train.memory import keep_freed_memory
 
 N_EMBD = 256
 
@@ -174,11 +179,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--noisy", action="store_true", help="routing noise on in both routed layers")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="keep: freed memory kept for reuse, as slms train on CPU; default: glibc's")
     p.add_argument("--shapes", default=",".join(s.name for s in SHAPES),
                    help="comma-separated subset of " + ",".join(s.name for s in SHAPES))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    kept = args.malloc == "keep" and device.type == "cpu" and keep_freed_memory()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     wanted = args.shapes.split(",")
     rows = [measure(s, device, dtype, args.noisy, args.warmup, args.repeats)
@@ -186,12 +194,13 @@ def main() -> None:
     routing = ("noisy (ours noisy_topk, seed-style noisy gate)" if args.noisy
                else "no noise (ours topk, seed-style gate without noise)")
     meta = {"device": args.device, "dtype": args.dtype, "threads": args.threads,
-            "repeats": args.repeats, "routing": routing, "torch": torch.__version__}
+            "repeats": args.repeats, "routing": routing, "torch": torch.__version__,
+            "malloc": "keep freed memory" if kept else "default"}
     if args.json:
         print(json.dumps({"shapes": rows, "meta": meta}))
         return
     print(f"MoE layer, n_embd {N_EMBD}, {args.dtype} on {args.device}, {args.threads} threads, "
-          f"median of {args.repeats}; routing: {routing}")
+          f"median of {args.repeats}; routing: {routing}; malloc: {meta['malloc']}")
     print(f"{'shape':<8} {'ours ms':>9} {'seed ms':>9} {'ideal ms':>9} {'ours/ideal':>11} "
           f"{'seed/ours':>10}")
     for r in rows:

@@ -119,6 +119,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    keep_freed_memory: bool = True  # on CPU: glibc keeps freed memory for reuse (train.memory)
     epochs: float = 0.0  # > 0: train this many passes over the training tokens (sets max_steps)
     keep_checkpoints: int = 2  # newest step checkpoints kept (best/ is kept apart)
     resume: str = "never"  # never | auto: continue the --out directory when it holds checkpoints

@@ -27,6 +27,7 @@ from slms.train import checkpoint as ckpt
 from slms.train import distributed
 from slms.train.checkpoint import RUN_CONFIG
 from slms.train.distributed import Dist
+from slms.train.memory import keep_freed_memory
 from slms.train.metrics import (
     MetricsWriter,
     console_line,
@@ -118,6 +119,8 @@ def setup(tc: TrainConfig) -> Env:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = distributed.device_for(d, resolve_device(tc.device))
+    if device.type == "cpu" and tc.keep_freed_memory:
+        keep_freed_memory()
     seed_everything(tc.seed)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext())
