@@ -197,9 +197,15 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
                 "experts_decode: fp32 contiguous tensors expected");
   }
   TORCH_CHECK(experts.scalar_type() == at::kLong, "experts_decode: int64 expert ids expected");
+  TORCH_CHECK(x.dim() == 2 && experts.dim() == 2 && experts.sizes() == weights.sizes() &&
+                  experts.size(0) == x.size(0),
+              "experts_decode: x (T, D), experts and weights (T, K) expected");
   const Tensor ex = experts.contiguous();
   const int64_t T = x.size(0), D = x.size(1), K = ex.size(1);
   const int64_t E = w1.size(0), H = w1.size(2);
+  TORCH_CHECK(w1.sizes() == at::IntArrayRef({E, D, H}) && b1.sizes() == at::IntArrayRef({E, H}) &&
+                  w2.sizes() == at::IntArrayRef({E, H, D}) && b2.sizes() == at::IntArrayRef({E, D}),
+              "experts_decode: expert weights (E, D, H), (E, H), (E, H, D), (E, D) expected");
   // The slots (t * K + k) of each expert.
   std::vector<std::vector<int64_t>> slots(E);
   const int64_t* ids = ex.data_ptr<int64_t>();
@@ -224,7 +230,9 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
   float* accp = acc.data_ptr<float>();
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     at::AutoDispatchBelowAutograd no_autograd;  // for gelu_ (see experts_fwd)
-    float* y = accp + at::get_thread_num() * T * D;
+    // This thread's sums. (Run serially inside an enclosing parallel region, a call's items
+    // all run on one thread, whose number may be any: clamped, its buffer is still its own.)
+    float* y = accp + std::min<int64_t>(at::get_thread_num(), P - 1) * T * D;
     std::vector<float> hbuf;
     std::vector<const float*> xs, hs;
     std::vector<float*> hout, yout;
