@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -412,3 +413,36 @@ def test_pads_skip_the_experts_as_in_the_reference_loop(router, E, K, cf):
     assert (y_fast[~real] == 0).all()
     for a, b in zip(g_fast, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_native_experts_run_under_inference_mode_and_with_few_experts(monkeypatch):
+    """The C++ loop's worker threads get the caller's inference mode; fewer experts with tokens
+    than threads run on the calling thread (its ops threaded): both equal the Python loop."""
+    if native.ops() is None:
+        pytest.skip("the C++ MoE kernels cannot be built here")
+    assert torch.get_num_threads() >= 2
+    x = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(6))
+    for E, K in ((8, 2), (1, 1)):
+        outs = []
+        for kernels in ("native", "python"):
+            with monkeypatch.context() as m:
+                use_kernels(kernels, m)
+                moe = make_moe(E, K).eval()
+                with torch.inference_mode():  # 80 assignments: the sorted path
+                    outs.append(moe(x)[0])
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_build_failures_name_the_error_and_stale_locks_are_cleared(tmp_path):
+    msg = ("Error building extension 'slms_moe_cpu_x': [1/2] c++ -MMD -O3 -c moe_cpu.cpp\n"
+           "FAILED: moe_cpu.o\nmoe_cpu.cpp:3:10: fatal error: torch/library.h: No such file\n"
+           "compilation terminated.\nninja: build stopped: subcommand failed.")
+    assert native._first_error(RuntimeError(msg)) == (
+        "moe_cpu.cpp:3:10: fatal error: torch/library.h: No such file")
+    lock = tmp_path / "lock"
+    lock.touch()
+    native._clear_stale_lock(tmp_path)
+    assert lock.exists()  # a build may be running
+    os.utime(lock, (0, 0))
+    native._clear_stale_lock(tmp_path)
+    assert not lock.exists()  # left by a killed build: torch would wait on it forever

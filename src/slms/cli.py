@@ -318,7 +318,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from slms.analysis.bench import BenchOptions, bench_model, describe, load_target
     from slms.train.memory import keep_freed_memory
 
-    keep_freed_memory()  # as `slms train` on the CPU, so that training speeds compare
+    if args.device == "cpu":
+        keep_freed_memory()  # as `slms train` does on the CPU, so that training speeds compare
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = [t for t in args.targets if "=" in t]

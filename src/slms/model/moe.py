@@ -182,15 +182,18 @@ class Experts(nn.Module):
     def can_decode(self, x_TD: torch.Tensor) -> bool:
         """Whether `decode` may run: fp32 on CPU outside autocast, with the C++ kernels."""
         return (self.impl == "auto" and x_TD.device.type == "cpu"
-                and x_TD.dtype == self.w1_EDH.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and native.ops() is not None)
+                and x_TD.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and all(p.dtype == torch.float32 for p in self.parameters())
+                and native.ops() is not None)
 
     def decode(self, x_TD: torch.Tensor, r: Routing) -> torch.Tensor:
         """y_TD for a few tokens without autograd (decoding), by the C++ kernel: each chosen
         expert's weights are read once for all its tokens, split across the CPU threads."""
-        return native.ops().experts_decode(
-            x_TD.contiguous(), r.experts_TK, r.weights_TK.float().contiguous(), self.w1_EDH,
-            self.b1_EH, self.w2_EHD, self.b2_ED, self.gelu)
+        w1, b1, w2, b2 = (p.contiguous() for p in (self.w1_EDH, self.b1_EH, self.w2_EHD,
+                                                   self.b2_ED))
+        return native.ops().experts_decode(x_TD.contiguous(), r.experts_TK,
+                                           r.weights_TK.float().contiguous(), w1, b1, w2, b2,
+                                           self.gelu)
 
     def _use_grouped_mm(self, x_ND: torch.Tensor) -> bool:
         if self.impl != "auto":

@@ -1,7 +1,9 @@
 """The MoE layer's kernels: experts on contiguous row groups, with hand-written autograd.
 
+The expert loops run in C++ on CPU where `slms.model.native` could build its kernels, else in
+Python here (`sliced_forward`, `experts_backward`): the same ATen calls either way.
 Shape legend as in slms.model.moe (T tokens, D width, E experts, H expert hidden, K top-k,
-N kept (token, expert) assignments, sorted by expert; F = E*H, every expert's hidden units).
+N kept (token, expert) assignments, sorted by expert).
 """
 
 from __future__ import annotations

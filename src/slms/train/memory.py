@@ -21,9 +21,10 @@ MMAP_BYTES = 32 << 20  # glibc's largest mmap threshold: smaller blocks come fro
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc keep up to 256 MB of freed memory, and serve blocks below 32 MB from the
-    heap. Process-wide, for the process's lifetime. Returns False (and changes nothing) where
-    malloc is not glibc's."""
+    """Make glibc keep up to 256 MB of freed memory (per malloc arena: threads that allocate
+    have their own), and serve blocks below 32 MB from the heap. Process-wide, for the
+    process's lifetime. Returns whether both settings took (False where malloc is not
+    glibc's, and nothing changed)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -32,5 +33,6 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_TRIM_THRESHOLD, TRIM_BYTES)) and bool(mallopt(M_MMAP_THRESHOLD,
-                                                                         MMAP_BYTES))
+    trim = mallopt(M_TRIM_THRESHOLD, TRIM_BYTES)
+    mmap = mallopt(M_MMAP_THRESHOLD, MMAP_BYTES)
+    return bool(trim) and bool(mmap)

@@ -1,5 +1,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 #include <algorithm>
 #include <vector>
@@ -12,7 +13,9 @@ namespace {
 struct Group { int64_t e, a, b; };
 
 // Contiguous runs of experts per thread, balanced by estimated cost (rows + a per-expert
-// constant: a matmul of a few rows costs about what one of `fixed` rows does).
+// constant: a matmul of a few rows costs about what one of `fixed` rows does). When whole
+// experts cannot be balanced (fewer experts with rows than threads, or a few large ones), one
+// part: then the calling thread runs the loop and each op uses every thread.
 std::vector<std::vector<Group>> partition(at::IntArrayRef counts, int64_t parts, int64_t fixed) {
   std::vector<Group> groups;
   int64_t start = 0, total = 0;
@@ -28,7 +31,32 @@ std::vector<std::vector<Group>> partition(at::IntArrayRef counts, int64_t parts,
     out[p].push_back(g);
     acc += c;
   }
+  int64_t worst = 0;
+  for (auto& part : out) {
+    int64_t c = 0;
+    for (auto& g : part) c += g.b - g.a + fixed;
+    worst = std::max(worst, c);
+  }
+  if (parts > 1 && worst * parts > total * 5 / 4) return {groups};
   return out;
+}
+
+// body(p) for every part p: one thread per part, each with the caller's thread-local state
+// (grad mode, inference mode: OpenMP workers start without it) and autograd skipped (the ops'
+// outputs are written in place); a single part runs on the calling thread, its ops threaded.
+template <typename F>
+void run_parts(int64_t parts, const F& body) {
+  if (parts == 1) {
+    at::AutoDispatchBelowAutograd no_autograd;
+    body(0);
+    return;
+  }
+  const at::ThreadLocalState state;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    at::ThreadLocalStateGuard guard(state);
+    at::AutoDispatchBelowAutograd no_autograd;
+    for (int64_t p = p0; p < p1; ++p) body(p);
+  });
 }
 
 int64_t max_rows(const std::vector<Group>& gs) {
@@ -44,25 +72,21 @@ std::tuple<Tensor, Tensor> experts_fwd(const Tensor& x, const Tensor& token, con
   Tensor pre = at::empty({N, H}, x.options());
   Tensor y = at::empty({N, Do}, x.options());
   auto parts = partition(counts, at::get_num_threads(), 16);
-  at::parallel_for(0, (int64_t)parts.size(), 1, [&](int64_t p0, int64_t p1) {
-    // OpenMP workers start without this thread's autograd state: skip autograd explicitly.
-    at::AutoDispatchBelowAutograd no_autograd;
-    for (int64_t p = p0; p < p1; ++p) {
-      int64_t rows = max_rows(parts[p]);
-      if (!rows) continue;
-      Tensor xbuf = at::empty({rows, D}, x.options());
-      Tensor hbuf = gelu ? at::empty({rows, H}, x.options()) : Tensor();
-      for (auto& g : parts[p]) {
-        int64_t n = g.b - g.a;
-        Tensor xs = xbuf.narrow(0, 0, n);
-        at::index_select_out(xs, x, 0, token.narrow(0, g.a, n));
-        Tensor h = pre.narrow(0, g.a, n);
-        at::addmm_out(h, b1[g.e], xs, w1[g.e]);
-        Tensor act = h;
-        if (gelu) { act = hbuf.narrow(0, 0, n); at::gelu_out(act, h); } else { h.relu_(); }
-        Tensor ys = y.narrow(0, g.a, n);
-        at::addmm_out(ys, b2[g.e], act, w2[g.e]);
-      }
+  run_parts((int64_t)parts.size(), [&](int64_t p) {
+    int64_t rows = max_rows(parts[p]);
+    if (!rows) return;
+    Tensor xbuf = at::empty({rows, D}, x.options());
+    Tensor hbuf = gelu ? at::empty({rows, H}, x.options()) : Tensor();
+    for (auto& g : parts[p]) {
+      int64_t n = g.b - g.a;
+      Tensor xs = xbuf.narrow(0, 0, n);
+      at::index_select_out(xs, x, 0, token.narrow(0, g.a, n));
+      Tensor h = pre.narrow(0, g.a, n);
+      at::addmm_out(h, b1[g.e], xs, w1[g.e]);
+      Tensor act = h;
+      if (gelu) { act = hbuf.narrow(0, 0, n); at::gelu_out(act, h); } else { h.relu_(); }
+      Tensor ys = y.narrow(0, g.a, n);
+      at::addmm_out(ys, b2[g.e], act, w2[g.e]);
     }
   });
   return {pre, y};
@@ -81,44 +105,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> experts_bwd(
     if (!counts[e]) { gw1[e].zero_(); gb1[e].zero_(); gw2[e].zero_(); gb2[e].zero_(); }
   }
   auto parts = partition(counts, at::get_num_threads(), 16);
-  at::parallel_for(0, (int64_t)parts.size(), 1, [&](int64_t p0, int64_t p1) {
-    // OpenMP workers start without this thread's autograd state: skip autograd explicitly.
-    at::AutoDispatchBelowAutograd no_autograd;
-    for (int64_t p = p0; p < p1; ++p) {
-      int64_t rows = max_rows(parts[p]);
-      if (!rows) continue;
-      Tensor gbuf = at::empty({rows, Do}, g.options());
-      Tensor xbuf = at::empty({rows, D}, x.options());
-      Tensor abuf = at::empty({rows, H}, x.options());
-      Tensor pbuf = at::empty({rows, H}, x.options());
-      Tensor actbuf = gelu ? at::empty({rows, H}, x.options()) : Tensor();
-      for (auto& gr : parts[p]) {
-        int64_t n = gr.b - gr.a, e = gr.e;
-        Tensor ys = y.narrow(0, gr.a, n), pr = pre.narrow(0, gr.a, n);
-        Tensor gy = gbuf.narrow(0, 0, n);
-        at::index_select_out(gy, g, 0, token.narrow(0, gr.a, n));
-        Tensor gwn = gw_N.narrow(0, gr.a, n);
-        at::linalg_vecdot_out(gwn, gy, ys);
-        gy.mul_(w_N.narrow(0, gr.a, n).unsqueeze(1));
-        Tensor xs = xbuf.narrow(0, 0, n);
-        at::index_select_out(xs, x, 0, token.narrow(0, gr.a, n));
-        Tensor ga = abuf.narrow(0, 0, n);
-        at::mm_out(ga, gy, w2[e].t());
-        Tensor gp = pbuf.narrow(0, 0, n), act = pr;
-        if (gelu) {
-          act = actbuf.narrow(0, 0, n);
-          at::gelu_out(act, pr);
-          at::gelu_backward_out(gp, ga, pr);
-        } else {
-          at::threshold_backward_out(gp, ga, pr, 0);
-        }
-        Tensor gw2e = gw2[e], gb2e = gb2[e], gw1e = gw1[e], gb1e = gb1[e];
-        at::mm_out(gw2e, act.t(), gy);
-        at::sum_out(gb2e, gy, 0);
-        at::mm_out(gw1e, xs.t(), gp);
-        at::sum_out(gb1e, gp, 0);
-        if (need_gx) at::mm_out(ys, gp, w1[e].t());
+  run_parts((int64_t)parts.size(), [&](int64_t p) {
+    int64_t rows = max_rows(parts[p]);
+    if (!rows) return;
+    Tensor gbuf = at::empty({rows, Do}, g.options());
+    Tensor xbuf = at::empty({rows, D}, x.options());
+    Tensor abuf = at::empty({rows, H}, x.options());
+    Tensor pbuf = at::empty({rows, H}, x.options());
+    Tensor actbuf = gelu ? at::empty({rows, H}, x.options()) : Tensor();
+    for (auto& gr : parts[p]) {
+      int64_t n = gr.b - gr.a, e = gr.e;
+      Tensor ys = y.narrow(0, gr.a, n), pr = pre.narrow(0, gr.a, n);
+      Tensor gy = gbuf.narrow(0, 0, n);
+      at::index_select_out(gy, g, 0, token.narrow(0, gr.a, n));
+      Tensor gwn = gw_N.narrow(0, gr.a, n);
+      at::linalg_vecdot_out(gwn, gy, ys);
+      gy.mul_(w_N.narrow(0, gr.a, n).unsqueeze(1));
+      Tensor xs = xbuf.narrow(0, 0, n);
+      at::index_select_out(xs, x, 0, token.narrow(0, gr.a, n));
+      Tensor ga = abuf.narrow(0, 0, n);
+      at::mm_out(ga, gy, w2[e].t());
+      Tensor gp = pbuf.narrow(0, 0, n), act = pr;
+      if (gelu) {
+        act = actbuf.narrow(0, 0, n);
+        at::gelu_out(act, pr);
+        at::gelu_backward_out(gp, ga, pr);
+      } else {
+        at::threshold_backward_out(gp, ga, pr, 0);
       }
+      Tensor gw2e = gw2[e], gb2e = gb2[e], gw1e = gw1[e], gb1e = gb1[e];
+      at::mm_out(gw2e, act.t(), gy);
+      at::sum_out(gb2e, gy, 0);
+      at::mm_out(gw1e, xs.t(), gp);
+      at::sum_out(gb1e, gp, 0);
+      if (need_gx) at::mm_out(ys, gp, w1[e].t());
     }
   });
   return {gw_N, gw1, gb1, gw2, gb2};
@@ -133,7 +153,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> experts_bwd(
 // sums into its own (T, D) buffer, added up at the end.
 
 using v8 = float __attribute__((vector_size(32)));  // 8 floats: one AVX2 register
-using v8u = float __attribute__((vector_size(32), aligned(4)));  // the same, unaligned in memory
+// The same, unaligned in memory, and allowed to alias the floats it is read from.
+using v8u = float __attribute__((vector_size(32), aligned(4), may_alias));
 
 inline v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void store8(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
@@ -211,6 +232,8 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
   const int64_t* ids = ex.data_ptr<int64_t>();
   for (int64_t s = 0; s < T * K; ++s) {
     TORCH_CHECK(ids[s] >= 0 && ids[s] < E, "experts_decode: expert id out of range");
+    for (int64_t k = s - s % K; k < s; ++k)  // one output row per (expert, token) in gemm_rows
+      TORCH_CHECK(ids[k] != ids[s], "experts_decode: a token chose the same expert twice");
     slots[ids[s]].push_back(s);
   }
   std::vector<int64_t> active;
@@ -228,8 +251,10 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
   const float *w1p = w1.data_ptr<float>(), *b1p = b1.data_ptr<float>();
   const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
   float* accp = acc.data_ptr<float>();
+  const at::ThreadLocalState state;
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-    at::AutoDispatchBelowAutograd no_autograd;  // for gelu_ (see experts_fwd)
+    at::ThreadLocalStateGuard guard(state);  // for gelu_ (see run_parts)
+    at::AutoDispatchBelowAutograd no_autograd;
     // This thread's sums. (Run serially inside an enclosing parallel region, a call's items
     // all run on one thread, whose number may be any: clamped, its buffer is still its own.)
     float* y = accp + std::min<int64_t>(at::get_thread_num(), P - 1) * T * D;
