@@ -183,7 +183,8 @@ class Experts(nn.Module):
         """Whether `decode` may run: fp32 on CPU outside autocast, with the C++ kernels."""
         return (self.impl == "auto" and x_TD.device.type == "cpu"
                 and x_TD.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and all(p.dtype == torch.float32 for p in self.parameters())
+                and self.w1_EDH.dtype == self.b1_EH.dtype == self.w2_EHD.dtype
+                == self.b2_ED.dtype == torch.float32
                 and native.ops() is not None)
 
     def decode(self, x_TD: torch.Tensor, r: Routing) -> torch.Tensor:

@@ -46,18 +46,20 @@ def enabled() -> bool:
     return flag == "1" or (flag != "0" and sys.platform.startswith("linux"))
 
 
-@torch.compiler.disable  # the lock and the build are not for tracing
 def ops() -> object | None:
-    """torch.ops.slms with the compiled kernels, or None when they are off or cannot be built
-    (the reason is logged once, as a warning)."""
+    """torch.ops.slms with the compiled kernels, or None when they are off (SLMS_NATIVE, read
+    at the first call) or cannot be built (the reason is logged once, as a warning). Cheap
+    after the first call: decoding asks for every layer at every step."""
+    return _ops if _tried else _load()
+
+
+@torch.compiler.disable  # the lock and the build are not for tracing
+def _load() -> object | None:
     global _ops, _tried
-    if not enabled():
-        return None
-    if not _tried:
-        with _lock:
-            if not _tried:
-                _ops = _build()
-                _tried = True
+    with _lock:
+        if not _tried:
+            _ops = _build() if enabled() else None
+            _tried = True
     return _ops
 
 

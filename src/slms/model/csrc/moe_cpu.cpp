@@ -3,6 +3,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 #include <algorithm>
+#include <optional>
 #include <vector>
 #include <tuple>
 
@@ -251,9 +252,12 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
   const float *w1p = w1.data_ptr<float>(), *b1p = b1.data_ptr<float>();
   const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
   float* accp = acc.data_ptr<float>();
-  const at::ThreadLocalState state;
+  // gelu_ is the only ATen call in the workers: only it needs the caller's state (run_parts).
+  const std::optional<at::ThreadLocalState> state =
+      gelu ? std::make_optional<at::ThreadLocalState>() : std::nullopt;
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-    at::ThreadLocalStateGuard guard(state);  // for gelu_ (see run_parts)
+    std::optional<at::ThreadLocalStateGuard> guard;
+    if (state) guard.emplace(*state);
     at::AutoDispatchBelowAutograd no_autograd;
     // This thread's sums. (Run serially inside an enclosing parallel region, a call's items
     // all run on one thread, whose number may be any: clamped, its buffer is still its own.)
