@@ -281,12 +281,12 @@ def test_generation_leaves_expert_statistics_alone():
 
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("T,K,H,skew", [(1, 2, 24, False), (8, 2, 96, False), (5, 3, 200, False),
+@pytest.mark.parametrize("T,K,H,skew", [(1, 2, 24, False), (8, 2, 96, False), (5, 3, 203, False),
                                         (40, 1, 40, True), (16, 4, 64, True)])
 def test_decode_kernel_equals_expert_by_expert(gelu, threads, T, K, H, skew):
-    """The C++ decode kernel: any hidden width (a 32-column tail), 1-4-row groups and more rows
-    per expert than a group (skew: most tokens on one expert), hidden chunks shared by threads,
-    and a zero gate weight (a dropped slot) contributing nothing."""
+    """The C++ decode kernel: any hidden width (64- and 8-column blocks and a scalar tail: 203),
+    1-4-row groups and more rows per expert than a group (skew: most tokens on one expert),
+    hidden chunks shared by threads, and a zero gate weight (a dropped slot) adding nothing."""
     ops = native.ops()
     if ops is None:
         pytest.skip("the C++ MoE kernels cannot be built here")
