@@ -71,7 +71,7 @@ def combine(y_ND: torch.Tensor, pos_S: torch.Tensor, w_TK: torch.Tensor, dropped
 def experts_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tensor,
                     b1_EH: torch.Tensor, w2_EHD: torch.Tensor, b2_ED: torch.Tensor,
                     counts: list[int], gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sliced_forward`, by the C++ kernel on CPU when it is available (same results)."""
+    """`sliced_forward`, by the C++ kernel on CPU when it is available (the same ATen calls)."""
     native_ops = native.ops() if x_TD.device.type == "cpu" else None
     if native_ops is None:
         return sliced_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
@@ -125,7 +125,7 @@ def experts_backward(g_TD: torch.Tensor, x_TD: torch.Tensor, token_N: torch.Tens
 class SlicedMoE(torch.autograd.Function):
     """The experts and the gate-weighted combine as one autograd function.
 
-    forward: `sliced_forward`, then `combine`. backward, expert by expert while its rows are in
+    forward: `experts_forward`, then `combine`. backward, expert by expert while its rows are in
     cache: each row's output gradient is gathered from the (T, D) gradient, its gate weight's
     gradient is a dot product with the saved output row, and every weight gradient is written
     once into one buffer (autograd through per-expert slices and `w[e]` selects would allocate
