@@ -16,7 +16,10 @@ On the CPU the process keeps freed memory for reuse, as `slms train` does there
 (slms.train.memory; --malloc default leaves glibc's defaults: our layer then pays ~10 ms of
 page faults per `fine` step for its 16 MB tensors, the ideal's 2 MB ones none).
 
-    python benchmarks/moe_layer.py [--json] [--device cpu|cuda] [--dtype fp32|bf16]
+--dtype autocast (the default on CUDA) keeps fp32 weights and inputs and runs each call under
+bf16 autocast: the path `slms train train.precision=bf16` takes; --dtype bf16 casts the modules.
+
+    python benchmarks/moe_layer.py [--json] [--device cpu|cuda] [--dtype fp32|bf16|autocast]
 """
 
 from __future__ import annotations
@@ -106,8 +109,21 @@ class Ideal(nn.Module):
 
 
 def make_step(module: nn.Module, shape: Shape, device: torch.device, dtype: torch.dtype,
-              routed_ours: bool) -> Callable[[], None]:
-    """A closure running one timed call of `module` (forward, or forward+backward)."""
+              routed_ours: bool, autocast: bool = False) -> Callable[[], None]:
+    """A closure running one timed call of `module` (forward, or forward+backward), under bf16
+    autocast with `autocast`."""
+    step = _make_step(module, shape, device, dtype, routed_ours)
+    if not autocast:
+        return step
+
+    def autocast_step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            step()
+    return autocast_step
+
+
+def _make_step(module: nn.Module, shape: Shape, device: torch.device, dtype: torch.dtype,
+               routed_ours: bool) -> Callable[[], None]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape.batch, shape.seq, N_EMBD, generator=g).to(device, dtype)
     if not shape.train:
@@ -136,8 +152,8 @@ def make_step(module: nn.Module, shape: Shape, device: torch.device, dtype: torc
     return fwd_bwd
 
 
-def build(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool
-          ) -> dict[str, Callable[[], None]]:
+def build(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool,
+          autocast: bool = False) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
     router = "noisy_topk" if noisy else "topk"
     cfg = MoEConfig(n_experts=shape.n_experts, top_k=shape.top_k, router=router)
@@ -146,14 +162,14 @@ def build(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool
     seed = SeedStyleMoE(N_EMBD, shape.n_experts, shape.top_k, shape.hidden, noisy).to(device,
                                                                                       dtype)
     ideal = Ideal(N_EMBD, shape.top_k, shape.hidden).to(device, dtype)
-    return {"ours": make_step(ours, shape, device, dtype, True),
-            "seed_style": make_step(seed, shape, device, dtype, False),
-            "ideal": make_step(ideal, shape, device, dtype, False)}
+    return {"ours": make_step(ours, shape, device, dtype, True, autocast),
+            "seed_style": make_step(seed, shape, device, dtype, False, autocast),
+            "ideal": make_step(ideal, shape, device, dtype, False, autocast)}
 
 
 def measure(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool, warmup: int,
-            repeats: int) -> dict[str, float | str]:
-    steps = build(shape, device, dtype, noisy)
+            repeats: int, autocast: bool = False) -> dict[str, float | str]:
+    steps = build(shape, device, dtype, noisy, autocast)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(warmup + repeats):
@@ -174,7 +190,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "autocast"], default=None,
+                   help="default: autocast on CUDA (as training in bf16), fp32 elsewhere")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
@@ -187,9 +204,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     kept = args.malloc == "keep" and device.type == "cpu" and keep_freed_memory()
+    args.dtype = args.dtype or ("autocast" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    autocast = args.dtype == "autocast"
     wanted = args.shapes.split(",")
-    rows = [measure(s, device, dtype, args.noisy, args.warmup, args.repeats)
+    rows = [measure(s, device, dtype, args.noisy, args.warmup, args.repeats, autocast)
             for s in SHAPES if s.name in wanted]
     routing = ("noisy (ours noisy_topk, seed-style noisy gate)" if args.noisy
                else "no noise (ours topk, seed-style gate without noise)")

@@ -30,9 +30,10 @@ VARIANTS = [  # (name, overrides)
     ("noisy_topk, no bal. loss", ["model.moe.router=noisy_topk", "model.moe.aux_loss_coef=0"]),
     ("topk", ["model.moe.router=topk"]),
     ("topk, no bal. loss", ["model.moe.router=topk", "model.moe.aux_loss_coef=0"]),
-    ("bias", ["model.moe.router=bias", "model.moe.bias_update_rate=0.01"]),
-    ("bias, no bal. loss", ["model.moe.router=bias", "model.moe.bias_update_rate=0.01",
-                            "model.moe.aux_loss_coef=0"]),
+    # the bias router has no balancing loss by default; the first row adds it
+    ("bias", ["model.moe.router=bias", "model.moe.bias_update_rate=0.01",
+              "model.moe.aux_loss_coef=0.01"]),
+    ("bias, no bal. loss", ["model.moe.router=bias", "model.moe.bias_update_rate=0.01"]),
 ]
 
 

@@ -31,7 +31,8 @@ def data_dir(tmp_path_factory, stories, tokenizer):
     return out
 
 
-def tiny_config(moe: bool = False, **kw) -> ModelConfig:
-    moe_cfg = MoEConfig(n_experts=4, top_k=2, expert_hidden=64) if moe else None
+def tiny_config(moe: bool | MoEConfig = False, **kw) -> ModelConfig:
+    moe_cfg = moe if isinstance(moe, MoEConfig) else (
+        MoEConfig(n_experts=4, top_k=2, expert_hidden=64) if moe else None)
     base = dict(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=32, moe=moe_cfg)
     return ModelConfig(**(base | kw))

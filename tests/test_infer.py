@@ -137,3 +137,23 @@ def test_left_truncation_keeps_the_start_token(tokenizer):
     assert warned == ["warning: prompt truncated to its last 7 tokens"]
     with pytest.raises(ValueError, match="no room for the prompt"):
         prompt_ids(tokenizer, prompt, 24, 23, truncate="left")
+
+
+def test_cached_generation_equals_uncached_with_a_capacity_factor():
+    """With moe.capacity_factor > 0, a cached decoding step (one token per row) would get
+    capacity 0 and zero MoE outputs if capacity applied outside training."""
+    from slms.config import MoEConfig
+
+    torch.manual_seed(0)
+    moe = MoEConfig(n_experts=4, top_k=2, expert_hidden=64, capacity_factor=1.0)
+    model = GPT(tiny_config(moe=moe)).eval()
+    seq = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = model(seq).logits
+        caches = model.new_caches(1, 12)
+        steps = [model(seq[:, :4], caches=caches).logits]
+        steps += [model(seq[:, t:t + 1], caches=caches).logits for t in range(4, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-4, atol=1e-5)
+    prompt = seq[:, :5].repeat(2, 1)
+    cached = model.generate(prompt, 12, temperature=0, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, 12, temperature=0, use_cache=False))

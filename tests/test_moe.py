@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import slms.model.moe as moe_module
 from slms.config import MoEConfig
@@ -37,6 +38,13 @@ def use_kernels(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("the C++ MoE kernels cannot be built here")
 
 
+def train_without_noise(moe: MoE) -> None:
+    """Training mode (capacity applies) with the router's noise and load counting off: the
+    paths compared must see identical routing."""
+    moe.train()
+    moe.router.eval()
+
+
 def grads(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             for p in module.parameters()] + [x.grad.clone()]
@@ -62,7 +70,7 @@ def test_sorted_dispatch_equals_reference_loop(impl, router, E, K, cf, T, small_
         moe = make_moe(E, K, router, cf, activation=activation)
         moe.experts.impl = impl
         moe.reference = reference
-        moe.eval()  # noise off: both paths must see identical routing
+        train_without_noise(moe)
         x = torch.randn(1, T, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
         y, _ = moe(x)
         # a non-uniform output gradient; 0 * x keeps the graph when capacity drops every token
@@ -207,7 +215,9 @@ def test_stats_report_loads():
     moe(torch.randn(3, 10, 16))
     s = moe.pop_stats()
     assert sum(s["tokens_per_expert"]) == 60 and sum(s["share"]) == pytest.approx(1.0)
-    assert s["max_over_mean"] >= 1.0 and 0 < s["entropy"] <= math.log(4) + 1e-6
+    counts = s["tokens_per_expert"]
+    assert s["max_over_mean"] == pytest.approx(max(counts) / (60 / 4))
+    assert 0 < s["entropy"] <= math.log(4) + 1e-6
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -217,8 +227,9 @@ def test_stats_match_a_hand_count(training):
     counts, drops, entropies, bals = torch.zeros(4, dtype=torch.long), 0, [], []
     for x in xs:
         r = moe.router(x.view(-1, 16))
-        cap = capacity(moe.cfg, len(r.experts_TK))
+        cap = capacity(moe.cfg, len(r.experts_TK)) if training else None  # dropless in eval
         _, kept = reference_dispatch(x.view(-1, 16), r, moe.experts, cap)
+        kept = torch.ones_like(r.experts_TK, dtype=torch.bool) if kept is None else kept
         counts += torch.bincount(r.experts_TK[kept], minlength=4)
         drops += int((~kept).sum())
         entropies.append(-(r.probs_TE * r.probs_TE.log()).sum(-1))
@@ -403,7 +414,7 @@ def test_pads_skip_the_experts_as_in_the_reference_loop(router, E, K, cf):
     for reference in (True, False):
         moe = make_moe(E, K, router, cf)
         moe.reference = reference
-        moe.eval()  # noise off: both paths must see identical routing
+        train_without_noise(moe)
         x = torch.randn(1, 37, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
         y, _ = moe(x, real)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().add(0 * x.sum()).backward()
@@ -446,3 +457,119 @@ def test_build_failures_name_the_error_and_stale_locks_are_cleared(tmp_path):
     os.utime(lock, (0, 0))
     native._clear_stale_lock(tmp_path)
     assert not lock.exists()  # left by a killed build: torch would wait on it forever
+
+
+def test_balancing_loss_is_one_when_balanced_and_at_most_e_over_k():
+    E, K, T = 8, 2, 16
+    # perfect balance: every expert gets T*K/E slots and mean probability 1/E
+    experts_TK = torch.arange(T * K).view(T, K) % E
+    assert load_balancing_loss(torch.full((T, E), 1 / E), experts_TK).item() == pytest.approx(1)
+    # worst case: every token to experts 0 and 1 with all its probability on them
+    probs_TE = torch.zeros(T, E)
+    probs_TE[:, :K] = 1 / K
+    worst = load_balancing_loss(probs_TE, torch.arange(K).expand(T, K))
+    assert worst.item() == pytest.approx(E / K)
+
+
+def test_router_losses_do_not_reach_the_noise_network():
+    """The noise only chooses experts: the balancing and z losses are computed on the clean
+    logits, so they give the noise network no gradient (a z-loss on noisy logits pushes the
+    learned noise down)."""
+    moe = make_moe(4, 2, "noisy_topk").train()
+    x = torch.randn(2, 8, 16)
+    _, aux = moe(x)
+    aux.backward()
+    assert moe.router.gate.weight.grad.abs().sum() > 0
+    assert moe.router.noise.weight.grad is None or not moe.router.noise.weight.grad.any()
+    # the losses equal those of the clean logits
+    torch.manual_seed(3)
+    r = moe.router(x.view(-1, 16))
+    clean = F.linear(x.view(-1, 16), moe.router.gate.weight, moe.router.gate.bias)
+    torch.testing.assert_close(r.clean_logits_TE, clean)
+    assert not torch.equal(r.logits_TE, clean)  # the choice was noisy
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_capacity_keeps_first_choices_before_second_choices(reference):
+    """Choice-major priority (GShard, Switch): token 0's second choice does not take the slot
+    of token 1's first choice, and row 0 of a batch does not always win."""
+    moe = make_moe(2, 2).train()
+    moe.reference = reference
+    x_TD = torch.randn(2, 16)
+    # token 0: experts (1, 0); token 1: experts (0, 1); capacity 1 per expert
+    r = Routing(torch.tensor([[1, 0], [0, 1]]), torch.full((2, 2), 0.5), torch.zeros(2, 2))
+    dispatch = reference_dispatch if reference else sorted_dispatch
+    _, kept = dispatch(x_TD, r, moe.experts, 1)
+    assert kept.tolist() == [[True, False], [True, False]]
+
+
+def test_capacity_applies_in_training_only():
+    """Evaluation and generation are dropless: with a capacity factor, cached decoding (one
+    token per call, capacity floor(cf * K / E) = 0) would otherwise output zeros."""
+    moe = make_moe(4, 2, "topk", cf=0.5)
+    x = torch.randn(1, 1, 16)
+    moe.eval()
+    with torch.no_grad():
+        y = moe(x)[0]
+        moe.cfg = MoEConfig(n_experts=4, top_k=2, router="topk")  # dropless
+        torch.testing.assert_close(y, moe(x)[0])
+    assert y.abs().sum() > 0
+    moe.cfg = MoEConfig(n_experts=4, top_k=2, router="topk", capacity_factor=0.5)
+    train_without_noise(moe)
+    assert (moe(x)[0] == 0).all()  # capacity 0 in training: every assignment dropped
+
+
+def test_bias_router_has_no_balancing_loss_unless_asked():
+    assert MoEConfig(router="bias").balance_coef == 0.0
+    assert MoEConfig(router="bias", aux_loss_coef=0.01).balance_coef == 0.01
+    assert MoEConfig(router="topk").balance_coef == 0.01
+    moe = make_moe(4, 2, "bias").train()
+    _, aux = moe(torch.randn(2, 8, 16))
+    assert aux.item() == pytest.approx(0.001 * moe.pop_stats()["z_loss"], rel=1e-5)
+
+
+def test_grouped_matmul_is_chosen_for_training_under_autocast():
+    """On Hopper GPUs the experts run as torch._grouped_mm in bf16; under training's autocast the
+    residual stream is fp32, and the choice must follow the autocast dtype, not x's."""
+    from slms.model.moe import compute_dtype, grouped_mm_pays
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    if hasattr(torch, "_grouped_mm"):
+        assert grouped_mm_pays(cuda, torch.bfloat16, (9, 0))
+    assert not grouped_mm_pays(cuda, torch.float32, (9, 0))
+    assert not grouped_mm_pays(cuda, torch.bfloat16, (8, 0))
+    assert not grouped_mm_pays(cpu, torch.bfloat16, None)
+    x = torch.randn(3, 4)
+    assert compute_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(x) == torch.bfloat16
+        assert compute_dtype(x.double()) == torch.float64
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm not available")
+def test_grouped_path_under_autocast_computes_in_the_autocast_dtype(monkeypatch):
+    """The grouped path casts x and the weights to autocast's dtype itself (grouped_mm has no
+    autocast rule); gradients reach the fp32 weights."""
+    seen, grouped_mm = [], torch._grouped_mm
+
+    def spy(a, b, **kw):  # noqa: ANN001, ANN202
+        seen.append((a.dtype, b.dtype))
+        return grouped_mm(a, b, **kw)
+
+    monkeypatch.setattr(torch, "_grouped_mm", spy)
+    outs = []
+    for autocast in (False, True):
+        moe = make_moe(4, 2)
+        moe.experts.impl = "grouped_mm"
+        train_without_noise(moe)
+        x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, _ = moe(x)
+        y.sum().backward()
+        assert y.dtype == torch.float32 and moe.experts.w1_EDH.grad.dtype == torch.float32
+        outs.append((y.detach(), moe.experts.w1_EDH.grad))
+        dt = torch.bfloat16 if autocast else torch.float32
+        assert seen and set(seen) == {(dt, dt)}
+        seen.clear()
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0.05, atol=0.02)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=0.1, atol=0.05)

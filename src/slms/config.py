@@ -29,10 +29,21 @@ class MoEConfig:
     expert_hidden: int | None = None  # default: mlp_ratio * n_embd, as the seed's experts
     every: int = 1  # layer i is MoE when i % every == every - 1
     renormalize: bool = True  # top-k weights sum to one (the seed softmaxes the top-k logits)
-    aux_loss_coef: float = 0.01
+    # Switch balancing loss weight; None: 0.01, or 0 for the `bias` router, which balances
+    # without an auxiliary loss (set it to add the loss on top of the bias)
+    aux_loss_coef: float | None = None
     z_loss_coef: float = 0.001
-    capacity_factor: float = 0.0  # 0 = dropless
+    # > 0: in training, each expert takes at most floor(cf * top_k * tokens / n_experts)
+    # assignments of a call (first choices first); evaluation and generation are dropless
+    capacity_factor: float = 0.0
     bias_update_rate: float = 0.001  # the `bias` router's u
+
+    @property
+    def balance_coef(self) -> float:
+        """The balancing loss weight in effect (aux_loss_coef resolved)."""
+        if self.aux_loss_coef is not None:
+            return self.aux_loss_coef
+        return 0.0 if self.router == "bias" else 0.01
 
     def validate(self, n_layer: int) -> None:
         _check(self.n_experts >= 1, "model.moe.n_experts", "must be >= 1")
@@ -43,7 +54,7 @@ class MoEConfig:
         _check(self.expert_hidden is None or self.expert_hidden >= 1, "model.moe.expert_hidden",
                "must be >= 1")
         _check(1 <= self.every <= n_layer, "model.moe.every", f"must be in 1..n_layer ({n_layer})")
-        _check(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "model.moe.aux_loss_coef",
+        _check(self.balance_coef >= 0 and self.z_loss_coef >= 0, "model.moe.aux_loss_coef",
                "loss weights must be >= 0")
         _check(self.capacity_factor >= 0, "model.moe.capacity_factor",
                "must be >= 0 (0 = dropless)")
@@ -120,7 +131,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     threads: int = 0  # torch CPU threads; 0 = torch's default
     keep_freed_memory: bool = True  # on CPU: glibc keeps freed memory for reuse (train.memory)
-    epochs: float = 0.0  # > 0: train this many passes over the training tokens (sets max_steps)
+    # > 0: sets max_steps to this many epochs: real passes over the rows of padded data; for
+    # packed data a budget of as many tokens (windows are drawn at random offsets)
+    epochs: float = 0.0
     keep_checkpoints: int = 2  # newest step checkpoints kept (best/ is kept apart)
     resume: str = "never"  # never | auto: continue the --out directory when it holds checkpoints
     max_bad_steps: int = 10  # this many non-finite steps in a row stop the run

@@ -29,6 +29,8 @@ class Routing:
     weights_TK: torch.Tensor  # fp32 gate weights of the chosen experts
     logits_TE: torch.Tensor  # fp32 router logits (noise included when training noisy_topk)
     probs: torch.Tensor | None = None  # probs_TE when already computed
+    clean: torch.Tensor | None = None  # the logits before noise; None: logits_TE has none
+    clean_probs: torch.Tensor | None = None  # clean_probs_TE when already computed
 
     @property
     def probs_TE(self) -> torch.Tensor:
@@ -38,8 +40,40 @@ class Routing:
             self.probs = self.logits_TE.softmax(dim=-1)
         return self.probs
 
+    @property
+    def clean_logits_TE(self) -> torch.Tensor:
+        """The router's logits without the training noise: what the router losses and the
+        statistics see (the noise only chooses experts; a loss on it would push it down)."""
+        return self.logits_TE if self.clean is None else self.clean
+
+    @property
+    def clean_probs_TE(self) -> torch.Tensor:
+        if self.clean is None:
+            return self.probs_TE
+        if self.clean_probs is None:
+            self.clean_probs = self.clean.softmax(dim=-1)
+        return self.clean_probs
+
 
 SMALL_N = 64  # at most this many (token, expert) assignments: the decoding combine
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's where it is on for x's device (an fp32 residual
+    stream under bf16 autocast computes in bf16), else x's own."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def grouped_mm_pays(device: torch.device, dtype: torch.dtype,
+                    capability: tuple[int, int] | None) -> bool:
+    """Whether the experts run as torch._grouped_mm: on Hopper+ GPUs (capability >= 9.0) in
+    bf16, where it is the fast path; on CPU a loop over contiguous slices is faster
+    (docs/benchmarks.md)."""
+    return (hasattr(torch, "_grouped_mm") and device.type == "cuda" and dtype == torch.bfloat16
+            and capability is not None and capability >= (9, 0))
 
 
 def recomputing() -> bool:
@@ -52,7 +86,8 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor,
                         real_T: torch.Tensor | None = None) -> torch.Tensor:
     """Switch loss E * sum_e f_e * P_e: f_e share of the T*K routing slots, P_e mean probability.
 
-    1.0 at perfect balance, E when every token goes to one expert with all its probability.
+    1.0 at perfect balance; at most E / K, when every token goes to the same K experts with all
+    its probability on them.
     real_T (bool): only these tokens count (the padded layout's pads do not).
     """
     E = probs_TE.size(-1)
@@ -117,11 +152,12 @@ class Router(nn.Module):
 
     def _route(self, x_TD: torch.Tensor, real_T: torch.Tensor | None) -> Routing:
         logits_TE = F.linear(x_TD, self.gate.weight.float(), self.gate.bias.float())
+        clean_TE = None
         if self.noise is not None and self.training:
             # The seed's noisy gate, but only in training: evaluation and generation are
             # deterministic.
             std_TE = F.softplus(F.linear(x_TD, self.noise.weight.float(), self.noise.bias.float()))
-            logits_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
+            clean_TE, logits_TE = logits_TE, logits_TE + torch.randn_like(logits_TE) * std_TE
         needed = self.cfg.router == "bias" or not self.cfg.renormalize
         probs_TE = logits_TE.softmax(dim=-1) if needed else None  # else computed when asked
         K = self.cfg.top_k
@@ -138,7 +174,7 @@ class Router(nn.Module):
             with torch.no_grad():
                 if not recomputing():  # a checkpointed forward replayed in backward
                     self.load_E += count_experts(experts_TK, self.cfg.n_experts, real_T)
-        return Routing(experts_TK, weights_TK, logits_TE, probs_TE)
+        return Routing(experts_TK, weights_TK, logits_TE, probs_TE, clean_TE)
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -199,10 +235,8 @@ class Experts(nn.Module):
     def _use_grouped_mm(self, x_ND: torch.Tensor) -> bool:
         if self.impl != "auto":
             return self.impl == "grouped_mm"
-        # Fast on Hopper in bf16; on CPU a loop over contiguous slices is faster (docs/benchmarks).
-        return (hasattr(torch, "_grouped_mm") and x_ND.is_cuda
-                and x_ND.dtype == torch.bfloat16
-                and torch.cuda.get_device_capability(x_ND.device) >= (9, 0))
+        capability = torch.cuda.get_device_capability(x_ND.device) if x_ND.is_cuda else None
+        return grouped_mm_pays(x_ND.device, compute_dtype(x_ND), capability)
 
     def forward(self, x_TD: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor,
                 pos_S: torch.Tensor, counts_E: torch.Tensor, dropped: bool = False
@@ -215,13 +249,15 @@ class Experts(nn.Module):
         """
         K = w_TK.size(1)
         if self._use_grouped_mm(x_TD):
-            token_N = order_N // K
-            x_ND = (Dispatch.apply(x_TD, token_N, pos_S, dropped, K)
-                    if torch.is_grad_enabled() and x_TD.requires_grad
-                    else x_TD.index_select(0, token_N))
-            h_ND = self._grouped(x_ND, counts_E)
-            # as Mixtral: gate weights in the activations' dtype
-            return combine(h_ND, pos_S, w_TK.to(h_ND.dtype), dropped)
+            with self._manual_autocast(x_TD) as dt:  # training's autocast: the bf16 path
+                token_N = order_N // K
+                x_TD = x_TD.to(dt)
+                x_ND = (Dispatch.apply(x_TD, token_N, pos_S, dropped, K)
+                        if torch.is_grad_enabled() and x_TD.requires_grad
+                        else x_TD.index_select(0, token_N))
+                h_ND = self._grouped(x_ND, counts_E)
+                # as Mixtral: gate weights in the activations' dtype
+                return combine(h_ND, pos_S, w_TK.to(h_ND.dtype), dropped)
         # One host sync for the group sizes; then a matmul per non-empty expert on its rows
         # (no boolean masks, no per-token work).
         counts = counts_E.tolist()
@@ -232,7 +268,8 @@ class Experts(nn.Module):
              ) -> torch.Tensor:
         """y_ND, no autograd: each expert on its rows x_TD[token_N] (grouped, counts_E each)."""
         if self._use_grouped_mm(x_TD):
-            return self._grouped(x_TD.index_select(0, token_N), counts_E)
+            with self._manual_autocast(x_TD) as dt:
+                return self._grouped(x_TD.to(dt).index_select(0, token_N), counts_E)
         with self._manual_autocast(x_TD) as dt:
             return experts_forward(x_TD.to(dt), token_N, *self._params(dt), counts_E.tolist(),
                                    self.gelu)[1]
@@ -330,9 +367,7 @@ class MoE(nn.Module):
         x_TD = x_BTD.reshape(-1, shape[-1])
         real_T = None if real_BT is None else real_BT.reshape(-1)
         r = self.router(x_TD, real_T)
-        # capacity per real token: pads neither take slots nor enlarge them
-        cap = capacity(self.cfg, x_TD.size(0) if real_T is None or self.cfg.capacity_factor <= 0
-                       else int(real_T.sum()))
+        cap = self._capacity(x_TD, real_T)
         counts_E = None
         if self.reference:
             y_TD, kept_TK = reference_dispatch(x_TD, r, self.experts, cap, real_T)
@@ -341,13 +376,21 @@ class MoE(nn.Module):
         aux = x_TD.new_zeros((), dtype=torch.float32)
         bal = z = None
         if self.training:  # evaluation skips the losses: they would only feed the statistics
-            bal = load_balancing_loss(r.probs_TE, r.experts_TK, real_T)
-            z = router_z_loss(r.logits_TE, real_T)
-            aux = self.cfg.aux_loss_coef * bal + self.cfg.z_loss_coef * z
+            bal = load_balancing_loss(r.clean_probs_TE, r.experts_TK, real_T)
+            z = router_z_loss(r.clean_logits_TE, real_T)
+            aux = self.cfg.balance_coef * bal + self.cfg.z_loss_coef * z
         if self.track_stats:
             self._record(r, kept_TK, None if real_T is not None else counts_E, bal, z, real_T)
         y_BTD = y_TD.view(shape)
         return (self.dropout(y_BTD) if self.dropout.p > 0 else y_BTD), aux
+
+    def _capacity(self, x_TD: torch.Tensor, real_T: torch.Tensor | None) -> int | None:
+        """Per-expert capacity in training (of the real tokens: pads neither take slots nor
+        enlarge them); None (dropless) in evaluation and generation, where a capacity from the
+        call's tokens would make results depend on the batch and starve cached decoding."""
+        if not self.training or self.cfg.capacity_factor <= 0:
+            return None
+        return capacity(self.cfg, x_TD.size(0) if real_T is None else int(real_T.sum()))
 
     def _record(self, r: Routing, kept_TK: torch.Tensor | None, counts_E: torch.Tensor | None,
                 bal: torch.Tensor | None, z: torch.Tensor | None,
@@ -365,7 +408,7 @@ class MoE(nn.Module):
         s["tokens"] = s["tokens"] + n_real
         if kept_TK is not None:
             s["dropped"] = s["dropped"] + (n_real * K - counts_E.sum())
-        entropy_T = torch.special.entr(r.probs_TE.detach()).sum(-1)
+        entropy_T = torch.special.entr(r.clean_probs_TE.detach()).sum(-1)
         if real_T is not None:
             entropy_T = entropy_T * real_T
         s["entropy_token_sum"] = s.get("entropy_token_sum", 0.0) + entropy_T.sum()
@@ -383,7 +426,9 @@ def sorted_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int |
     """Sort the T*K assignments by expert, run the experts on contiguous groups, scatter back.
 
     Returns (y_TD, kept_TK): kept_TK is None when every assignment ran, else which did: those
-    of real tokens (real_T; all when None) that fit the capacity (earlier tokens win). Dropped
+    of real tokens (real_T; all when None) that fit the capacity (choice-major priority, as in
+    GShard and Switch: every token's first choice before any second choice; within a choice,
+    earlier tokens first). Dropped
     ones contribute nothing; the residual carries their tokens.
     """
     y_TD, kept_TK, _ = _dispatch(x_TD, r, experts, cap, real_T)
@@ -407,8 +452,7 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
         return y_1D, None, None
     flat_e = r.experts_TK.reshape(-1)
     real_S = None if real_T is None else real_T.repeat_interleave(K)
-    # Pads sort after each expert's real assignments, so that capacity ranks real ones only.
-    order_N = torch.argsort(flat_e if real_S is None else flat_e * 2 + (~real_S), stable=True)
+    order_N = _expert_order(flat_e, real_S, T, K, choice_major=cap is not None)
     counts_E = torch.bincount(flat_e, minlength=E)
     if cap is None and real_S is None and T * K <= SMALL_N and not torch.is_grad_enabled():
         return _combine_small(x_TD, r, experts, order_N, counts_E), None, counts_E
@@ -442,6 +486,19 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
     return y_TD.to(x_TD.dtype), kept_TK, counts_E
 
 
+def _expert_order(flat_e: torch.Tensor, real_S: torch.Tensor | None, T: int, K: int,
+                  choice_major: bool) -> torch.Tensor:
+    """order_N: the T*K slot ids (t*K + k) sorted by expert. Pads sort after each expert's real
+    assignments, so that capacity ranks real ones only; with `choice_major` (capacity), an
+    expert's slots are ranked by choice k, then token t."""
+    key_S = flat_e if real_S is None else flat_e * 2 + (~real_S)
+    if not choice_major:  # dropless: any order within an expert; token-major reads x in order
+        return torch.argsort(key_S, stable=True)
+    slot_S = torch.arange(T * K, device=flat_e.device)
+    choice_then_token_S = (slot_S % K) * T + slot_S // K
+    return torch.argsort(key_S * (T * K) + choice_then_token_S)
+
+
 def _combine_small(x_TD: torch.Tensor, r: Routing, experts: Experts, order_N: torch.Tensor,
                    counts_E: torch.Tensor) -> torch.Tensor:
     """Few assignments, no autograd (decoding): gate-weight and sum the outputs with one (T, N)
@@ -463,7 +520,7 @@ def reference_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: in
                        real_T: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The plain per-expert loop; same rules (real tokens only, the first `cap` assignments
-    in token order)."""
+    in choice-major order: first choices, then second choices, each in token order)."""
     T, K = r.experts_TK.shape
     y_TD = torch.zeros_like(x_TD)
     kept_TK = (None if cap is None and real_T is None
@@ -472,7 +529,7 @@ def reference_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: in
         chosen_TK = r.experts_TK == e
         if real_T is not None:
             chosen_TK = chosen_TK & real_T[:, None]
-        tok, slot = chosen_TK.nonzero(as_tuple=True)
+        slot, tok = chosen_TK.t().nonzero(as_tuple=True)  # choice-major
         if cap is not None:
             tok, slot = tok[:cap], slot[:cap]
         if kept_TK is not None:
