@@ -76,3 +76,48 @@ def test_sharded_evaluation_sums_to_the_whole_and_runs_equal_forwards(world):
     assert sum(n for _, n in parts) == whole[1] == 5 * 16 - 5
     assert sum(nats for nats, _ in parts) == pytest.approx(whole[0], rel=1e-9)
     assert forwards == [-(-5 // world)] * world  # 5 batches: the short ranks run a spare
+
+
+def test_padded_bits_per_byte_counts_the_bytes_scored(ckpt, stories, tokenizer, tmp_path):
+    """Truncated stories: only their kept tokens are scored, so only their bytes count."""
+    from slms.data.loader import PackedData
+    from slms.data.prepare import PrepareOptions
+
+    meta = prepare({"train": stories[:4], "val": stories[4:10]}, tokenizer, tmp_path / "pad",
+                   opts=PrepareOptions(layout="padded", block_size=64))
+    assert meta["splits"]["val"]["truncated_stories"] > 0
+    data = PackedData(tmp_path / "pad")
+    kept_bytes = sum(len(tokenizer.decode(row[1:n]).encode("utf-8"))  # ASCII stories
+                     for row, n in zip(data.splits["val"], data.lengths["val"], strict=True))
+    assert kept_bytes < meta["splits"]["val"]["bytes"]
+    assert data.scored_bytes("val") == kept_bytes
+    r = eval_checkpoint(ckpt, str(tmp_path / "pad"))
+    nats = r["loss"] * r["tokens"]
+    assert r["bytes"] == kept_bytes
+    assert r["bits_per_byte"] == pytest.approx(nats / math.log(2) / kept_bytes, rel=1e-9)
+    # data prepared before the count was recorded gets it from the rows and the tokenizer
+    del data.meta["splits"]["val"]["scored_bytes"]
+    assert data.scored_bytes("val") == kept_bytes
+
+
+def test_token_bytes_sum_to_the_text_bytes(tokenizer):
+    text = "Tom saw a caf\u00e9.\n\nIt was big!"
+    table = tokenizer.token_bytes()
+    assert sum(table[i] for i in tokenizer.encode(text)) == len(text.encode("utf-8"))
+    assert table[tokenizer.eos_id] == 0
+
+
+def test_moe_evaluation_with_capacity_does_not_depend_on_the_batch(tmp_path, data_dir):
+    """Capacity is a training-time device: evaluation is dropless, so its loss is the same
+    whatever the batch size (and pads of the short last window take no capacity)."""
+    from slms.analysis.evaluate import evaluate
+    from slms.config import MoEConfig
+    from slms.data.loader import PackedData
+
+    torch.manual_seed(0)
+    moe = MoEConfig(n_experts=4, top_k=2, expert_hidden=64, capacity_factor=0.5)
+    model = GPT(tiny_config(moe=moe))
+    data = PackedData(data_dir)
+    losses = [evaluate(model, data, batch_size=b, block_size=32)["loss"] for b in (1, 3, 16)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert losses[2] == pytest.approx(losses[0], rel=1e-5)

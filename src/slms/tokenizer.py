@@ -50,6 +50,15 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of the text each token id stands for (0 for special tokens): summed over
+        the tokens of a text, its byte count, so that bits per byte can count what is scored."""
+        special = set(self.hf.get_added_tokens_decoder())
+        ids = range(self.vocab_size)
+        if isinstance(self.hf.decoder, decoders.ByteLevel):  # one alphabet character per byte
+            return [0 if i in special else len(self.hf.id_to_token(i)) for i in ids]
+        return [0 if i in special else len(self.decode([i]).encode("utf-8")) for i in ids]
+
     def to_str(self) -> str:
         return self.hf.to_str()
 

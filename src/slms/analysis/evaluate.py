@@ -45,7 +45,7 @@ def evaluate_batches(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Ten
         mine += 1
         x, y = x.to(device), y.to(device)
         with autocast or nullcontext():
-            logits = model(x).logits
+            logits = model(x, real_BT=pad_mask(y)).logits
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
                                  ignore_index=IGNORE_INDEX, reduction="sum").double()
         count += int((y != IGNORE_INDEX).sum())
@@ -56,15 +56,25 @@ def evaluate_batches(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Ten
     return float(total), count
 
 
+def pad_mask(y_BT: torch.Tensor) -> torch.Tensor | None:
+    """real_BT for rows whose unscored targets are a tail of pads (padded rows, the short last
+    window): pads then skip the MoE experts and statistics. None when every target is scored
+    or the unscored ones are not a tail (nothing to skip then)."""
+    real_BT = y_BT != IGNORE_INDEX
+    if bool(real_BT.all()) or bool((real_BT[:, 1:] & ~real_BT[:, :-1]).any()):
+        return None
+    return real_BT
+
+
 def evaluate(model: GPT, data: PackedData, split: str = "val", batch_size: int = 16,
              block_size: int | None = None, device: torch.device | str = "cpu",
              autocast: AbstractContextManager | None = None, dist: Dist | None = None
              ) -> dict[str, Any]:
     """Loss (nats/token), perplexity and bits per byte over the whole split.
 
-    Bits per byte divides the summed nats by ln 2 and by the UTF-8 bytes of the stories scored,
-    so it compares models with different tokenizers. With `dist`, the ranks share the batches
-    and sum their results: every rank returns the same figures.
+    Bits per byte divides the summed nats by ln 2 and by the UTF-8 bytes of the text scored
+    (`PackedData.scored_bytes`), so it compares models with different tokenizers. With `dist`,
+    the ranks share the batches and sum their results: every rank returns the same figures.
     """
     block_size = block_size or model.cfg.block_size
     shard = (dist.rank, dist.world) if dist is not None else (0, 1)
@@ -74,7 +84,7 @@ def evaluate(model: GPT, data: PackedData, split: str = "val", batch_size: int =
         nats, n = dist.sum([nats, float(n)], torch.device(device))
         n = round(n)
     loss = nats / max(n, 1)
-    n_bytes = data.meta["splits"][split]["bytes"]
+    n_bytes = data.scored_bytes(split)
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n,
             "bits_per_byte": nats / math.log(2) / n_bytes if n_bytes else float("nan")}
 
@@ -110,16 +120,30 @@ def find_run_data(path: str | Path) -> Path | None:
 
 
 def prepare_for(source: str, tokenizer: Tokenizer, cache_dir: str | Path = ".cache/slms",
-                seed: int = 0) -> Path:
-    """A prepared data directory for `source` tokenized with `tokenizer` (cached by both)."""
+                seed: int = 0, log=None) -> Path:
+    """A prepared data directory for `source` tokenized with `tokenizer` (cached by both, and
+    a local source by its files' sizes and mtimes, so an edited file is prepared again).
+
+    `log` defaults to stderr: `slms eval --json` prints its result on stdout."""
+    import sys
+
+    from slms.data.pipeline import source_fingerprint
     from slms.data.prepare import prepare_source
     from slms.data.sources import Source, SourceOptions
 
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    src_obj = Source(source, SourceOptions(seed=seed))
     src = str(Path(source).resolve()) if Path(source).exists() else source
-    key = hashlib.sha256(f"{src}\n{tokenizer.sha256}\n{seed}".encode()).hexdigest()[:12]
+    content = source_fingerprint(src_obj)
+    text = f"{src}\n{tokenizer.sha256}\n{seed}"
+    if content is not None:  # hub ids keep their old keys (and caches)
+        text += "\n" + json.dumps(content)
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
     out = Path(cache_dir) / f"eval-{Path(source).name or 'source'}-{key}"
-    if not (out / META).is_file():
-        prepare_source(Source(source, SourceOptions(seed=seed)), tokenizer, out)
+    if (out / META).is_file():
+        log(f"reusing prepared data in {out} (same source and tokenizer)")
+    else:
+        prepare_source(src_obj, tokenizer, out)
     return out
 
 
@@ -158,4 +182,4 @@ def eval_checkpoint(checkpoint: str | Path, data: str | None = None, split: str 
                          f"{model.cfg.vocab_size}")
     out = evaluate(model, packed, split, batch_size=batch_size, device=device)
     return {"checkpoint": str(checkpoint), "data": str(data_dir), "split": split,
-            "bytes": packed.meta["splits"][split]["bytes"], **out}
+            "bytes": packed.scored_bytes(split), **out}

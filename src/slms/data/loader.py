@@ -15,6 +15,7 @@ import torch
 
 from slms.data.prepare import read_meta
 from slms.model.gpt import IGNORE_INDEX
+from slms.tokenizer import Tokenizer
 
 
 class PackedData:
@@ -25,6 +26,8 @@ class PackedData:
         self.meta = read_meta(self.dir)
         self.padded = self.meta.get("format") == "padded"
         dtype = np.dtype(self.meta["dtype"])
+        self._perm_key: tuple[int, int] | None = None
+        self._perm = np.empty(0, dtype=np.int64)
         self.splits: dict[str, np.ndarray] = {}
         self.lengths: dict[str, np.ndarray] = {}
         for split in ("train", "val"):
@@ -48,19 +51,64 @@ class PackedData:
         return self.splits[split]
 
     def train_batch(self, batch_size: int, block_size: int, seed: int, step: int,
-                    rank: int = 0, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    rank: int = 0, micro: int = 0, micro_per_step: int = 1
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) windows of `block_size` tokens at seeded random offsets; y is x shifted by one.
+        Packed windows are drawn with replacement: an "epoch" of them is a token budget, not an
+        exact pass.
 
-        Padded layout: seeded random rows; targets past a story's end are IGNORE_INDEX."""
+        Padded layout: real passes over the rows, each in its own seeded order; micro-batch
+        `micro` of `micro_per_step` per step takes the next `batch_size` rows. Targets past a
+        story's end are IGNORE_INDEX."""
         data = self.splits["train"]
-        rng = np.random.default_rng([seed, step, rank, micro])
         if self.padded:
-            return self._rows(rng.integers(0, len(data), size=batch_size), "train", block_size)
+            first = ((step * micro_per_step + micro) * batch_size)
+            return self._rows(self._pass_rows(seed, first, batch_size), "train", block_size)
+        rng = np.random.default_rng([seed, step, rank, micro])
         if len(data) < block_size + 1:
             raise ValueError(f"training split has {len(data)} tokens, fewer than block_size+1 "
                              f"({block_size + 1}); use a smaller model.block_size or more data")
         starts = rng.integers(0, len(data) - block_size, size=batch_size)
         return windows(data, starts, block_size)
+
+    def _pass_rows(self, seed: int, first: int, n: int) -> np.ndarray:
+        """Rows first .. first+n-1 of the sequence of passes over the training rows (pass p in
+        the order of a permutation seeded by (seed, p))."""
+        n_rows = len(self.splits["train"])
+        i = np.arange(first, first + n)
+        out = np.empty(n, dtype=np.int64)
+        for p in np.unique(i // n_rows):
+            here = i // n_rows == p
+            out[here] = self._permutation(seed, int(p), n_rows)[i[here] % n_rows]
+        return out
+
+    def _permutation(self, seed: int, p: int, n_rows: int) -> np.ndarray:
+        if self._perm_key != (seed, p):  # one pass's order, kept while its rows are drawn
+            self._perm = np.random.default_rng([seed, p]).permutation(n_rows)
+            self._perm_key = (seed, p)
+        return self._perm
+
+    def scored_bytes(self, split: str) -> int:
+        """UTF-8 bytes of the text that evaluation scores, for bits per byte: the split's bytes
+        (packed: every token but the split's first is scored, a difference of a few bytes), or
+        in the padded layout those of the kept tokens (a truncated story's tail is not
+        scored). Prepared data without that count gets it from the rows and tokenizer.json."""
+        stats = self.meta["splits"][split]
+        if not self.padded:
+            return int(stats["bytes"])
+        if "scored_bytes" not in stats:
+            stats["scored_bytes"] = self._count_scored_bytes(split)
+        return int(stats["scored_bytes"])
+
+    def _count_scored_bytes(self, split: str) -> int:
+        table = np.asarray(Tokenizer.from_file(self.dir / "tokenizer.json").token_bytes())
+        rows, lengths = self.splits[split], self.lengths[split]
+        total = 0
+        for a in range(0, len(rows), 1024):
+            r = np.asarray(rows[a:a + 1024], dtype=np.int64)
+            kept = np.arange(1, r.shape[1])[None, :] < lengths[a:a + 1024, None]
+            total += int(table[r[:, 1:]][kept].sum())
+        return total
 
     def _rows(self, rows: np.ndarray, split: str, block_size: int
               ) -> tuple[torch.Tensor, torch.Tensor]:

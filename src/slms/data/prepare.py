@@ -5,9 +5,11 @@ Layouts:
     end-of-text id, so no position is padding.
   - ``padded``: the seed's layout, one story per row of block_size + 1 ids (truncated, or padded
     with end-of-text ids); DIR/{split}.lengths.npy holds each row's real length so the loader
-    can exclude pad positions from every loss. A row starts with an end-of-text id, as every
-    story follows one in the packed layout: the first word is scored, and generation prompts
-    (which start after one) look like training rows.
+    can exclude pad positions from every loss. meta.json's `scored_bytes` counts the text
+    bytes of the kept tokens (a truncated story's tail is never scored), for bits per byte.
+    A row starts with an end-of-text id, as every story follows one in the packed layout:
+    the first word is scored, and generation prompts (which start after one) look like
+    training rows.
 Token ids are uint16 when the vocab fits, else uint32. Output is written to a temporary
 directory renamed into place at the end: an interrupted run leaves nothing that looks complete.
 """
@@ -163,7 +165,8 @@ def _encoded(chunks: Iterator[list[str]], tok: Tokenizer, num_proc: int
 
 def _write_split(stories: Iterable[str], tok: Tokenizer, out: Path, split: str,
                  opts: PrepareOptions, dtype: np.dtype, bar: tqdm) -> dict[str, Any]:
-    n_stories = n_tokens = n_bytes = n_truncated = 0
+    n_stories = n_tokens = n_bytes = n_truncated = cut_bytes = 0
+    token_bytes = np.asarray(tok.token_bytes()) if opts.layout == "padded" else None
     lo, hi = None, 0
     lengths: list[int] = []
     limit = np.iinfo(dtype).max
@@ -183,7 +186,9 @@ def _write_split(stories: Iterable[str], tok: Tokenizer, out: Path, split: str,
                     n = min(len(seq) + 1, width)  # + the row's leading end-of-text id
                     rows[r, 1:n] = seq[:n - 1]
                     lengths.append(n)
-                    n_truncated += len(seq) + 1 > width
+                    if len(seq) + 1 > width:  # the cut tail is never scored
+                        n_truncated += 1
+                        cut_bytes += int(token_bytes[seq[n - 1:]].sum())
                 rows.tofile(f)
             per_story = [len(s) for s in seqs]
             n_stories += len(seqs)
@@ -206,6 +211,7 @@ def _write_split(stories: Iterable[str], tok: Tokenizer, out: Path, split: str,
     }
     if opts.layout == "padded":
         stats |= {"rows": n_stories, "truncated_stories": n_truncated,
+                  "scored_bytes": n_bytes - cut_bytes,
                   "real_tokens": int(sum(lengths)), "padded_positions": n_stories * width}
     return stats
 

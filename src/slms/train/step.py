@@ -54,7 +54,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Packed
     batches = []
     for micro in range(tc.grad_accum):
         index = micro_index(env.dist, tc.grad_accum, micro)
-        x, y = data.train_batch(tc.batch_size, cfg.model.block_size, tc.seed, step, micro=index)
+        x, y = data.train_batch(tc.batch_size, cfg.model.block_size, tc.seed, step, micro=index,
+                                micro_per_step=tc.grad_accum * env.dist.world)
         # Packed data has no pads; the padded layout's pad targets are IGNORE_INDEX.
         real = (y != IGNORE_INDEX) if data.padded else None
         batches.append((x, y, real, y.numel() if real is None else int(real.sum())))

@@ -144,15 +144,25 @@ def global_batch_tokens(cfg: RunConfig, world: int) -> int:
     return tc.batch_size * tc.grad_accum * world * cfg.model.block_size
 
 
+def epoch_size(cfg: RunConfig, data: PackedData, world: int) -> tuple[int, int, str]:
+    """(units in one epoch, units per optimizer step, unit name): training tokens and token
+    positions per step (packed), or rows and rows per step (padded: a step's rows are mostly
+    pads, so positions would count about a fifth of an epoch)."""
+    split = data.meta["splits"]["train"]
+    if data.padded:
+        tc = cfg.train
+        return split["rows"], tc.batch_size * tc.grad_accum * world, "stories"
+    return split["tokens"], global_batch_tokens(cfg, world), "tokens"
+
+
 def resolve_steps(cfg: RunConfig, data: PackedData, d: Dist) -> RunConfig:
-    """With train.epochs > 0, max_steps = ceil(epochs * training tokens / tokens per step), so
-    schedules are computed from the true total."""
+    """With train.epochs > 0, max_steps = ceil(epochs * epoch size / step size), so schedules
+    are computed from the true total."""
     tc = cfg.train
     if tc.epochs <= 0:
         return cfg
-    per_step = global_batch_tokens(cfg, d.world)
-    tokens = data.meta["splits"]["train"]["tokens"]
-    steps = max(1, math.ceil(tc.epochs * tokens / per_step))
+    size, per_step, _ = epoch_size(cfg, data, d.world)
+    steps = max(1, math.ceil(tc.epochs * size / per_step))
     return dataclasses.replace(cfg, train=dataclasses.replace(tc, max_steps=steps))
 
 
@@ -236,6 +246,7 @@ def announce(run: Run, data: PackedData, log) -> None:
     tc = cfg.train
     tokens = data.meta["splits"]["train"]["tokens"]
     per_step = global_batch_tokens(cfg, d.world)
+    size, units_per_step, _ = epoch_size(cfg, data, d.world)
     log(f"model: {counts['params_total']:,} parameters, {counts['params_active']:,} active per "
         f"token ({'MoE' if cfg.model.moe else 'dense'}, {cfg.model.n_layer} layers, "
         f"n_embd {cfg.model.n_embd})")
@@ -243,7 +254,7 @@ def announce(run: Run, data: PackedData, log) -> None:
     log(f"data: {data.dir} ({tokens:,} training tokens); global batch {per_step:,} tokens per "
         f"step = {tc.batch_size} x {tc.grad_accum} accumulation{procs} x "
         f"{cfg.model.block_size} tokens; {tc.max_steps} steps = "
-        f"{tc.max_steps * per_step / tokens:.2f} epochs")
+        f"{tc.max_steps * units_per_step / size:.2f} epochs")
     log(f"run directory: {run.run_dir}")
 
 
