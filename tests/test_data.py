@@ -1,9 +1,13 @@
 import json
+import os
 
 import numpy as np
 import pytest
 
+from slms.analysis.evaluate import prepare_for
+from slms.config import DataConfig
 from slms.data.loader import PackedData, eval_windows
+from slms.data.pipeline import resolve_data
 from slms.data.prepare import prepare, read_meta, reservoir
 from slms.data.sources import SourceError, load_source, split_txt
 from slms.model import IGNORE_INDEX
@@ -118,3 +122,40 @@ def test_real_tinystories_sample(tmp_path, tokenizer):
     assert len(splits["train"]) + len(splits["val"]) == 245
     meta = prepare(splits, tokenizer, tmp_path / "ts")
     assert meta["splits"]["train"]["stories"] + meta["splits"]["val"]["stories"] == 245
+
+
+def _stories_in(data_dir, tokenizer) -> list[str]:
+    data = PackedData(data_dir)
+    out = []
+    for split in ("train", "val"):
+        ids = np.asarray(data.tokens(split)).tolist()
+        while ids:
+            end = ids.index(tokenizer.eos_id)
+            out.append(tokenizer.decode(ids[:end]))
+            ids = ids[end + 1:]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("via", ["resolve_data", "prepare_for"])
+def test_cache_of_a_local_file_follows_its_content(tmp_path, stories, tokenizer, via):
+    src, cache, logs = tmp_path / "stories.txt", tmp_path / "cache", []
+    tokenizer.save(tmp_path / "tok.json")
+    cfg = DataConfig(path=str(src), tokenizer=str(tmp_path / "tok.json"), cache_dir=str(cache))
+
+    def prepared() -> os.PathLike:
+        if via == "resolve_data":
+            return resolve_data(cfg, log=logs.append)
+        return prepare_for(str(src), tokenizer, cache, log=logs.append)
+
+    src.write_text("".join(s + "\n<|endoftext|>\n" for s in stories[:60]))
+    first = prepared()
+    assert prepared() == first
+    assert logs[-1] == f"reusing prepared data in {first} (same source and tokenizer)"
+    mtime = src.stat().st_mtime_ns
+    src.write_text("".join(s + "\n<|endoftext|>\n" for s in stories[60:120]))
+    os.utime(src, ns=(mtime + 10**9, mtime + 10**9))  # coarse clocks: make the edit visible
+    n_logs = len(logs)
+    second = prepared()
+    assert second != first and not any("reusing" in m for m in logs[n_logs:])
+    assert _stories_in(second, tokenizer) == sorted(stories[60:120])
+    assert _stories_in(first, tokenizer) == sorted(stories[:60])

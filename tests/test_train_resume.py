@@ -105,3 +105,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     assert f"checkpoint saved in {run / 'checkpoints' / 'step-4'}" in done.stdout
     assert load_trainer_state(run / "checkpoints" / "step-4")["step"] == 4
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_resume_puts_back_checkpoints_torn_out_mid_replace(tmp_path, data_dir, capsys):
+    """A crash between the two renames of a non-atomic replace leaves best/ and step-6 only as
+    .NAME.old-PID copies: resuming puts them back (and uses step-6) before it looks."""
+    run = tmp_path / "run"
+    assert main(_args(data_dir, "train.max_steps=6", "--out", str(run))) == 0
+    (run / "best").rename(run / ".best.old-123")
+    (run / "checkpoints" / "step-6").rename(run / "checkpoints" / ".step-6.old-123")
+    (run / "checkpoints" / ".step-6.tmp-abc").mkdir()  # the new copy never moved in
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.max_steps=7"]) == 0
+    assert "step-6 (step 6)" in capsys.readouterr().out
+    assert (run / "best" / "model.safetensors").is_file()
+    assert not [p for d in (run, run / "checkpoints") for p in d.iterdir()
+                if p.name.startswith((".best", ".step"))]

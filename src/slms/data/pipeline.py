@@ -2,7 +2,8 @@
 
 `data.path` may be a prepared directory (meta.json + .bin files), any SOURCE that
 `slms.data.sources` reads, or absent: then the embedded corpus is generated, a tokenizer is
-trained on it, and both are prepared into a cache keyed by everything that shapes the result.
+trained on it, and both are prepared into a cache keyed by everything that shapes the result
+(local files by their size and mtime too, so an edited file is prepared again).
 """
 
 from __future__ import annotations
@@ -63,20 +64,44 @@ def train_tokenizer_on(source: Source, vocab_size: int, max_train_bytes: int | N
                  "bytes_per_token": n_bytes / n_tokens if n_tokens else float("nan")}
 
 
+def files_fingerprint(files: list[Path]) -> list[list[Any]]:
+    """[absolute path, size, mtime_ns] of each file, sorted: it changes when a file is edited,
+    added or removed, without reading the files."""
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return sorted(out)
+
+
+def source_fingerprint(source: Source) -> list[list[Any]] | None:
+    """The content key of a local source (the files it reads); None for the embedded corpus and
+    hub datasets, whose keys stay their names."""
+    files = [f for split in ("train", "val") for f in source.files.get(split, [])]
+    return files_fingerprint(files) if files else None
+
+
 def resolve_data(cfg: DataConfig, seed: int = 0, log=print) -> Path:
     """A prepared data directory for `cfg` (prepared into the cache when needed)."""
     if cfg.path is not None and is_prepared(cfg.path):
         return Path(cfg.path)
     name = cfg.path or "synthetic"
-    key = {"source": str(Path(name).resolve()) if Path(name).exists() else name,
-           "stories": cfg.stories if name == "synthetic" else None, "seed": seed,
-           "vocab_size": cfg.vocab_size, "tokenizer": cfg.tokenizer}
+    source = Source(name, SourceOptions(seed=seed, stories=cfg.stories))
+    key: dict[str, Any] = {
+        "source": str(Path(name).resolve()) if Path(name).exists() else name,
+        "stories": cfg.stories if name == "synthetic" else None, "seed": seed,
+        "vocab_size": cfg.vocab_size, "tokenizer": cfg.tokenizer}
+    content = source_fingerprint(source)
+    if content is not None:  # only local sources: hub / synthetic caches keep their keys
+        key["content"] = content
+    if cfg.tokenizer is not None and Path(cfg.tokenizer).is_file():
+        key["tokenizer_file"] = files_fingerprint([Path(cfg.tokenizer)])
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(cfg.cache_dir) / f"{Path(name).name}-{digest}"
     if is_prepared(out):
+        log(f"reusing prepared data in {out} (same source and tokenizer)")
         return out
     log(f"preparing data from {name} into {out} ...")
-    source = Source(name, SourceOptions(seed=seed, stories=cfg.stories))
     if cfg.tokenizer is not None:
         tok = Tokenizer.from_file(cfg.tokenizer)
     else:

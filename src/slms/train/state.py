@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,9 +105,7 @@ def save_step(run: Run) -> Path:
     path = run.run_dir / "checkpoints" / f"step-{run.state.step}"
     save(run, path)
     if run.d.main:
-        tmp = run.run_dir / ".latest.tmp"
-        tmp.write_text(f"checkpoints/step-{run.state.step}\n")
-        os.replace(tmp, run.run_dir / "latest")
+        ckpt.atomic_write_text(run.run_dir / "latest", f"checkpoints/step-{run.state.step}\n")
         ckpt.prune(run.run_dir, keep=run.cfg.train.keep_checkpoints)
     return path
 
@@ -136,6 +132,9 @@ def restore(run: Run, log=print) -> None:
     scaler, RNGs and run.state."""
     d = run.d
     warn = log if d.main else (lambda *_: None)
+    if d.main:
+        recover_run_dir(run.run_dir)  # a checkpoint torn out mid-replace is back before we look
+    d.barrier()
     path, weights, ts = newest_intact(run.run_dir, warn)
     distributed.load_full_state(run.model, run.opt, weights, ts["optimizer"])
     run.sched.load_state_dict(ts["scheduler"])
@@ -157,11 +156,17 @@ def restore(run: Run, log=print) -> None:
     warn(f"resumed from {path} (step {run.state.step})")
 
 
+def recover_run_dir(run_dir: Path) -> None:
+    """After a crash: put back a best/ or step-N whose replacement was cut short, and drop
+    half-written temp checkpoints and files (only while no process writes the run)."""
+    ckpt.tidy(run_dir)
+    ckpt.tidy(run_dir / "checkpoints")
+
+
 def tidy_run_dir(run_dir: Path, step: int) -> None:
-    """After a crash: drop half-written temp checkpoints and the metrics logged after `step`
-    (the resumed run logs those steps again)."""
-    for p in (run_dir / "checkpoints").glob(".step-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """After a crash: repair and tidy the checkpoints (`recover_run_dir`) and drop the metrics
+    logged after `step` (the resumed run logs those steps again)."""
+    recover_run_dir(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
         keep = []
@@ -171,9 +176,7 @@ def tidy_run_dir(run_dir: Path, step: int) -> None:
                     keep.append(line + "\n")
             except (json.JSONDecodeError, KeyError):
                 pass  # a line cut short by the crash
-        tmp = metrics.with_suffix(".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, metrics)
+        ckpt.atomic_write_text(metrics, "".join(keep))
 
 
 def find_resume(cfg: RunConfig, out_dir: str | Path | None, resume: str | Path | None
