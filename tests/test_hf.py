@@ -17,6 +17,7 @@ import slms  # noqa: E402,F401  (registers model_type slms)
 from conftest import tiny_config  # noqa: E402
 from slms.cli import main  # noqa: E402
 from slms.config import MoEConfig  # noqa: E402
+from slms.hf import from_gpt  # noqa: E402
 from slms.model import GPT  # noqa: E402
 from slms.train.checkpoint import save_checkpoint  # noqa: E402
 
@@ -63,6 +64,99 @@ def test_greedy_generate_equals_slms_and_uses_the_cache(tmp_path, tokenizer, cas
     # the prompt once, then one new token per step: generate() used the KV cache
     assert lengths[0] == 7 and set(lengths[1:]) == {1}
     assert len(lengths) == want.shape[1] - 7
+
+
+def test_generate_switches_moe_statistics_off_for_the_call(tokenizer):
+    torch.manual_seed(0)
+    gpt = GPT(tiny_config(moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=64))).eval()
+    hf = from_gpt(gpt, tokenizer.eos_id)
+    layers = hf.model.moe_layers()
+    prompt = torch.randint(0, 300, (2, 5))
+    got = hf.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert got.tolist() == gpt.generate(prompt, 10, temperature=0,
+                                        eos_id=tokenizer.eos_id).tolist()
+    assert all(m.stats["calls"] == 0 and m.track_stats for m in layers)
+    with pytest.raises(ValueError, match="context"):  # past block_size 32, mid-generation
+        hf.generate(prompt, max_new_tokens=40, do_sample=False)
+    assert all(m.stats["calls"] == 0 and m.track_stats for m in layers)
+    with torch.no_grad():
+        hf(prompt)  # a plain forward still records
+    assert all(m.stats["calls"] == 1 for m in layers)
+
+
+# Rows as (row, positions) set to -100 in the labels. For the MoE model (deterministic topk
+# router, z-loss only: the balancing loss is not a sum over tokens, so no split reproduces it)
+# both micro-batches hold as many targets, as its per-micro-batch router loss is weighted by them.
+ACCUMULATION_CASES = {
+    "dense": ({}, [(0, slice(0, 10)), (3, slice(5, 8))]),
+    "moe-z-loss": ({"moe": MoEConfig(n_experts=4, top_k=2, expert_hidden=64, router="topk",
+                                     aux_loss_coef=0.0, z_loss_coef=0.1)},
+                   [(0, slice(0, 10)), (2, slice(0, 10))]),
+}
+
+
+def trainer_step(tmp_path, gpt: GPT, rows: list[dict], batch: int, accumulation: int
+                 ) -> dict[str, torch.Tensor]:
+    """The parameters after one SGD step of transformers' Trainer on `rows`, taken in order."""
+    from transformers import Trainer, TrainingArguments
+
+    model = from_gpt(gpt)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"b{batch}-g{accumulation}"), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, max_steps=1, use_cpu=True, report_to=[],
+        save_strategy="no", logging_strategy="no", lr_scheduler_type="constant",
+        max_grad_norm=0.0, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=rows,
+                      optimizers=(torch.optim.SGD(model.parameters(), lr=0.5), None))
+    trainer.train()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("case", ACCUMULATION_CASES)
+def test_trainer_gradient_accumulation_equals_one_large_batch(tmp_path, monkeypatch, case):
+    pytest.importorskip("accelerate")
+    import inspect
+
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer
+
+    if "num_items_in_batch" not in inspect.signature(Trainer.compute_loss).parameters:
+        pytest.skip("this transformers' Trainer averages micro-batch means (before 4.46)")
+    monkeypatch.setattr(Trainer, "_get_train_sampler",
+                        lambda self, *a: SequentialSampler(self.train_dataset))
+    overrides, masked = ACCUMULATION_CASES[case]
+    torch.manual_seed(0)
+    gpt = GPT(tiny_config(vocab_size=64, block_size=16, **overrides))
+    x = torch.randint(0, 64, (4, 16))
+    labels = x.clone()
+    for row, positions in masked:
+        labels[row, positions] = -100
+    rows = [{"input_ids": x[i], "labels": labels[i]} for i in range(4)]
+    before = {k: v.detach().clone() for k, v in from_gpt(gpt).named_parameters()}
+    want = trainer_step(tmp_path, gpt, rows, batch=4, accumulation=1)
+    got = trainer_step(tmp_path, gpt, rows, batch=2, accumulation=2)
+    assert not torch.allclose(want["model.wte.weight"], before["model.wte.weight"])
+    for name, w in want.items():
+        assert torch.allclose(got[name], w, atol=1e-6), name
+
+
+def test_num_items_in_batch_gives_the_summed_loss_over_them():
+    torch.manual_seed(0)
+    moe = MoEConfig(n_experts=4, top_k=2, expert_hidden=64, router="topk")
+    hf = from_gpt(GPT(tiny_config(vocab_size=64, block_size=16, moe=moe))).train()
+    x = torch.randint(0, 64, (4, 16))
+    labels = x.clone()
+    labels[0, :10] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    # one micro-batch holding every target: the usual mean loss, router losses included
+    want = hf(x, labels=labels).loss
+    assert torch.allclose(hf(x, labels=labels, num_items_in_batch=n).loss, want, atol=1e-6)
+    # in eval mode (no router losses) the parts sum to the whole, however unevenly split
+    hf.eval()
+    with torch.no_grad():
+        parts = [hf(x[s], labels=labels[s], num_items_in_batch=torch.tensor(n)).loss
+                 for s in (slice(0, 1), slice(1, 4))]
+        assert torch.allclose(sum(parts), hf(x, labels=labels).loss, atol=1e-6)
 
 
 def test_padding_is_a_clear_error(tmp_path, tokenizer):

@@ -103,6 +103,9 @@ class SlmsForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     _supports_cache_class = True  # 4.x: hand generate() a DynamicCache, not legacy tuples
+    # Trainer passes num_items_in_batch (the label count of the whole accumulation step) and
+    # then leaves the loss undivided by the accumulation steps: forward normalises by it.
+    accepts_loss_kwargs = True
     # 5.x maps each tied target to its source; 4.x lists the targets.
     _tied_weights_keys = ({"model.lm_head.weight": "model.wte.weight"} if _TRANSFORMERS_5
                           else ["model.lm_head.weight"])
@@ -148,10 +151,12 @@ class SlmsForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: Any = None, past_key_values: Any = None, use_cache: bool | None = None,
                 labels: torch.LongTensor | None = None, logits_to_keep: int = 0,
+                num_items_in_batch: torch.Tensor | int | None = None,
                 **kwargs: Any) -> CausalLMOutputWithPast:
         """input_ids (B, T): the tokens not yet in the cache. labels (B, T) are shifted inside,
         as in every transformers causal LM. The loss includes the MoE router losses (zero in
-        eval mode)."""
+        eval mode). Without num_items_in_batch it is the mean over this batch's targets; with
+        it (Trainer, gradient accumulation) see `_loss_over_items`."""
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("SlmsForCausalLM takes input_ids, not inputs_embeds")
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -169,14 +174,51 @@ class SlmsForCausalLM(PreTrainedModel, GenerationMixin):
         targets = None
         if labels is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        out = self.model(input_ids, targets, caches=caches,
+        summed = targets is not None and num_items_in_batch is not None
+        out = self.model(input_ids, None if summed else targets, caches=caches,
                          last_only=labels is None and logits_to_keep == 1)
+        if summed:
+            loss = _loss_over_items(out.logits, targets, out.aux_loss, num_items_in_batch)
+        else:
+            loss = out.loss + out.aux_loss if out.loss is not None else None
         logits = out.logits
         if logits_to_keep > 1:
             logits = logits[:, -logits_to_keep:]
-        loss = out.loss + out.aux_loss if out.loss is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{_CACHE_FIELD: cache if use_cache else None})
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """GenerationMixin.generate with the MoE statistics off for the call, as in
+        `GPT.generate`: they cost a softmax and an entropy per step, and generated tokens
+        would mix into the training statistics."""
+        layers = self.model.moe_layers()
+        tracked = [layer.track_stats for layer in layers]
+        for layer in layers:
+            layer.track_stats = False
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            for layer, on in zip(layers, tracked, strict=True):
+                layer.track_stats = on
+
+
+def _loss_over_items(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, aux: torch.Tensor,
+                     num_items: torch.Tensor | int) -> torch.Tensor:
+    """This micro-batch's part of an accumulation step's loss: its summed cross entropy over
+    the step's `num_items` targets, plus its router losses (a per-micro-batch mean) weighted
+    by its share of those targets. Summed over the step's micro-batches this is the step's
+    mean loss, however the targets fall into micro-batches.
+
+    The share counts the targets the loss scores (labels shifted). The Trainer counts the same
+    since transformers PR #46204 (in 5.24; our loss_type is ForCausalLM), so the sum is exact.
+    Earlier versions count the unshifted labels, one more per row whose first is not -100: both
+    terms then carry one factor (scored / counted), the under-scaling transformers' own causal
+    LMs have there, and an accumulated step still equals one batch of all its rows.
+    """
+    ce_sum = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="sum")
+    n_items = (targets_BT != IGNORE_INDEX).sum()
+    return (ce_sum + aux * n_items) / num_items
 
 
 def register() -> None:
