@@ -1,4 +1,5 @@
-"""AdamW with weight decay on matrices only; learning-rate schedules from the true step count."""
+"""AdamW with weight decay on matmul and embedding weights only; learning-rate schedules from
+the true step count."""
 
 from __future__ import annotations
 
@@ -8,15 +9,30 @@ import torch
 from torch import nn
 
 from slms.config import TrainConfig
+from slms.model.moe import Experts
+
+
+def decayed_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters weight decay applies to, chosen by role: the weights of matmuls
+    (linear layers, the experts' stacked w1/w2) and embeddings. Biases (the experts' stacked
+    2-D ones too, so that MoE and dense models decay alike) and norms are not decayed."""
+    ids = set()
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            ids.add(id(m.weight))
+        elif isinstance(m, Experts):
+            ids.update((id(m.w1_EDH), id(m.w2_EHD)))
+    return ids
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
                     ) -> torch.optim.AdamW:
-    """Decay 2-D+ weights (matmuls, embeddings, stacked experts); not biases or norms."""
+    """AdamW; weight decay on `decayed_parameters` only."""
+    decay_ids = decayed_parameters(model)
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() yields a tied weight once
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if id(p) in decay_ids else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     extra = {"fused": True} if device.type == "cuda" else {}
