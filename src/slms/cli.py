@@ -30,12 +30,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand parser that takes options and positionals in any order, so that
+    `slms train CONFIG --out DIR key=value` works as well as `slms train CONFIG key=value
+    --out DIR` (plain argparse stops filling `overrides` at the first option)."""
+
+    _mixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201
+        if self._mixing:  # parse_known_intermixed_args calls back here for each pass
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="slms", description="Train, run and analyse small GPT language models, dense and "
         "Mixture-of-Experts, on TinyStories-style text.")
     p.add_argument("--version", action="version", version=f"slms {__version__}")
-    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND", parser_class=_IntermixedParser)
 
     c = sub.add_parser("demo", help="the whole pipeline on the embedded corpus, on the CPU")
     c.add_argument("config", nargs="?", default="tiny", help="config (default: tiny)")
