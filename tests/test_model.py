@@ -115,8 +115,43 @@ def test_seed_moe_true_parameter_count():
         counts = count_params(GPT(cfg))
     assert counts["params_total"] == 54_992_576  # the seed's README says "134.6M"
     assert counts["params_active"] == 17_151_680
-    assert flops_per_token(cfg) == 6 * (2048 * 256 + 12 * (4 * 256 * 256 + 2 * 2 * 256 * 1024
-                                                             + 2 * 256 * 8)) + 12 * 12 * 256 * 1080
+
+
+def counted_flops(model: GPT, B: int, T: int, monkeypatch: pytest.MonkeyPatch
+                  ) -> tuple[int, int]:
+    """(all, attention bmm) FLOPs that torch's FlopCounterMode counts in one training forward +
+    backward of B x T random tokens. Attention runs the math path, whose q @ k^T and att @ v
+    are bmm's over the full T x T matrix (CPU's fused kernel is not counted); the C++ MoE
+    kernels are off (custom ops are not counted either)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from slms.model import native
+
+    monkeypatch.setattr(native, "_tried", True)  # native.ops() returns _ops without building
+    monkeypatch.setattr(native, "_ops", None)
+    x = torch.randint(0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model.train()(x, x)
+        (out.loss + out.aux_loss).backward()
+    return counter.get_total_flops(), counter.get_flop_counts()["Global"][torch.ops.aten.bmm]
+
+
+@pytest.mark.parametrize("moe,T", [
+    (None, 16), (None, 8),
+    (MoEConfig(n_experts=4, top_k=2, expert_hidden=64, router="noisy_topk"), 16),
+    (MoEConfig(n_experts=4, top_k=2, router="topk", every=2), 16),  # layer 0 dense, 1 MoE
+])
+def test_flops_per_token_equals_the_counted_flops(moe, T, monkeypatch):
+    """flops_per_token is what torch counts in a training step, to the FLOP: 6 x matmul weights
+    (router matmuls and top_k experts included) + 12 L C T for attention, counted non-causal
+    (PaLM's convention), which is what the math path computes."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, block_size=16, n_layer=2, n_head=4, n_embd=32, moe=moe)
+    B = 2
+    total, attention = counted_flops(GPT(cfg), B, T, monkeypatch)
+    assert attention == 12 * cfg.n_layer * cfg.n_embd * T * B * T  # the full T x T, both ways
+    assert total == flops_per_token(cfg, context=T) * B * T
 
 
 def test_dropout_only_in_training():

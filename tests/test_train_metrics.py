@@ -1,13 +1,20 @@
 """Epochs, metrics records (MFU, memory), plots, TensorBoard as an optional dependency."""
 
 import json
+import time
+from types import SimpleNamespace
 
 import pytest
 
 from slms.cli import main
-from slms.model import flops_per_token
+from slms.config import model_config_from_dict
+from slms.data.loader import PackedData
+from slms.model import GPT, IGNORE_INDEX
 from slms.train.metrics import MetricsWriter, TensorBoardMissingError, read_metrics
+from test_model import counted_flops  # torch's FLOP count of a training step
 from train_helpers import TINY
+
+BLOCK = 400  # the stories below are 300-480 tokens: padded rows and full (truncated) rows
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +33,62 @@ def test_epochs_set_the_total_steps(epoch_run, data_dir):
     assert [r["step"] for r in read_metrics(epoch_run) if "loss" in r] == [1, 2, 3, 4, 5]
 
 
-def test_records_have_throughput_mfu_and_memory(epoch_run):
-    cfg = json.loads((epoch_run / "run_config.json").read_text())
-    from slms.config import model_config_from_dict
-
-    fpt = flops_per_token(model_config_from_dict(cfg["model"]))
+def test_records_have_throughput_and_memory(epoch_run):
     for r in (r for r in read_metrics(epoch_run) if "loss" in r):
         assert r["tokens_per_s"] > 0 and r["memory_gb"] > 0 and r["grad_norm"] > 0
-        assert r["mfu"] == pytest.approx(fpt * r["tokens_per_s"] / 1e12)
         assert r["tokens"] == r["step"] * 4 * 32 and len(r["moe"]) == 2
+
+
+@pytest.fixture(scope="module")
+def clocked_run(tmp_path_factory, stories, tokenizer):
+    """Three steps on padded rows, on a clock that advances exactly 1 s per training step (and
+    not at all elsewhere): its throughput records are exact numbers, not timings."""
+    import slms.train.trainer as trainer
+    from slms.data.prepare import PrepareOptions, prepare_source
+    from slms.data.sources import Source
+
+    tmp = tmp_path_factory.mktemp("clocked")
+    chosen = {"train": stories[:24], "val": stories[24:26]}
+    src = Source(None)
+    src.iter = lambda split: iter(chosen[split])
+    prepare_source(src, tokenizer, tmp / "pad", PrepareOptions(layout="padded", block_size=BLOCK))
+    now = [0.0]
+    real_step = trainer.train_step
+
+    def one_second_step(*args, **kwargs):
+        now[0] += 1.0
+        return real_step(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "train_step", one_second_step)
+        clock = SimpleNamespace(**{**vars(time), "perf_counter": lambda: now[0]})
+        mp.setattr(trainer, "time", clock)
+        assert main(["train", "configs/tiny.toml", f"data.path={tmp / 'pad'}", *TINY,
+                     f"model.block_size={BLOCK}", "train.max_steps=3", "train.peak_flops=1e12",
+                     "--out", str(tmp / "run")]) == 0
+    return tmp / "run", PackedData(tmp / "pad")
+
+
+def test_mfu_is_measured_flops_of_real_tokens_over_the_peak(clocked_run, monkeypatch):
+    """tokens_per_s counts the real targets of the window (not the B x T positions, pads
+    included); mfu = FLOPs per token, as torch counts them in a training step with the full
+    T x T attention (the PaLM convention), x tokens_per_s / train.peak_flops."""
+    run, data = clocked_run
+    cfg = json.loads((run / "run_config.json").read_text())
+    model = GPT(model_config_from_dict(cfg["model"]))
+    total, _ = counted_flops(model, 1, BLOCK, monkeypatch)
+    measured_per_token = total / BLOCK
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    seen = 0
+    for r in records:
+        _, y = data.train_batch(4, BLOCK, cfg["train"]["seed"], r["step"] - 1)
+        real = int((y != IGNORE_INDEX).sum())
+        seen += real
+        assert r["tokens_per_s"] == real  # one step of one second
+        assert r["tokens"] == seen
+        assert r["mfu"] == pytest.approx(measured_per_token * real / 1e12, rel=1e-12)
+    assert seen < 3 * 4 * BLOCK  # the batches hold pads: counting positions would differ
 
 
 def test_plot_writes_labelled_pngs(epoch_run, capsys):

@@ -1,12 +1,17 @@
 """`slms import-seed`: a checkpoint written by the seed's code -> an slms checkpoint directory.
 
-The seed saves `{"model": state_dict, "hyperparameters": {vocab_size, block_size, n_embed,
-n_heads, n_layers, dropout, n_experts, top_k}}`. Its model differs from slms's defaults in ways
-the config expresses, so the imported model computes what it computed before:
+The seed's training script saves `{"epoch", "model": state_dict, "optimizer", "scheduler",
+"hyperparameters": {vocab_size, block_size, n_embed, n_heads, n_layers, dropout, n_experts, top_k,
+...}, "val_loss", "train_loss"}`; only "model" and "hyperparameters" are used. Its model differs
+from slms's defaults in ways the config expresses, so the imported model computes what it
+computed before:
 attention scores scaled by n_embed^-0.5 (`attn_scale="n_embd"`), one bias-free Linear per head
 for q/k/v (fused into `qkv`, `qkv_bias=False`), a gate that softmaxes the top-k logits
 (`renormalize=True`), ReLU FFNs, an untied lm_head with a bias. Its `tril` mask buffers are
-dropped.
+dropped. Its gate adds noise in evaluation too; slms's `noisy_topk` adds it in training only, so
+the imported model computes the seed's eval forward with the noise at zero. Weights pruned with
+`torch.nn.utils.prune` (`weight_orig` and `weight_mask`, as the seed's test script handles) are
+folded into plain weights.
 
 Its tokenizer (whitespace pre-tokenized BPE, no decoder, specials `<|unknown|>`, `<|im_start|>`,
 `<|im_end|>`) is kept as it is, so it decodes as the seed's did. slms needs an `<|endoftext|>`
@@ -18,6 +23,7 @@ so: `Tokenizer.prompt_prefix` is empty), as the seed's did not.
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -54,7 +60,7 @@ def seed_config(hp: dict[str, Any], moe: bool) -> ModelConfig:
 
 def convert_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The seed's keys and layouts -> slms's (see the module docstring)."""
-    sd = {k: v for k, v in sd.items() if not k.endswith("tril")}
+    sd = unprune({k: v for k, v in sd.items() if not k.endswith("tril")})
     used: set[str] = set()
 
     def take(key: str) -> torch.Tensor:
@@ -106,6 +112,18 @@ def convert_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def unprune(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`X_orig` and `X_mask` (torch.nn.utils.prune's reparametrisation) -> `X = X_orig * X_mask`."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("_mask") and key[:-5] + "_orig" in sd:
+            continue
+        if key.endswith("_orig") and key[:-5] + "_mask" in sd:
+            key, value = key[:-5], value * sd[key[:-5] + "_mask"]
+        out[key] = value
+    return out
+
+
 def seed_tokenizer(path: str | Path) -> Tokenizer:
     """The seed's tokenizer as it is, plus `<|endoftext|>` as one extra special id."""
     from tokenizers import AddedToken
@@ -121,19 +139,55 @@ def seed_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer(hf)
 
 
+class Dropped:
+    """Stands for every object of a checkpoint that is not data torch's weights-only loader
+    knows: built and filled without running any code of the object's class."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+def load_weights_only(path: Path) -> Any:
+    """torch.load(weights_only=True), with any other global of the file replaced by `Dropped`.
+
+    The seed's checkpoints hold its OneCycleLR state, which torch < 2.4 saved with a bound
+    method (pytorch/pytorch#123775): a global the weights-only loader refuses, although the
+    weights and hyperparameters are plain data. Standing in inert objects for such globals
+    loads the data and still runs none of the file's code (torch's loader refuses os and sys
+    globals before any stand-in applies).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if not unsafe:
+            raise
+    with torch.serialization.safe_globals([(Dropped, name) for name in unsafe]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_seed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"seed checkpoint {path} not found")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = load_weights_only(path)
     except Exception as e:
         raise SeedImportError(f"{path} cannot be loaded as a seed checkpoint "
                               f"({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(ck, dict) or "model" not in ck or "hyperparameters" not in ck:
         raise SeedImportError(f"{path} is not a seed checkpoint (needs 'model' and "
                               "'hyperparameters')")
-    return ck["model"], ck["hyperparameters"]
+    sd, hp = ck["model"], ck["hyperparameters"]
+    if not (isinstance(sd, dict) and isinstance(hp, dict)
+            and all(isinstance(v, torch.Tensor) for v in sd.values())
+            and all(isinstance(v, (int, float, str, bool)) for v in hp.values())):
+        raise SeedImportError(f"{path} is not a seed checkpoint ('model' must be a state dict "
+                              "of tensors, 'hyperparameters' a dict of numbers)")
+    return sd, hp
 
 
 def import_seed(seed_path: str | Path, tokenizer_path: str | Path, out: str | Path

@@ -38,6 +38,8 @@ def _mib(n: int) -> str:
 
 
 def describe(info: dict[str, Any]) -> str:
+    """The text of `slms info`. FLOPs follow `flops_per_token`'s convention (full, non-causal
+    attention), which the text states: readers compare them with other papers' counts."""
     kind = f"dense, {info['n_layer']} layers"
     if info["moe_layers"]:
         kind = (f"MoE, {info['n_experts']} experts top-{info['top_k']} in {info['moe_layers']} "
@@ -47,8 +49,9 @@ def describe(info: dict[str, Any]) -> str:
         f"vocab {info['vocab_size']}",
         f"parameters         {info['params_total']:>14,}",
         f"active per token   {info['params_active']:>14,}",
-        f"FLOPs per token    {info['flops_per_token']:>14,}  (training: forward + backward, "
-        f"attention at context {info['block_size']})",
+        f"FLOPs per token    {info['flops_per_token']:>14,}  (forward + backward: 6 x active "
+        "matmul weights",
+        f"{'':35}+ non-causal attention at context {info['block_size']}, PaLM's convention)",
         f"weights            {_mib(info['weights_bytes_fp32']):>14}  fp32  "
         f"({_mib(info['weights_bytes_bf16'])} bf16)",
     ]

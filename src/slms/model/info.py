@@ -44,7 +44,13 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
 
 def flops_per_token(cfg: ModelConfig, context: int | None = None) -> int:
     """Training FLOPs (forward + backward) per token: 6 * matmul weights + 12 * L * C * T
-    for attention scores and values at context T (PaLM appendix B; T defaults to block_size)."""
+    for attention scores and values at context T (T defaults to block_size).
+
+    Attention is counted in full, non-causal: every token against all T positions, as PaLM
+    (appendix B) and nanoGPT's MFU count it, so MFUs compare with theirs. A causal kernel that
+    skips the masked half does about half of the attention term. A MoE token counts its top_k
+    experts (dropless routing) and the router's matmuls (two for noisy_topk: gate and noise).
+    """
     T = context or cfg.block_size
     return 6 * matmul_params_per_token(cfg) + 12 * cfg.n_layer * cfg.n_embd * T
 

@@ -1,4 +1,14 @@
-"""Training metrics: one JSON object per line in metrics.jsonl, and compact console summaries."""
+"""Training metrics: one JSON object per line in metrics.jsonl, and compact console summaries.
+
+Throughput fields of a training record, over the steps since the previous record (evaluation
+time excluded):
+    tokens_per_s  real (scored) target tokens per second: pads are not counted
+    mfu           model FLOPs utilisation = flops_per_token * tokens_per_s / peak FLOP/s of the
+                  devices; FLOPs per token as `slms info` counts them (forward + backward:
+                  6 x active matmul weights + non-causal attention at context block_size, the
+                  PaLM / nanoGPT convention); null when the peak is unknown
+    tokens        real target tokens seen since the start of the run
+"""
 
 from __future__ import annotations
 
@@ -89,7 +99,8 @@ def memory_gb(device: torch.device) -> tuple[float, str]:
 
 
 def console_line(r: dict[str, Any], max_steps: int) -> str:
-    """One line per log interval: step, loss, lr, grad norm, tokens/s, MFU, memory."""
+    """One line per log interval: step, loss, lr, grad norm, tokens/s, MFU (non-causal attention
+    FLOPs, PaLM's convention: see the module docstring), memory."""
     mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
     line = (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
             f"grad norm {r['grad_norm']:.3f} | {fmt_count(r['tokens_per_s'])} tok/s | "
