@@ -38,7 +38,10 @@ def test_analyse_writes_every_export(model, tokenizer, data_dir, tmp_path):
     report = analyse(model, tokenizer, tokens, tmp_path, text, max_tokens=400)
     for la in report["layers"]:
         assert sum(la["share"]) == pytest.approx(1.0)
-        assert la["max_over_mean"] >= 1.0
+        counts = la["tokens_per_expert"]
+        assert sum(counts) == report["tokens"] * 2  # top-2: every routed token twice
+        assert la["max_over_mean"] == pytest.approx(max(counts) / (sum(counts) / 4))
+        assert la["share"] == pytest.approx([n / sum(counts) for n in counts])
         assert all(r["lift"] > 0 for rows in la["specialisation"] for r in rows)
     assert json.loads((tmp_path / "experts.json").read_text())["tokens"] == report["tokens"]
     rows = list(csv.DictReader((tmp_path / "expert_load.csv").open()))
