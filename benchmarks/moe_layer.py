@@ -13,7 +13,7 @@ z-losses, as in training); decode shapes run forward only in eval mode under no_
 the decode steps of `GPT.generate` (no expert statistics).
 
 On the CPU the process keeps freed memory for reuse, as `slms train` does there
-(slms.train.memory; --malloc default leaves glibc's defaults: our layer then pays ~10 ms of
+(slms.memory; --malloc default leaves glibc's defaults: our layer then pays ~10 ms of
 page faults per `fine` step for its 16 MB tensors, the ideal's 2 MB ones none).
 
 --dtype autocast (the default on CUDA) keeps fp32 weights and inputs and runs each call under
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slms.config import MoEConfig
+from slms.memory import keep_freed_memory
 from slms.model.moe import MoE
-from slms.train.memory import keep_freed_memory
 
 N_EMBD = 256
 

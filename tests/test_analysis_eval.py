@@ -7,10 +7,10 @@ import torch
 from conftest import tiny_config
 from slms import load
 from slms.analysis.evaluate import eval_checkpoint
+from slms.checkpoint import save_checkpoint
 from slms.cli import main
 from slms.data.prepare import prepare
 from slms.model import GPT
-from slms.train.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

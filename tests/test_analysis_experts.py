@@ -9,10 +9,10 @@ import torch
 
 from conftest import tiny_config
 from slms.analysis.experts import analyse, route_dataset
+from slms.checkpoint import save_checkpoint
 from slms.cli import main
 from slms.data.loader import PackedData
 from slms.model import GPT
-from slms.train.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,11 @@ import torch
 
 import slms
 from conftest import tiny_config
+from slms import fsutil
+from slms.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from slms.fsutil import atomic_write_text, exchange
 from slms.model import GPT
-from slms.train import checkpoint as ckpt
-from slms.train.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    exchange,
-    load_checkpoint,
-    resolve,
-    save_checkpoint,
-)
+from slms.rundir import resolve
 from slms.train.state import tidy_run_dir
 
 
@@ -120,7 +115,7 @@ def test_crash_between_the_fallback_renames_keeps_best(tmp_path, tokenizer, monk
     torch.manual_seed(0)
     old_model, new_model = GPT(tiny_config()), GPT(tiny_config())
     save_checkpoint(best, old_model, tokenizer, {"step": 1})
-    monkeypatch.setattr(ckpt, "exchange", lambda a, b: False)  # a filesystem without it
+    monkeypatch.setattr(fsutil, "exchange", lambda a, b: False)  # a filesystem without it
     real_replace, calls = os.replace, []
 
     def die_on_second_rename(src, dst):
@@ -136,7 +131,7 @@ def test_crash_between_the_fallback_renames_keeps_best(tmp_path, tokenizer, monk
     assert not best.exists()  # the crash window
     assert _same(_weights(resolve(run)), old_model.state_dict())  # readers find the old copy
     if repair == "recover":
-        ckpt.recover(best)
+        fsutil.recover(best)
     elif repair == "resume":
         tidy_run_dir(run, step=1)
     else:
@@ -168,7 +163,7 @@ def test_crash_at_any_step_of_a_replace_leaves_a_whole_best(tmp_path, tokenizer,
     for n in range(1, 20):
         before, ops = _weights(best), []
         with monkeypatch.context() as m:
-            for owner, name in ((os, "replace"), (ckpt, "exchange"), (shutil, "rmtree")):
+            for owner, name in ((os, "replace"), (fsutil, "exchange"), (shutil, "rmtree")):
                 m.setattr(owner, name, _dies_at(getattr(owner, name), ops, n))
             try:
                 save_checkpoint(best, models[n % 2], tokenizer)
@@ -188,7 +183,7 @@ import torch
 from slms.config import ModelConfig
 from slms.model import GPT
 from slms.tokenizer import Tokenizer
-from slms.train.checkpoint import save_checkpoint
+from slms.checkpoint import save_checkpoint
 
 torch.set_num_threads(1)
 tok = Tokenizer.from_file(sys.argv[2])
@@ -225,6 +220,6 @@ def test_sigkill_while_saving_best_leaves_a_whole_best(tmp_path, tokenizer):
         proc.stdout.close()
     if _exchange_works(tmp_path):
         assert (best / "model.safetensors").is_file()  # atomic: best/ never went missing
-    ckpt.recover(best)
+    fsutil.recover(best)
     model, _, meta = load_checkpoint(best)
     assert all(bool((p == meta["step"]).all()) for p in model.parameters())

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from slms.checkpoint import load_checkpoint
 from slms.config import load_config
-from slms.train.checkpoint import load_checkpoint
 from slms.train.trainer import train
 from train_helpers import dist_worker, losses, val_losses
 

@@ -15,11 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import slms  # noqa: E402,F401  (registers model_type slms)
 from conftest import tiny_config  # noqa: E402
+from slms.checkpoint import save_checkpoint  # noqa: E402
 from slms.cli import main  # noqa: E402
 from slms.config import MoEConfig  # noqa: E402
 from slms.hf import from_gpt  # noqa: E402
 from slms.model import GPT  # noqa: E402
-from slms.train.checkpoint import save_checkpoint  # noqa: E402
 
 CASES = {  # name: (ModelConfig overrides)
     "dense-tied": {},

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from slms.checkpoint import save_checkpoint
 from slms.infer.chat import Chat, run_chat
 from slms.infer.generate import Sampling
 from slms.model import GPT
-from slms.train.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from slms.checkpoint import CheckpointError, load_checkpoint, load_trainer_state
 from slms.cli import main
-from slms.train.checkpoint import CheckpointError, load_checkpoint, load_trainer_state
 from train_helpers import TINY, losses, run_cli, val_losses
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from slms.checkpoint import load_checkpoint
 from slms.config import MoEConfig, RunConfig, TrainConfig
 from slms.data.loader import PackedData
 from slms.model import GPT
-from slms.train.checkpoint import load_checkpoint
 from slms.train.distributed import Dist
 from slms.train.metrics import read_metrics
 from slms.train.optim import build_optimizer, build_scheduler
@@ -215,7 +215,7 @@ def test_accumulation_weighs_every_real_target_equally(stories, tokenizer, tmp_p
 
 KEEP_MEMORY_PROBE = """
 import resource, sys, torch
-from slms.train.memory import keep_freed_memory
+from slms.memory import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else True
 def step():  # a training step's large tensors: allocated, used, freed
     a, b = torch.ones(4 << 20), torch.ones(4 << 20)  # 16 MB each

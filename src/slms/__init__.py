@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 def load(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
     """(model, tokenizer) from a run directory (its best/, else its latest checkpoint) or a
     checkpoint directory. The model is in eval mode."""
-    from slms.train.checkpoint import load_checkpoint, resolve
+    from slms.checkpoint import load_checkpoint
+    from slms.rundir import resolve
 
     model, tokenizer, _ = load_checkpoint(resolve(path), device)
     return model, tokenizer

@@ -271,12 +271,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.overrides.insert(0, config)
         config = None
     if args.resume:
-        from slms.train.checkpoint import RUN_CONFIG
+        from slms.rundir import RunDir
 
-        run_config = Path(args.resume) / RUN_CONFIG
-        if not run_config.is_file():
-            raise FileNotFoundError(f"{run_config} not found: {args.resume} is not a run directory")
-        cfg = run_config_from_dict(json.loads(run_config.read_text()), args.overrides)
+        cfg = run_config_from_dict(RunDir(args.resume).read_config(), args.overrides)
     else:
         cfg = load_config(resolve_config_path(config) if config else None, args.overrides)
     run_dir = train(cfg, out_dir=args.out, resume=args.resume)
@@ -333,7 +330,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from slms.analysis.bench import BenchOptions, bench_model, describe, load_target
-    from slms.train.memory import keep_freed_memory
+    from slms.memory import keep_freed_memory
 
     if args.device == "cpu":
         keep_freed_memory()  # as `slms train` does on the CPU, so that training speeds compare

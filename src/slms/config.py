@@ -130,7 +130,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16
     threads: int = 0  # torch CPU threads; 0 = torch's default
-    keep_freed_memory: bool = True  # on CPU: glibc keeps freed memory for reuse (train.memory)
+    keep_freed_memory: bool = True  # on CPU: glibc keeps freed memory for reuse (slms.memory)
     # > 0: sets max_steps to this many epochs: real passes over the rows of padded data; for
     # packed data a budget of as many tokens (windows are drawn at random offsets)
     epochs: float = 0.0

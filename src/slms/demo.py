@@ -3,19 +3,18 @@ CPU -> report honest numbers -> tell a story -> show which experts the tokens us
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from slms.analysis.evaluate import evaluate, unigram_loss
+from slms.checkpoint import load_checkpoint
 from slms.config import load_config
 from slms.data.loader import PackedData
 from slms.infer.generate import Sampling, generate_text
 from slms.model import count_params
-from slms.train import checkpoint as ckpt
-from slms.train.checkpoint import RUN_CONFIG
+from slms.rundir import RunDir, resolve
 from slms.train.metrics import expert_usage_line
 from slms.train.plot import plot_run
 from slms.train.trainer import train
@@ -27,8 +26,8 @@ def run_demo(config: str | Path, overrides: list[str], out: str | None = None) -
     print(f"== slms demo: {cfg.name} ({'MoE' if cfg.model.moe else 'dense'}) on "
           f"{torch.get_num_threads()} CPU threads")
     run_dir = train(cfg, out_dir=out)
-    model, tok, meta = ckpt.load_checkpoint(ckpt.resolve(run_dir))
-    data = PackedData(json.loads((run_dir / RUN_CONFIG).read_text())["data_dir"])
+    model, tok, meta = load_checkpoint(resolve(run_dir))
+    data = PackedData(RunDir(run_dir).read_config()["data_dir"])
     counts = count_params(model)
     for layer in model.moe_layers():
         layer.reset_stats()  # count the routing of the evaluation below

@@ -192,7 +192,7 @@ def load_seed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 def import_seed(seed_path: str | Path, tokenizer_path: str | Path, out: str | Path
                 ) -> tuple[GPT, Tokenizer, Path]:
-    from slms.train.checkpoint import save_checkpoint
+    from slms.checkpoint import save_checkpoint
 
     sd, hp = load_seed(seed_path)
     moe = any(re.search(r"\.moe\.", k) for k in sd)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from slms.memory import peak_memory, reset_peak_memory
 from slms.model import GPT, count_params
 
 
@@ -28,34 +29,6 @@ class BenchOptions:
     train_block: int = 256  # capped at the model's block_size
     train_steps: int = 3
     device: str = "cpu"
-
-
-# ---------------------------------------------------------------------------------------------
-# memory: the process's peak resident set (CPU) or peak allocated memory (CUDA), per phase
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 resets the peak RSS ("VmHWM") of this process
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_mib(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _sync(device: torch.device) -> None:
@@ -82,7 +55,7 @@ def train_speed(model: GPT, o: BenchOptions, device: torch.device) -> dict[str, 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    _reset_peak(device)
+    reset_peak_memory(device)
     step()
     _sync(device)
     t0 = time.perf_counter()
@@ -90,7 +63,7 @@ def train_speed(model: GPT, o: BenchOptions, device: torch.device) -> dict[str, 
         step()
     _sync(device)
     dt = time.perf_counter() - t0
-    peak = _peak_mib(device)
+    peak = peak_memory(device)[0] / 2**20
     model.eval()
     return {"train_tokens_per_s": o.train_steps * o.train_batch * T / dt,
             "train_tokens_per_step": o.train_batch * T, "train_peak_mib": peak}
@@ -129,7 +102,7 @@ def bench_model(model: GPT, name: str, o: BenchOptions,
                          f"context of {model.cfg.block_size}")
     n1, n8 = min(o.new_tokens, room), min(o.b8_new_tokens, room)
     r["gen_new_tokens"], r["gen_new_tokens_b8"] = n1, n8
-    _reset_peak(device)
+    reset_peak_memory(device)
     for batch, n, suffix in ((1, n1, ""), (8, n8, "_b8")):
         for cached in (True, False):
             say(f"{name}: generating {n} tokens, batch {batch}, "
@@ -139,7 +112,7 @@ def bench_model(model: GPT, name: str, o: BenchOptions,
             r[f"gen_tokens_per_s_{kind}{suffix}"] = tps
             if batch == 1 and cached:
                 r["time_to_first_token_s"] = ttft
-    r["gen_peak_mib"] = _peak_mib(device)
+    r["gen_peak_mib"] = peak_memory(device)[0] / 2**20
     r["cache_speedup"] = r["gen_tokens_per_s_cached"] / r["gen_tokens_per_s_uncached"]
     r["cache_speedup_b8"] = r["gen_tokens_per_s_cached_b8"] / r["gen_tokens_per_s_uncached_b8"]
     # Training last: its optimizer steps change the weights (a loaded checkpoint stays as it

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from slms.data.loader import PackedData
 from slms.data.prepare import META
-from slms.model import GPT, IGNORE_INDEX
+from slms.dist import Dist
+from slms.model import GPT, IGNORE_INDEX, eval_mode
+from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
-from slms.train.distributed import Dist
 
 
 @torch.no_grad()
@@ -33,26 +34,24 @@ def evaluate_batches(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Ten
     evenly), as FSDP's collectives need.
     """
     rank, world = shard
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count, mine, seen, spare = 0, 0, 0, None
-    for i, (x, y) in enumerate(batches):
-        seen = i + 1
-        spare = x if spare is None else spare
-        if i % world != rank:
-            continue
-        mine += 1
-        x, y = x.to(device), y.to(device)
-        with autocast or nullcontext():
-            logits = model(x, real_BT=pad_mask(y)).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="sum").double()
-        count += int((y != IGNORE_INDEX).sum())
-    if spare is not None and mine < -(-seen // world):
-        with autocast or nullcontext():
-            model(spare.to(device))
-    model.train(was_training)
+    with eval_mode(model):
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count, mine, seen, spare = 0, 0, 0, None
+        for i, (x, y) in enumerate(batches):
+            seen = i + 1
+            spare = x if spare is None else spare
+            if i % world != rank:
+                continue
+            mine += 1
+            x, y = x.to(device), y.to(device)
+            with autocast or nullcontext():
+                logits = model(x, real_BT=pad_mask(y)).logits
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                     ignore_index=IGNORE_INDEX, reduction="sum").double()
+            count += int((y != IGNORE_INDEX).sum())
+        if spare is not None and mine < -(-seen // world):
+            with autocast or nullcontext():
+                model(spare.to(device))
     return float(total), count
 
 
@@ -107,16 +106,9 @@ def find_run_data(path: str | Path) -> Path | None:
     """The prepared data directory a run trained on (from its run_config.json), if it exists.
 
     `path` may be the run directory or one of its checkpoint directories."""
-    from slms.train.checkpoint import RUN_CONFIG
-
-    p = Path(path).resolve()
-    for d in (p, p.parent, p.parent.parent):
-        f = d / RUN_CONFIG
-        if f.is_file():
-            data_dir = json.loads(f.read_text()).get("data_dir")
-            if data_dir and (Path(data_dir) / META).is_file():
-                return Path(data_dir)
-    return None
+    run = RunDir.containing(path)
+    data_dir = run.data_dir() if run is not None else None
+    return data_dir if data_dir is not None and (data_dir / META).is_file() else None
 
 
 def prepare_for(source: str, tokenizer: Tokenizer, cache_dir: str | Path = ".cache/slms",

@@ -17,8 +17,8 @@ def model_config_of(target: str, overrides: list[str], resolve: Callable[[str], 
     """(name, model config) of a TOML config / preset name or a run / checkpoint directory."""
     path = Path(target)
     if path.is_dir():
-        from slms.train.checkpoint import read_config
-        from slms.train.checkpoint import resolve as resolve_ckpt
+        from slms.checkpoint import read_config
+        from slms.rundir import resolve as resolve_ckpt
 
         return str(path), model_config_from_dict(read_config(resolve_ckpt(path))["model"])
     cfg = load_config(resolve(target), overrides)

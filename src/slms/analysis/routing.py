@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from slms.model import GPT
+from slms.model import GPT, eval_mode
 from slms.model.moe import MoE
 
 
@@ -52,14 +52,11 @@ def route_tokens(model: GPT, ids: list[int]) -> tuple[list[int], torch.Tensor]:
     """(model layer indices of the MoE layers, (L, T, K) expert ids) for one sequence, from a
     single forward in eval mode (no routing noise). Sequences longer than the context are
     scored in consecutive windows."""
-    was = model.training
-    model.eval()
     device = next(model.parameters()).device
     bs = model.cfg.block_size
-    with capture_routing(model) as cap:
+    with eval_mode(model), capture_routing(model) as cap:
         for s in range(0, len(ids), bs):
             model(torch.tensor([ids[s:s + bs]], device=device))
-    model.train(was)
     if not cap.layers:
         return [], torch.zeros(0, len(ids), 0, dtype=torch.long)
     return cap.layers, torch.stack([cap.experts(j) for j in range(len(cap.layers))])

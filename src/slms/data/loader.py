@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slms.constants import IGNORE_INDEX
 from slms.data.prepare import read_meta
-from slms.model.gpt import IGNORE_INDEX
 from slms.tokenizer import Tokenizer
 
 

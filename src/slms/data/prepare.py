@@ -11,7 +11,8 @@ Layouts:
     the first word is scored, and generation prompts (which start after one) look like
     training rows.
 Token ids are uint16 when the vocab fits, else uint32. Output is written to a temporary
-directory renamed into place at the end: an interrupted run leaves nothing that looks complete.
+directory moved into place at the end (`slms.fsutil.atomic_dir`): an interrupted run leaves
+nothing that looks complete, and the data it replaces stays whole until then.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shutil
-import tempfile
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -33,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from slms.data.sources import SPLITS, Source
+from slms.fsutil import atomic_dir
 from slms.tokenizer import Tokenizer
 
 META = "meta.json"
@@ -220,11 +220,8 @@ def prepare_source(source: Source, tok: Tokenizer, out_dir: str | Path,
                    opts: PrepareOptions | None = None) -> dict[str, Any]:
     """Tokenize both splits of `source` into `out_dir`; returns the meta dict."""
     opts = opts or PrepareOptions()
-    out_dir = Path(out_dir)
     dtype = token_dtype(tok.vocab_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         splits: dict[str, Any] = {}
         hygiene: dict[str, Any] = {}
         with tqdm(desc="prepare", unit="story", unit_scale=True, dynamic_ncols=True,
@@ -246,12 +243,6 @@ def prepare_source(source: Source, tok: Tokenizer, out_dir: str | Path,
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         tok.save(tmp / "tokenizer.json")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

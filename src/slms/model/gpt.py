@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -15,11 +16,21 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from slms.config import ModelConfig
+from slms.constants import IGNORE_INDEX
 from slms.model.attention import CausalSelfAttention, KVCache
 from slms.model.moe import MoE
 from slms.model.sampling import sample_next
 
-IGNORE_INDEX = -100
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block, then back in the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class Output(NamedTuple):

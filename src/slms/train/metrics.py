@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import resource
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from slms.memory import peak_memory
 
 # Dense peak FLOP/s per device (bf16/fp16 tensor cores, and fp32 without TF32), from the vendors'
 # data sheets. More specific names first ("H100 PCIe" before "H100").
@@ -91,11 +91,8 @@ def peak_flops(device: torch.device, precision: str, configured: float = 0.0) ->
 
 def memory_gb(device: torch.device) -> tuple[float, str]:
     """(GB, what): peak CUDA memory allocated, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9, "cuda_max_allocated"
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return kb * scale / 1e9, "peak_rss"
+    peak, kind = peak_memory(device)
+    return peak / 1e9, kind
 
 
 def console_line(r: dict[str, Any], max_steps: int) -> str:

@@ -20,10 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from slms import checkpoint as ckpt
+from slms import fsutil
 from slms.config import RunConfig
 from slms.model import GPT
+from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
-from slms.train import checkpoint as ckpt
 from slms.train import distributed
 from slms.train.distributed import Dist
 
@@ -105,15 +107,16 @@ def save_step(run: Run) -> Path:
     path = run.run_dir / "checkpoints" / f"step-{run.state.step}"
     save(run, path)
     if run.d.main:
-        ckpt.atomic_write_text(run.run_dir / "latest", f"checkpoints/step-{run.state.step}\n")
-        ckpt.prune(run.run_dir, keep=run.cfg.train.keep_checkpoints)
+        run_dir = RunDir(run.run_dir)
+        run_dir.point_latest(run.state.step)
+        run_dir.prune(keep=run.cfg.train.keep_checkpoints)
     return path
 
 
 def newest_intact(run_dir: Path, log=print) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """(checkpoint dir, its weights, its trainer state): the newest checkpoint that loads; a
     damaged one is skipped with a one-line warning."""
-    ckpts = ckpt.list_checkpoints(run_dir)
+    ckpts = RunDir(run_dir).checkpoints()
     if not ckpts:
         raise ckpt.CheckpointError(f"{run_dir} has no checkpoints to resume from")
     for path in reversed(ckpts):
@@ -159,8 +162,8 @@ def restore(run: Run, log=print) -> None:
 def recover_run_dir(run_dir: Path) -> None:
     """After a crash: put back a best/ or step-N whose replacement was cut short, and drop
     half-written temp checkpoints and files (only while no process writes the run)."""
-    ckpt.tidy(run_dir)
-    ckpt.tidy(run_dir / "checkpoints")
+    fsutil.tidy(run_dir)
+    fsutil.tidy(RunDir(run_dir).checkpoints_dir)
 
 
 def tidy_run_dir(run_dir: Path, step: int) -> None:
@@ -176,7 +179,7 @@ def tidy_run_dir(run_dir: Path, step: int) -> None:
                     keep.append(line + "\n")
             except (json.JSONDecodeError, KeyError):
                 pass  # a line cut short by the crash
-        ckpt.atomic_write_text(metrics, "".join(keep))
+        fsutil.atomic_write_text(metrics, "".join(keep))
 
 
 def find_resume(cfg: RunConfig, out_dir: str | Path | None, resume: str | Path | None
@@ -185,6 +188,6 @@ def find_resume(cfg: RunConfig, out_dir: str | Path | None, resume: str | Path |
     when it holds checkpoints."""
     if resume:
         return Path(resume)
-    if cfg.train.resume == "auto" and out_dir is not None and ckpt.list_checkpoints(out_dir):
+    if cfg.train.resume == "auto" and out_dir is not None and RunDir(out_dir).checkpoints():
         return Path(out_dir)
     return None

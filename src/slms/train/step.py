@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slms.checkpoint import unwrap
 from slms.config import RunConfig
+from slms.constants import IGNORE_INDEX
 from slms.data.loader import PackedData
-from slms.model import IGNORE_INDEX
 from slms.train import distributed
-from slms.train.checkpoint import unwrap
 from slms.train.distributed import Dist
 
 

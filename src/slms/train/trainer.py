@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import math
 import random
 import time
@@ -18,16 +17,16 @@ import torch
 from tqdm import tqdm
 
 from slms.analysis.evaluate import evaluate
+from slms.checkpoint import unwrap
 from slms.config import RunConfig, TrainConfig
 from slms.data.loader import PackedData
 from slms.data.pipeline import resolve_data
+from slms.memory import keep_freed_memory
 from slms.model import GPT, count_params, flops_per_token
+from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
-from slms.train import checkpoint as ckpt
 from slms.train import distributed
-from slms.train.checkpoint import RUN_CONFIG
 from slms.train.distributed import Dist
-from slms.train.memory import keep_freed_memory
 from slms.train.metrics import (
     MetricsWriter,
     console_line,
@@ -226,7 +225,7 @@ def make_run_dir(cfg: RunConfig, out_dir: str | Path | None, d: Dist) -> Path:
         stamp = d.gather(datetime.now().strftime("%Y%m%d-%H%M%S"))[0]  # rank 0's, on all ranks
         out_dir = Path("runs") / f"{cfg.name}-{stamp}"
     out_dir = Path(out_dir)
-    if ckpt.list_checkpoints(out_dir) or (out_dir / "best").exists():
+    if RunDir(out_dir).holds_run():
         raise FileExistsError(f"{out_dir} already holds a run; resume it with --resume {out_dir} "
                               "(or train.resume=auto), or choose another --out")
     d.barrier()  # every rank has checked before rank 0 creates anything
@@ -236,13 +235,12 @@ def make_run_dir(cfg: RunConfig, out_dir: str | Path | None, d: Dist) -> Path:
 
 
 def write_run_config(run_dir: Path, cfg: RunConfig, data: PackedData) -> None:
-    resolved = cfg.to_dict() | {"data_dir": str(data.dir)}
-    (run_dir / RUN_CONFIG).write_text(json.dumps(resolved, indent=2) + "\n")
+    RunDir(run_dir).write_config(cfg.to_dict(), data.dir)
 
 
 def announce(run: Run, data: PackedData, log) -> None:
     cfg, d = run.cfg, run.d
-    counts = count_params(ckpt.unwrap(run.model))
+    counts = count_params(unwrap(run.model))
     tc = cfg.train
     tokens = data.meta["splits"]["train"]["tokens"]
     per_step = global_batch_tokens(cfg, d.world)
@@ -306,7 +304,7 @@ def log_step(run: Run, result: StepResult, meter: Meter, metrics: MetricsWriter,
                               "lr": run.sched.get_last_lr()[0], "grad_norm": result.grad_norm,
                               **meter.read(), "tokens": state.tokens_seen,
                               "skipped_steps": state.bad_steps}
-    moe = [layer.pop_stats() for layer in ckpt.unwrap(run.model).moe_layers()]
+    moe = [layer.pop_stats() for layer in unwrap(run.model).moe_layers()]
     if moe:
         record["moe"] = moe
     metrics.write(record)
@@ -319,7 +317,7 @@ def log_step(run: Run, result: StepResult, meter: Meter, metrics: MetricsWriter,
 def run_eval(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, write
              ) -> dict[str, Any]:
     """Loss over the whole validation split; a new best is saved to best/."""
-    gpt, state = ckpt.unwrap(run.model), run.state
+    gpt, state = unwrap(run.model), run.state
     stats_before = [layer.stats for layer in gpt.moe_layers()]
     val = evaluate(gpt, data, "val", run.cfg.train.batch_size, run.cfg.model.block_size,
                    env.device, env.autocast, env.dist)  # the ranks share the batches

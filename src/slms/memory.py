@@ -1,4 +1,4 @@
-"""Process memory settings for training on the CPU.
+"""Process memory: settings for training on the CPU, and peak memory readings.
 
 glibc's malloc returns freed memory to the operating system once more than a threshold is free
 at the top of the heap, and serves large requests with fresh mmap()s. The threshold adapts to
@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 import sys
+from pathlib import Path
+
+import torch
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -36,3 +40,30 @@ def keep_freed_memory() -> bool:
     trim = mallopt(M_TRIM_THRESHOLD, TRIM_BYTES)
     mmap = mallopt(M_MMAP_THRESHOLD, MMAP_BYTES)
     return bool(trim) and bool(mmap)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on Linux the process's peak resident
+    set ("VmHWM"; writing 5 to clear_refs resets it)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what): peak CUDA memory allocated, else the process's peak resident set since
+    the last reset (Linux), else since the process started."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "peak_rss"
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * (1 if sys.platform == "darwin" else 1024), "peak_rss"  # bytes on macOS

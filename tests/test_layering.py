@@ -1,0 +1,58 @@
+"""The package's layers, read from its source with `ast`: model/ imports nothing above it,
+data/ does not import model/, analysis/ does not import train/."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "slms"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every slms module `path` imports, at the top or inside a function."""
+    out = set()
+    package = module_name(path).rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
+            out |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return {m for m in out if m == "slms" or m.startswith("slms.")}
+
+
+GRAPH = {module_name(p): imports_of(p) for p in SRC.rglob("*.py")}
+
+FORBIDDEN = [  # (importing package, imported package)
+    ("slms.model", "slms.train"), ("slms.model", "slms.infer"), ("slms.model", "slms.analysis"),
+    ("slms.model", "slms.serve"), ("slms.model", "slms.data"),
+    ("slms.data", "slms.model"), ("slms.data", "slms.train"), ("slms.data", "slms.analysis"),
+    ("slms.analysis", "slms.train"),
+]
+
+
+def inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+@pytest.mark.parametrize("importer,imported", FORBIDDEN)
+def test_no_forbidden_import_edge(importer, imported):
+    edges = [(m, dep) for m, deps in GRAPH.items() if inside(m, importer)
+             for dep in deps if inside(dep, imported)]
+    assert edges == []
+
+
+def test_the_graph_is_read():
+    # the walk sees both kinds of import, so an empty edge list above means something
+    assert "slms.model.gpt" in GRAPH["slms.model"] or "slms.model.gpt.GPT" in GRAPH["slms.model"]
+    assert any(inside(d, "slms.train") for d in GRAPH["slms.cli"])  # imports inside functions
+
