@@ -1,5 +1,6 @@
 """Parameter groups of the optimizer: weight decay by role."""
 
+import pytest
 import torch
 
 from conftest import tiny_config
@@ -27,3 +28,99 @@ def test_weight_decay_by_role_not_by_dimension():
             assert "blocks.0.ffn.experts.w1_EDH" in decayed
             assert "blocks.0.ffn.router.gate.weight" in decayed
         assert "wte.weight" in decayed and "wpe.weight" in decayed
+
+
+def test_muon_trains_hidden_matrices_and_adamw_the_rest():
+    from slms.train.optim import muon_parameters
+
+    model = GPT(tiny_config(moe=True))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = sorted(names[i] for i in muon_parameters(model))
+    assert "blocks.0.attn.qkv.weight" in muon and "blocks.0.ffn.experts.w1_EDH" in muon
+    assert not any("router" in n or "wte" in n or "lm_head" in n or "ln" in n for n in muon)
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02),
+                          torch.device("cpu"))
+    for g in opt.param_groups:
+        assert g["lr"] == (0.02 if g["muon"] else 1e-3)
+        assert all(p.dim() >= 2 for p in g["params"]) or not g["muon"]
+
+
+def test_newton_schulz_orthogonalises_each_expert():
+    from slms.train.muon import newton_schulz
+
+    g = torch.randn(3, 16, 48, generator=torch.Generator().manual_seed(0))
+    o = newton_schulz(g)
+    sv = torch.linalg.svdvals(o)  # (3, 16): about 1 (the quintic's band is ~0.7-1.2)
+    assert sv.shape == (3, 16) and sv.min() > 0.5 and sv.max() < 1.3
+    # the singular vectors are g's: o is close to U V^T of each slice
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    cos = torch.nn.functional.cosine_similarity(o.flatten(1), (u @ vh).flatten(1))
+    assert (cos > 0.95).all()
+    tall = newton_schulz(g.mT)  # the transposed problem gives the transposed answer
+    torch.testing.assert_close(tall, o.mT, rtol=1e-4, atol=1e-5)
+
+
+def test_the_adamw_part_equals_torch_adamw():
+    torch.manual_seed(0)
+    ref, ours = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    ours.load_state_dict(ref.state_dict())
+    from slms.train.muon import Muon
+
+    a = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    b = Muon([{"params": list(ours.parameters()), "weight_decay": 0.1}], lr=1e-2,
+             betas=(0.9, 0.95))
+    for step in range(3):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(step))
+        for m, opt in ((ref, a), (ours, b)):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(ref.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_muon_run_resumes_bitwise(tmp_path, data_dir):
+    from slms.cli import main
+    from train_helpers import TINY, losses, run_cli
+
+    args = ["train", "configs/tiny.toml", f"data.path={data_dir}", *TINY, "train.max_steps=6",
+            "train.optimizer=\"muon\"", "train.muon_lr=0.01"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main([*args, "--out", str(ref)]) == 0
+    killed = run_cli([*args, "--out", str(run)], signal_at=("SIGKILL", 4))
+    assert killed.returncode == -9, killed.stderr
+    assert main(["train", "--resume", str(run)]) == 0
+    assert losses(run) == losses(ref) and len(losses(ref)) == 6
+    assert losses(ref)[-1][1] < losses(ref)[0][1]  # it learns
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_muon_on_two_gloo_processes_matches_one(tmp_path, data_dir, parallel):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from slms.checkpoint import load_checkpoint
+    from slms.config import load_config
+    from slms.train.trainer import train
+    from train_helpers import dist_worker, losses
+
+    base = [f"data.path={data_dir}", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+            "model.block_size=32", "model.moe.expert_hidden=32", "model.moe.router=\"topk\"",
+            "train.batch_size=4", "train.max_steps=3", "train.log_every=1",
+            "train.eval_every=3", "train.checkpoint_every=3", "train.warmup_steps=1",
+            "train.optimizer=\"muon\""]
+    single = tmp_path / "single"
+    train(load_config("configs/tiny.toml", [*base, "train.grad_accum=2"]), out_dir=single,
+          log=lambda *a: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    mp.spawn(dist_worker, args=(2, port, [*base, f"train.parallel=\"{parallel}\"",
+                                          "train.threads=1"], str(out)), nprocs=2, join=True)
+    got = load_checkpoint(out / "checkpoints" / "step-3")[0].state_dict()
+    ref = load_checkpoint(single / "checkpoints" / "step-3")[0].state_dict()
+    for name, w in ref.items():
+        torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    assert [s for s, _ in losses(out)] == [1, 2, 3]

@@ -120,6 +120,9 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine (with warmup) | onecycle (the seed's) | constant
     warmup_steps: int = 50
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    muon_lr: float = 0.0  # the Muon groups' peak lr; 0 = train.lr (updates are RMS-matched)
+    muon_momentum: float = 0.95
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
@@ -128,7 +131,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    # auto: bf16 autocast where bf16 matmuls measure fast (slms.precision), else fp32 | fp32 |
+    # bf16 | fp16 (autocast; fp16 with loss scaling)
+    precision: str = "fp32"
     threads: int = 0  # torch CPU threads; 0 = torch's default
     keep_freed_memory: bool = True  # on CPU: glibc keeps freed memory for reuse (slms.memory)
     # > 0: sets max_steps to this many epochs: real passes over the rows of padded data; for
@@ -152,13 +157,16 @@ class TrainConfig:
         _check(self.parallel in ("ddp", "fsdp"), "train.parallel", "must be ddp or fsdp")
         _check(self.peak_flops >= 0, "train.peak_flops", "must be >= 0 (0 = detect)")
         _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.optimizer in ("adamw", "muon"), "train.optimizer", "must be adamw or muon")
+        _check(self.muon_lr >= 0, "train.muon_lr", "must be >= 0 (0 = train.lr)")
+        _check(0 <= self.muon_momentum < 1, "train.muon_momentum", "must be in [0, 1)")
         _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         _check(self.schedule in ("cosine", "onecycle", "constant"), "train.schedule",
                "must be one of cosine, onecycle, constant")
         _check(0 <= self.warmup_steps, "train.warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
-        _check(self.precision in ("fp32", "bf16", "fp16"), "train.precision",
-               "must be fp32, bf16 or fp16")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
+               "must be auto, fp32, bf16 or fp16")
         _check(self.threads >= 0, "train.threads", "must be >= 0")
 
 

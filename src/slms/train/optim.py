@@ -1,5 +1,5 @@
-"""AdamW with weight decay on matmul and embedding weights only; learning-rate schedules from
-the true step count."""
+"""The optimizer (AdamW, or Muon on hidden matrices with AdamW on the rest), weight decay on
+matmul and embedding weights only, and learning-rate schedules from the true step count."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from slms.config import TrainConfig
-from slms.model.moe import Experts
+from slms.model.gpt import Block
+from slms.model.moe import Experts, Router
+from slms.train.muon import Muon
 
 
 def decayed_parameters(model: nn.Module) -> set[int]:
@@ -25,18 +27,38 @@ def decayed_parameters(model: nn.Module) -> set[int]:
     return ids
 
 
+def muon_parameters(model: nn.Module) -> set[int]:
+    """ids of the hidden matrices Muon trains: the blocks' linear weights (attention, MLP) and
+    stacked expert weights; not the routers, embeddings or head (AdamW trains those)."""
+    routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
+    ids = set()
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        for m in block.modules():
+            if isinstance(m, nn.Linear) and id(m.weight) not in routers:
+                ids.add(id(m.weight))
+            elif isinstance(m, Experts):
+                ids.update((id(m.w1_EDH), id(m.w2_EHD)))
+    return ids
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
-                    ) -> torch.optim.AdamW:
-    """AdamW; weight decay on `decayed_parameters` only."""
+                    ) -> torch.optim.Optimizer:
+    """AdamW, or with train.optimizer=muon `Muon` (Muon on `muon_parameters`, AdamW on the
+    rest); weight decay on `decayed_parameters` only."""
     decay_ids = decayed_parameters(model)
-    decay, no_decay = [], []
+    muon_ids = muon_parameters(model) if cfg.optimizer == "muon" else set()
+    groups: dict[tuple[bool, bool], list[torch.Tensor]] = {}
     for p in model.parameters():  # parameters() yields a tied weight once
         if p.requires_grad:
-            (decay if id(p) in decay_ids else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((id(p) in muon_ids, id(p) in decay_ids), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
+                     **({"muon": True, "lr": cfg.muon_lr or cfg.lr} if muon else {})}
+                    for (muon, decay), ps in sorted(groups.items(), reverse=True)]
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "muon":
+        return Muon(param_groups, lr=cfg.lr, betas=betas, momentum=cfg.muon_momentum)
     extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, **extra)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -23,6 +23,7 @@ from slms.data.loader import PackedData
 from slms.data.pipeline import resolve_data
 from slms.memory import keep_freed_memory
 from slms.model import GPT, count_params, flops_per_token
+from slms.precision import auto_reason, resolve_precision
 from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
 from slms.train import distributed
@@ -52,8 +53,11 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
     its newest intact checkpoint, reproducing the uninterrupted run exactly. Under torchrun each
     process trains on its own micro-batches and only rank 0 writes files and prints.
     """
-    env = setup(cfg.train)
+    env, precision = setup(cfg.train)
     log = log if env.dist.main else _quiet
+    if cfg.train.precision == "auto":
+        log(f"precision: auto -> {precision} ({auto_reason(env.device)})")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     run = None
     try:
         data = load_data(cfg, env.dist, log)
@@ -113,7 +117,9 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
     pass
 
 
-def setup(tc: TrainConfig) -> Env:
+def setup(tc: TrainConfig) -> tuple[Env, str]:
+    """The device, process group, autocast and loss scaler of a run, and its precision
+    (train.precision with "auto" resolved: every rank takes rank 0's measurement)."""
     d = distributed.init(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -121,10 +127,11 @@ def setup(tc: TrainConfig) -> Env:
     if device.type == "cpu" and tc.keep_freed_memory:
         keep_freed_memory()
     seed_everything(tc.seed)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
+    precision = d.gather(resolve_precision(tc.precision, device))[0]
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext())
-    scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
-    return Env(device, autocast, scaler, d)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return Env(device, autocast, scaler, d), precision
 
 
 def load_data(cfg: RunConfig, d: Dist, log) -> PackedData:

@@ -1,0 +1,111 @@
+"""`precision = "auto"`: bf16 autocast where bf16 matmuls are fast, fp32 elsewhere.
+
+Decided by measurement, not by a list of CPU names: on a CPU, a short matmul micro-benchmark
+times fp32 against bf16 once per machine (about 0.1 s; cached by CPU model, thread count and
+torch version). CPUs with AMX or fast AVX512-BF16 run bf16 matmuls several times faster than
+fp32; CPUs without bf16 units run them hundreds of times slower. On CUDA, bf16 is used where
+the GPU supports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PROBE_SIZE = 256  # a 256^3 matmul: ~33 MFLOP, milliseconds where bf16 is fast or slow alike
+FAST = 1.25  # bf16 must beat fp32 by this factor to be chosen
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """The precision to run in: `name`, or for "auto" bf16 where it is fast, else fp32."""
+    if name != "auto":
+        return name
+    return "bf16" if bf16_is_fast(device) else "fp32"
+
+
+def auto_reason(device: torch.device) -> str:
+    """Why "auto" chose what it chose, in a few words for the log."""
+    if device.type == "cuda":
+        return f"bf16 {'supported' if torch.cuda.is_bf16_supported() else 'not supported'}"
+    if device.type != "cpu":
+        return f"fp32 on {device.type}"
+    return (f"bf16 matmuls measured {cpu_bf16_speedup():.2f}x as fast as fp32 on this CPU; "
+            f"bf16 needs >= {FAST}x")
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    speedup = cpu_bf16_speedup()
+    return speedup >= FAST
+
+
+def cpu_bf16_speedup() -> float:
+    """fp32 time / bf16 time of a small matmul on this CPU (> 1: bf16 is faster), measured
+    once per machine and thread count and cached in ~/.cache/slms/precision.json."""
+    key = f"{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    path = cache_file()
+    cache = _read(path)
+    if key not in cache:
+        cache[key] = measure_speedup()
+        _write(path, cache)
+    return float(cache[key])
+
+
+def measure_speedup(n: int = PROBE_SIZE, repeats: int = 5) -> float:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    return _best_time(a, b, repeats) / _best_time(a.bfloat16(), b.bfloat16(), repeats)
+
+
+def _best_time(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
+    a @ b  # warm-up (oneDNN primitive creation)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+        if best > 0.05:  # a slow path (no bf16 units): one sample says enough
+            break
+    return max(best, 1e-9)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_file() -> Path:
+    root = os.environ.get("SLMS_CACHE_DIR") or Path.home() / ".cache" / "slms"
+    return Path(root) / "precision.json"
+
+
+def _read(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path: Path, cache: dict[str, float]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: measured again next time

@@ -1,0 +1,46 @@
+"""train.precision=auto: bf16 where a measured probe says bf16 matmuls are fast."""
+
+import json
+
+import pytest
+import torch
+
+from slms import precision
+
+
+@pytest.mark.parametrize("speedup,expected", [(4.2, "bf16"), (1.0, "fp32"), (0.0025, "fp32")])
+def test_auto_follows_the_probe(speedup, expected, monkeypatch, tmp_path):
+    """A CPU with AMX (bf16 ~4x fp32) gets bf16; one without bf16 units (~400x slower) fp32."""
+    monkeypatch.setenv("SLMS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precision, "measure_speedup", lambda: speedup)
+    assert precision.resolve_precision("auto", torch.device("cpu")) == expected
+    for explicit in ("fp32", "bf16", "fp16"):
+        assert precision.resolve_precision(explicit, torch.device("cpu")) == explicit
+
+
+def test_the_probe_runs_once_per_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLMS_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(precision, "measure_speedup", lambda: calls.append(1) or 3.0)
+    for _ in range(3):
+        assert precision.cpu_bf16_speedup() == 3.0
+    assert calls == [1]
+    cached = json.loads((tmp_path / "precision.json").read_text())
+    assert list(cached.values()) == [3.0] and precision.cpu_model() in next(iter(cached))
+
+
+def test_the_real_probe_measures_a_ratio():
+    ratio = precision.measure_speedup(n=64, repeats=2)
+    assert ratio > 0 and ratio != 1.0
+
+
+def test_training_with_auto_records_what_it_chose(monkeypatch, tmp_path, data_dir):
+    from slms.cli import main
+    from slms.rundir import RunDir
+
+    monkeypatch.setenv("SLMS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precision, "measure_speedup", lambda: 0.01)  # no bf16 units
+    argv = ["train", "configs/tiny.toml", f"data.path={data_dir}", "train.precision=auto",
+            "train.max_steps=1", "model.n_layer=1", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert RunDir(tmp_path / "run").read_config()["train"]["precision"] == "fp32"
