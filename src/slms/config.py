@@ -139,6 +139,10 @@ class TrainConfig:
     # > 0: sets max_steps to this many epochs: real passes over the rows of padded data; for
     # packed data a budget of as many tokens (windows are drawn at random offsets)
     epochs: float = 0.0
+    # > 0: train for this many minutes (evaluation excluded): the first steps are timed, then
+    # max_steps is fixed to fit (slms.train.budget); overrides max_steps and epochs
+    max_minutes: float = 0.0
+    early_stop: int = 0  # > 0: stop after this many evaluations without a new best val loss
     keep_checkpoints: int = 2  # newest step checkpoints kept (best/ is kept apart)
     resume: str = "never"  # never | auto: continue the --out directory when it holds checkpoints
     max_bad_steps: int = 10  # this many non-finite steps in a row stop the run
@@ -153,6 +157,8 @@ class TrainConfig:
                     "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
         _check(self.epochs >= 0, "train.epochs", "must be >= 0 (0 = use train.max_steps)")
+        _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0 = no time budget)")
+        _check(self.early_stop >= 0, "train.early_stop", "must be >= 0 (0 = off)")
         _check(self.resume in ("never", "auto"), "train.resume", "must be never or auto")
         _check(self.parallel in ("ddp", "fsdp"), "train.parallel", "must be ddp or fsdp")
         _check(self.peak_flops >= 0, "train.peak_flops", "must be >= 0 (0 = detect)")

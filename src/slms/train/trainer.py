@@ -27,6 +27,7 @@ from slms.precision import auto_reason, resolve_precision
 from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
 from slms.train import distributed
+from slms.train.budget import PROBE_STEPS, TimeBudget, ValidationWatch
 from slms.train.distributed import Dist
 from slms.train.metrics import (
     MetricsWriter,
@@ -85,13 +86,20 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
 def loop(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: StopRequest,
          log) -> None:
     """Steps until train.max_steps or a stop request; logs, evaluates and checkpoints."""
-    tc, state = run.cfg.train, run.state
+    state = run.state
     meter = Meter(run.cfg, env)
-    bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step",
+    budget = TimeBudget(run.cfg.train.max_minutes)
+    watch = ValidationWatch(run.cfg.train.early_stop)
+    bar = tqdm(total=run.cfg.train.max_steps, initial=state.step, desc="train", unit="step",
                dynamic_ncols=True, disable=not env.dist.main)
-    while state.step < tc.max_steps:
+    while state.step < run.cfg.train.max_steps:
+        t0 = time.perf_counter()
         result = train_step(run.model, run.opt, run.sched, data, run.cfg, state.step, env)
         state.step += 1
+        steps = budget.record(time.perf_counter() - t0)
+        if steps is not None:
+            fix_max_steps(run, env.dist.gather(steps)[0], bar, log)  # rank 0's measurement
+        tc = run.cfg.train
         state.tokens_seen += result.tokens
         meter.tokens += result.tokens
         guard_non_finite(run, result, metrics, bar.write)
@@ -99,18 +107,52 @@ def loop(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: Sto
         stopping = env.dist.any(stop.requested is not None, env.device)
         if state.step % tc.log_every == 0 or last or stopping:
             log_step(run, result, meter, metrics, bar)
+        early = False
         if state.step % tc.eval_every == 0 or last:
-            run_eval(run, data, env, metrics, bar.write)
+            val = run_eval(run, data, env, metrics, bar.write)
             meter.restart()  # evaluation time is not training throughput
-        if state.step % tc.checkpoint_every == 0 or last or stopping:
+            early = watch_validation(watch, result.loss, val["loss"], run, bar.write) and not last
+        if state.step % tc.checkpoint_every == 0 or last or stopping or early:
             path = save_step(run)
         bar.update(1)
+        if early:
+            bar.close()
+            log(f"early stop at step {state.step}: no better validation loss in "
+                f"{watch.since_best} evaluations (train.early_stop); best/ holds the best")
+            return
         if stopping:
             bar.close()
             log(f"stopped by {stop.requested or 'another rank'} at step {state.step}; "
                 f"checkpoint saved in {path}; continue with: slms train --resume {run.run_dir}")
             return
     bar.close()
+
+
+def watch_validation(watch: ValidationWatch, train_loss: float, val_loss: float, run: Run,
+                     write) -> bool:
+    """Record an evaluation; warn of overfitting; True when train.early_stop says stop."""
+    warning = watch.update(train_loss, val_loss)
+    if warning and run.d.main:
+        write(f"step {run.state.step}: warning: {warning}")
+    return watch.should_stop
+
+
+def fix_max_steps(run: Run, steps: int, bar, log) -> None:
+    """train.max_minutes, once the probe is timed: max_steps fixed, the schedule rebuilt over
+    it (at the same step), and the run's config rewritten so that a resumed run keeps it."""
+    tc = dataclasses.replace(run.cfg.train, max_steps=max(steps, run.state.step),
+                             max_minutes=0.0)
+    run.cfg = dataclasses.replace(run.cfg, train=tc)
+    run.sched = build_scheduler(run.opt, tc)
+    run.sched.last_epoch = run.state.step - 1
+    run.sched.step()  # the lr of the next step under the fixed total
+    if run.d.main:
+        run_dir = RunDir(run.run_dir)
+        data_dir = run_dir.data_dir()
+        run_dir.write_config(run.cfg.to_dict(), data_dir)
+    bar.total = tc.max_steps
+    bar.refresh()
+    log(f"time budget: {tc.max_steps} steps fit (timed over the first {run.state.step})")
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
@@ -163,8 +205,11 @@ def epoch_size(cfg: RunConfig, data: PackedData, world: int) -> tuple[int, int, 
 
 def resolve_steps(cfg: RunConfig, data: PackedData, d: Dist) -> RunConfig:
     """With train.epochs > 0, max_steps = ceil(epochs * epoch size / step size), so schedules
-    are computed from the true total."""
+    are computed from the true total. With train.max_minutes the total is provisional (the
+    time budget fixes it after its probe, `fix_max_steps`)."""
     tc = cfg.train
+    if tc.max_minutes > 0:
+        return dataclasses.replace(cfg, train=dataclasses.replace(tc, max_steps=10**9))
     if tc.epochs <= 0:
         return cfg
     size, per_step, _ = epoch_size(cfg, data, d.world)
@@ -258,8 +303,10 @@ def announce(run: Run, data: PackedData, log) -> None:
     procs = f" x {d.world} processes ({tc.parallel})" if d.enabled else ""
     log(f"data: {data.dir} ({tokens:,} training tokens); global batch {per_step:,} tokens per "
         f"step = {tc.batch_size} x {tc.grad_accum} accumulation{procs} x "
-        f"{cfg.model.block_size} tokens; {tc.max_steps} steps = "
-        f"{tc.max_steps * units_per_step / size:.2f} epochs")
+        f"{cfg.model.block_size} tokens; " + (
+            f"{tc.max_minutes:g} minutes of training (the step count is fixed after timing "
+            f"the first {PROBE_STEPS} steps)" if tc.max_minutes > 0 else
+            f"{tc.max_steps} steps = {tc.max_steps * units_per_step / size:.2f} epochs"))
     log(f"run directory: {run.run_dir}")
 
 
