@@ -92,11 +92,14 @@ def loop(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: Sto
     watch = ValidationWatch(run.cfg.train.early_stop)
     bar = tqdm(total=run.cfg.train.max_steps, initial=state.step, desc="train", unit="step",
                dynamic_ncols=True, disable=not env.dist.main)
+    trained_s = 0.0  # optimizer steps only, since this process started
     while state.step < run.cfg.train.max_steps:
         t0 = time.perf_counter()
         result = train_step(run.model, run.opt, run.sched, data, run.cfg, state.step, env)
         state.step += 1
-        steps = budget.record(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        trained_s += dt
+        steps = budget.record(dt)
         if steps is not None:
             fix_max_steps(run, env.dist.gather(steps)[0], bar, log)  # rank 0's measurement
         tc = run.cfg.train
@@ -109,7 +112,7 @@ def loop(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: Sto
             log_step(run, result, meter, metrics, bar)
         early = False
         if state.step % tc.eval_every == 0 or last:
-            val = run_eval(run, data, env, metrics, bar.write)
+            val = run_eval(run, data, env, metrics, bar.write, trained_s / 60)
             meter.restart()  # evaluation time is not training throughput
             early = watch_validation(watch, result.loss, val["loss"], run, bar.write) and not last
         if state.step % tc.checkpoint_every == 0 or last or stopping or early:
@@ -368,9 +371,10 @@ def log_step(run: Run, result: StepResult, meter: Meter, metrics: MetricsWriter,
             bar.write(f"step {state.step}: {moe_summary(moe)}")
 
 
-def run_eval(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, write
-             ) -> dict[str, Any]:
-    """Loss over the whole validation split; a new best is saved to best/."""
+def run_eval(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, write,
+             train_minutes: float | None = None) -> dict[str, Any]:
+    """Loss over the whole validation split; a new best is saved to best/. train_minutes: the
+    optimizer steps' time so far in this process (evaluation excluded), recorded with it."""
     gpt, state = unwrap(run.model), run.state
     stats_before = [layer.stats for layer in gpt.moe_layers()]
     val = evaluate(gpt, data, "val", run.cfg.train.batch_size, run.cfg.model.block_size,
@@ -380,7 +384,8 @@ def run_eval(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, write
         layer.stats = stats
     metrics.write({"step": state.step, "val_loss": val["loss"], "val_perplexity":
                    val["perplexity"], "val_bits_per_byte": val["bits_per_byte"],
-                   "tokens": state.tokens_seen})
+                   "tokens": state.tokens_seen,
+                   **({"train_minutes": train_minutes} if train_minutes is not None else {})})
     if run.d.main:
         write(f"step {state.step}: val loss {val['loss']:.4f} (ppl {val['perplexity']:.2f}, "
               f"{val['bits_per_byte']:.3f} bits/byte)")
