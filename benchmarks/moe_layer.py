@@ -25,6 +25,7 @@ bf16 autocast: the path `slms train train.precision=bf16` takes; --dtype bf16 ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -128,9 +129,11 @@ def _make_step(module: nn.Module, shape: Shape, device: torch.device, dtype: tor
     x = torch.randn(shape.batch, shape.seq, N_EMBD, generator=g).to(device, dtype)
     if not shape.train:
         module.eval()
+        # generation turns our statistics off
+        pause = module.paused_stats if routed_ours else contextlib.nullcontext
 
         def fwd() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), pause():
                 for _ in range(shape.inner):
                     module(x)
         return fwd
@@ -158,7 +161,6 @@ def build(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool,
     router = "noisy_topk" if noisy else "topk"
     cfg = MoEConfig(n_experts=shape.n_experts, top_k=shape.top_k, router=router)
     ours = MoE(N_EMBD, cfg, shape.hidden, "relu").to(device, dtype)
-    ours.track_stats = shape.train  # generation turns the statistics off
     seed = SeedStyleMoE(N_EMBD, shape.n_experts, shape.top_k, shape.hidden, noisy).to(device,
                                                                                       dtype)
     ideal = Ideal(N_EMBD, shape.top_k, shape.hidden).to(device, dtype)

@@ -36,3 +36,18 @@ def tiny_config(moe: bool | MoEConfig = False, **kw) -> ModelConfig:
         MoEConfig(n_experts=4, top_k=2, expert_hidden=64) if moe else None)
     base = dict(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=32, moe=moe_cfg)
     return ModelConfig(**(base | kw))
+
+
+def assert_cached_decoding_equals_full_forward(model, seq: torch.Tensor, prefix: int) -> None:
+    """The logits of a prompt of `prefix` tokens then one token per cached step equal those of
+    one full forward, and cached greedy generation equals uncached."""
+    B, T = seq.shape
+    with torch.no_grad():
+        whole = model(seq).logits
+        caches = model.new_caches(B, T)
+        steps = [model(seq[:, :prefix], caches=caches).logits]
+        steps += [model(seq[:, t:t + 1], caches=caches).logits for t in range(prefix, T)]
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-4, atol=1e-5)
+    prompt = seq[:, :prefix]
+    assert torch.equal(model.generate(prompt, 8, temperature=0),
+                       model.generate(prompt, 8, temperature=0, use_cache=False))

@@ -89,3 +89,25 @@ def test_prompt_too_long(tmp_path, data_dir, capsys):
     assert main(["generate", str(run), "--prompt", long_prompt, "--max-new-tokens", "8",
                  "--truncate", "left"]) == 0
     assert "truncated" in capsys.readouterr().err
+
+
+def test_parsing_imports_no_torch():
+    # `slms --help` stays fast: the commands import their work inside run()
+    code = ("import sys\nfrom slms.cli import build_parser\n"
+            "build_parser().parse_args(['train', 'tiny', 'train.max_steps=1'])\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'tokenizers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_command_is_a_module_with_help_arguments_and_run():
+    import argparse
+
+    from slms.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(COMMANDS)
+    for name, module in COMMANDS.items():
+        assert module.HELP and callable(module.add_arguments) and callable(module.run), name
+        assert sub.choices[name].get_default("command") is module

@@ -48,3 +48,30 @@ def test_unknown_options_are_still_errors(capsys):
         main(["train", "tiny", "--outt", "runs/x"])
     assert e.value.code == 2
     assert "unrecognized arguments: --outt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config,overrides,expected", [
+    ("tiny", ["a.b=1"], ("tiny", ["a.b=1"])),
+    ("train.max_steps=5", ["a.b=1"], (None, ["train.max_steps=5", "a.b=1"])),
+    (None, [], (None, [])),
+])
+def test_a_key_value_in_the_config_place_is_an_override(config, overrides, expected):
+    from slms.commands.options import split_config
+
+    given = list(overrides)
+    assert split_config(config, given) == expected
+    assert given == overrides  # the parsed arguments are not rewritten
+
+
+def test_train_without_a_config_takes_overrides_first(monkeypatch):
+    import slms.config
+
+    seen = []
+
+    def load_config(path, overrides):
+        seen.append((path, overrides))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(slms.config, "load_config", load_config)
+    assert main(["train", "train.max_steps=5", "model.n_layer=1"]) == 2
+    assert seen == [(None, ["train.max_steps=5", "model.n_layer=1"])]

@@ -75,13 +75,13 @@ def test_generate_switches_moe_statistics_off_for_the_call(tokenizer):
     got = hf.generate(prompt, max_new_tokens=10, do_sample=False)
     assert got.tolist() == gpt.generate(prompt, 10, temperature=0,
                                         eos_id=tokenizer.eos_id).tolist()
-    assert all(m.stats["calls"] == 0 and m.track_stats for m in layers)
+    assert all(m.stats.calls == 0 and m.track_stats for m in layers)
     with pytest.raises(ValueError, match="context"):  # past block_size 32, mid-generation
         hf.generate(prompt, max_new_tokens=40, do_sample=False)
-    assert all(m.stats["calls"] == 0 and m.track_stats for m in layers)
+    assert all(m.stats.calls == 0 and m.track_stats for m in layers)
     with torch.no_grad():
         hf(prompt)  # a plain forward still records
-    assert all(m.stats["calls"] == 1 for m in layers)
+    assert all(m.stats.calls == 1 for m in layers)
 
 
 # Rows as (row, positions) set to -100 in the labels. For the MoE model (deterministic topk

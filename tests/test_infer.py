@@ -6,7 +6,7 @@ import torch
 
 import slms.model.gpt as gpt_module
 import slms.model.moe as moe_module
-from conftest import tiny_config
+from conftest import assert_cached_decoding_equals_full_forward, tiny_config
 from slms.infer.generate import Sampling, generate_text, prompt_ids, stream_text
 from slms.model import GPT, native
 
@@ -148,12 +148,4 @@ def test_cached_generation_equals_uncached_with_a_capacity_factor():
     moe = MoEConfig(n_experts=4, top_k=2, expert_hidden=64, capacity_factor=1.0)
     model = GPT(tiny_config(moe=moe)).eval()
     seq = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        whole = model(seq).logits
-        caches = model.new_caches(1, 12)
-        steps = [model(seq[:, :4], caches=caches).logits]
-        steps += [model(seq[:, t:t + 1], caches=caches).logits for t in range(4, 12)]
-    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-4, atol=1e-5)
-    prompt = seq[:, :5].repeat(2, 1)
-    cached = model.generate(prompt, 12, temperature=0, use_cache=True)
-    assert torch.equal(cached, model.generate(prompt, 12, temperature=0, use_cache=False))
+    assert_cached_decoding_equals_full_forward(model, seq, 4)

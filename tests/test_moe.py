@@ -9,9 +9,14 @@ import slms.model.moe as moe_module
 from slms.config import MoEConfig
 from slms.model import native
 from slms.model.moe import (
+    PATHS,
+    DispatchPath,
     MoE,
     Routing,
+    Situation,
     capacity,
+    choose_path,
+    describe,
     load_balancing_loss,
     reference_dispatch,
     router_z_loss,
@@ -87,6 +92,38 @@ def test_sorted_dispatch_equals_reference_loop(impl, router, E, K, cf, T, small_
 def test_gelu_experts_equal_reference_loop(impl, T, small_n, monkeypatch):
     test_sorted_dispatch_equals_reference_loop(impl, "topk", 8, 2, 0.0, T, small_n,
                                                monkeypatch, activation="gelu")
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+@pytest.mark.parametrize("impl", ["native", "slices", "grouped_mm"])
+@pytest.mark.parametrize("cf", [0.0, 0.75])
+@pytest.mark.parametrize("T,small_n", [(1, 64), (37, 0), (37, 64)])
+def test_relu2_and_swiglu_experts_equal_reference_loop(activation, impl, cf, T, small_n,
+                                                       monkeypatch):
+    """Outputs and every gradient (the hand-written backward of each activation); the C++
+    kernels know relu and gelu only, so these run the Python loop wherever "native" is asked."""
+    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not available")
+    test_sorted_dispatch_equals_reference_loop(impl, "topk", 8, 2, cf, T, small_n,
+                                               monkeypatch, activation=activation)
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+@pytest.mark.parametrize("T", [1, 8, 37])
+def test_relu2_and_swiglu_inference_paths_equal_reference_loop(activation, T):
+    x = torch.randn(T, 1, 16, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for reference in (True, False):
+        moe = make_moe(8, 2, "topk", activation=activation).eval()
+        moe.reference = reference
+        with torch.no_grad():
+            outs.append(moe(x)[0])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_experts_have_two_thirds_width_and_three_matrices():
+    moe = make_moe(4, 2, activation="swiglu")
+    assert moe.experts.w1_EDH.shape == (4, 16, 2 * 16) and moe.experts.w2_EHD.shape == (4, 16, 16)
 
 
 @pytest.mark.parametrize("router", ["noisy_topk", "topk", "bias"])
@@ -246,19 +283,6 @@ def test_stats_match_a_hand_count(training):
     assert s["aux_loss"] == pytest.approx(sum(bals) / 2 if training else 0.0, rel=1e-5)
 
 
-def test_a_held_stats_snapshot_is_not_changed_by_later_calls():
-    # The trainer keeps `layer.stats` around evaluation and puts it back afterwards.
-    moe = make_moe(4, 2).eval()
-    moe(torch.randn(1, 6, 16))
-    held = moe.stats
-    before = (held["tokens_E"].clone(), held["tokens"], held["calls"])
-    moe(torch.randn(2, 6, 16))
-    assert torch.equal(held["tokens_E"], before[0])
-    assert (held["tokens"], held["calls"]) == before[1:]
-    moe.stats = held
-    assert sum(moe.pop_stats()["tokens_per_expert"]) == 12
-
-
 def test_grad_checkpointing_counts_each_token_once():
     from conftest import tiny_config
     from slms.config import MoEConfig
@@ -284,9 +308,9 @@ def test_generation_leaves_expert_statistics_alone():
 
     model = GPT(tiny_config(moe=True)).eval()
     model(torch.randint(0, 300, (1, 8)))
-    before = [layer.stats["calls"] for layer in model.moe_layers()]
+    before = [layer.stats.calls for layer in model.moe_layers()]
     model.generate(torch.zeros(1, 2, dtype=torch.long), 5, temperature=0)
-    assert [layer.stats["calls"] for layer in model.moe_layers()] == before == [1, 1]
+    assert [layer.stats.calls for layer in model.moe_layers()] == before == [1, 1]
     assert all(layer.track_stats for layer in model.moe_layers())
 
 
@@ -573,3 +597,135 @@ def test_grouped_path_under_autocast_computes_in_the_autocast_dtype(monkeypatch)
         seen.clear()
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0.05, atol=0.02)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=0.1, atol=0.05)
+
+
+BF16, FP32 = torch.bfloat16, torch.float32
+HOPPER = {"device": "cuda", "capability": (9, 0), "kernels": False}
+FEW = {"tokens": 8, "assignments": 16}  # at most SMALL_N (64) assignments
+ONE = {"tokens": 1, "assignments": 2}
+MANY = {"tokens": 40, "assignments": 80}
+TRAIN = {"grad_mode": True, "needs_grad": True}
+P = DispatchPath
+# (situation, expected path): the base situation is decoding on CPU in fp32 with the kernels
+CHOICES = [
+    ("cpu fp32 no grad few tokens, kernels", {**FEW}, P.DECODE),
+    ("cpu fp32 no grad one token, kernels", {**ONE}, P.DECODE),
+    ("cpu exactly SMALL_N assignments", {"tokens": 32, "assignments": 64}, P.DECODE),
+    ("cpu one token without kernels", {**ONE, "kernels": False}, P.ONE_TOKEN),
+    ("cpu few tokens without kernels", {**FEW, "kernels": False}, P.SMALL_COMBINE),
+    ("cpu bf16 autocast few tokens", {**FEW, "dtype": BF16, "kernels": False},
+     P.SMALL_COMBINE),
+    ("cpu bf16 autocast one token", {**ONE, "dtype": BF16, "kernels": False}, P.ONE_TOKEN),
+    ("cpu float64 few tokens", {**FEW, "dtype": torch.float64}, P.SMALL_COMBINE),
+    ("cpu SMALL_N + 1 assignments", {"tokens": 65, "assignments": 65}, P.SLICED),
+    ("pads, few tokens", {**FEW, "pads": True}, P.SLICED),
+    ("pads, one token", {**ONE, "pads": True, "kernels": False}, P.SLICED),
+    ("capacity, few tokens", {**FEW, "capacity": True}, P.SLICED),
+    ("capacity, one token", {**ONE, "capacity": True, "kernels": False}, P.SLICED),
+    ("cpu training", {**MANY, **TRAIN}, P.SLICED_AUTOGRAD),
+    ("cpu training, few tokens", {**FEW, **TRAIN}, P.SLICED_AUTOGRAD),
+    ("cpu training, capacity and pads", {**MANY, **TRAIN, "capacity": True, "pads": True},
+     P.SLICED_AUTOGRAD),
+    ("grad mode, nothing needs grad", {**FEW, "grad_mode": True}, P.SLICED),
+    ("cpu no grad many tokens", {**MANY}, P.SLICED),
+    ("hopper bf16 training", {**MANY, **TRAIN, **HOPPER, "dtype": BF16}, P.GROUPED_MM),
+    ("hopper bf16 evaluation", {**MANY, **HOPPER, "dtype": BF16}, P.GROUPED_MM),
+    ("hopper bf16 decoding", {**FEW, **HOPPER, "dtype": BF16}, P.SMALL_COMBINE_GROUPED),
+    ("hopper bf16 one token", {**ONE, **HOPPER, "dtype": BF16}, P.SMALL_COMBINE_GROUPED),
+    ("hopper fp32 training", {**MANY, **TRAIN, **HOPPER}, P.SLICED_AUTOGRAD),
+    ("hopper fp32 one token", {**ONE, **HOPPER}, P.ONE_TOKEN),
+    ("ampere bf16 training", {**MANY, **TRAIN, **HOPPER, "capability": (8, 0), "dtype": BF16},
+     P.SLICED_AUTOGRAD),
+    ("forced grouped_mm on cpu", {**MANY, **TRAIN, "impl": "grouped_mm"}, P.GROUPED_MM),
+    ("forced grouped_mm, one token", {**ONE, "impl": "grouped_mm"}, P.SMALL_COMBINE_GROUPED),
+    ("forced slices, one token: not the kernel", {**ONE, "impl": "slices"}, P.ONE_TOKEN),
+    ("forced slices, few tokens", {**FEW, "impl": "slices"}, P.SMALL_COMBINE),
+    ("forced slices on hopper bf16", {**MANY, **TRAIN, **HOPPER, "dtype": BF16,
+                                      "impl": "slices"}, P.SLICED_AUTOGRAD),
+    ("reference", {**FEW, "reference": True}, P.REFERENCE),
+    ("reference wins over a forced impl", {**MANY, **TRAIN, **HOPPER, "dtype": BF16,
+                                            "impl": "grouped_mm", "reference": True},
+     P.REFERENCE),
+]
+
+
+def situation(**kw: object) -> Situation:
+    base = {"device": "cpu", "dtype": FP32, "capability": None, "grad_mode": False,
+            "needs_grad": False, "kernels": True, "capacity": False, "pads": False}
+    return Situation(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw,expected", [c[1:] for c in CHOICES], ids=[c[0] for c in CHOICES])
+def test_choose_path_for_each_situation(kw, expected):
+    """The one place that decides how the layer runs: a table of situation -> path."""
+    s = situation(**kw)
+    if (expected in (P.GROUPED_MM, P.SMALL_COMBINE_GROUPED) and s.impl == "auto"
+            and not hasattr(torch, "_grouped_mm")):
+        expected = {P.GROUPED_MM: P.SLICED_AUTOGRAD if s.needs_grad else P.SLICED,
+                    P.SMALL_COMBINE_GROUPED: P.SMALL_COMBINE}[expected]
+    assert choose_path(s) == expected
+
+
+def test_choose_path_reads_small_n_when_called(monkeypatch):
+    """Tests move the decode paths' threshold by patching slms.model.moe.SMALL_N."""
+    s = situation(**FEW, kernels=False)
+    assert choose_path(s) == P.SMALL_COMBINE
+    monkeypatch.setattr(moe_module, "SMALL_N", 15)
+    assert choose_path(s) == P.SLICED
+
+
+def test_describe_measures_the_call(monkeypatch):
+    moe = make_moe(4, 2)
+    x_TD = torch.randn(3, 16)
+    r = moe.router(x_TD)
+    s = describe(x_TD, r, moe.experts, None)
+    assert (s.device, s.dtype, s.capability, s.tokens, s.assignments) == ("cpu", FP32, None, 3, 6)
+    assert s.grad_mode and s.needs_grad and not (s.capacity or s.pads or s.reference)
+    assert s.kernels == (native.ops() is not None) and s.impl == "auto"
+    with torch.no_grad():
+        s = describe(x_TD, r, moe.experts, 2, torch.ones(3, dtype=torch.bool), reference=True)
+        assert not (s.grad_mode or s.needs_grad) and s.capacity and s.pads and s.reference
+        with torch.autocast("cpu", dtype=BF16):  # the kernel is fp32 only
+            s = describe(x_TD, r, moe.experts, None)
+            assert s.dtype == BF16 and not s.kernels
+        monkeypatch.setattr(native, "ops", lambda: None)
+        moe.experts.impl = "slices"
+        s = describe(x_TD, r, moe.experts, None)
+        assert not s.kernels and s.impl == "slices"
+
+
+@pytest.mark.parametrize("path", list(DispatchPath))
+def test_every_path_in_the_table_equals_the_reference_loop(path):
+    """Each runner of PATHS, called directly on one token (every path can run it)."""
+    if path == P.DECODE and native.ops() is None:
+        pytest.skip("the C++ MoE kernels cannot be built here")
+    if path in (P.GROUPED_MM, P.SMALL_COMBINE_GROUPED) and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not available")
+    assert set(PATHS) == set(DispatchPath)
+    moe = make_moe(4, 2).eval()
+    x_TD = torch.randn(1, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        r = moe.router(x_TD)
+        y_ref, _ = reference_dispatch(x_TD, r, moe.experts, None)
+    with torch.set_grad_enabled(path == P.SLICED_AUTOGRAD):
+        y_TD, kept_TK, counts_E = PATHS[path](x_TD, r, moe.experts, None, None)
+    torch.testing.assert_close(y_TD.detach(), y_ref, rtol=1e-5, atol=1e-6)
+    assert kept_TK is None
+    if counts_E is not None:
+        assert counts_E.tolist() == torch.bincount(r.experts_TK.flatten(), minlength=4).tolist()
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_one_token_with_a_pad_mask_takes_no_decode_path(real):
+    """Pads skip the experts on every path: a lone pad token under no_grad gets 0 (the
+    one-token path used to run its experts), as in the reference loop."""
+    x = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(8))
+    mask = torch.full((1, 1), real)
+    outs = []
+    for reference in (True, False):
+        moe = make_moe(4, 2).eval()
+        moe.reference = reference
+        with torch.no_grad():
+            outs.append(moe(x, mask)[0])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    assert (outs[1] != 0).any() == real

@@ -94,7 +94,8 @@ def test_fix_text_and_dedupe(tmp_path, tokenizer):
     src = Source(str(tmp_path / "*.jsonl"), SourceOptions(text_field="body"))
     meta = prepare_source(src, tokenizer, tmp_path / "out",
                           PrepareOptions(fix_text=True, dedupe=True))
-    assert meta["hygiene"]["train"] == {"fixed": 1, "dropped_empty": 0, "dropped_duplicate": 1}
+    assert meta["hygiene"]["train"] == {"fixed": 1, "dropped_empty": 0, "dropped_duplicate": 1,
+                                        "replaced_bytes": 0}
     assert meta["splits"]["train"]["stories"] == 3 and meta["splits"]["val"]["stories"] == 1
 
 

@@ -49,11 +49,12 @@ def _nan_forward(model):
 
 def test_nan_loss_skips_the_step_and_leaves_weights_unchanged(data_dir):
     model, opt, sched, data, cfg, env = _setup(data_dir, router="bias")
-    assert not train_step(model, opt, sched, data, cfg, 0, env).skipped
+    block = cfg.model.block_size
+    assert not train_step(model, opt, sched, data, cfg.train, block, 0, env).skipped
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt_before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
     _nan_forward(model)
-    result = train_step(model, opt, sched, data, cfg, 1, env)
+    result = train_step(model, opt, sched, data, cfg.train, block, 1, env)
     assert result.skipped and math.isnan(result.loss)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(opt_before[k], v) for k, v in opt.state_dict()["state"][0].items())
@@ -92,7 +93,8 @@ def test_max_bad_steps_stops_the_run_without_writing_checkpoints(tmp_path, data_
 def test_mixed_precision_steps_run_on_cpu(data_dir, precision):
     model, opt, sched, data, cfg, env = _setup(data_dir, precision)
     before = model.wte.weight.detach().clone()
-    losses = [train_step(model, opt, sched, data, cfg, s, env) for s in range(3)]
+    losses = [train_step(model, opt, sched, data, cfg.train, cfg.model.block_size, s, env)
+              for s in range(3)]
     assert all(math.isfinite(r.loss) for r in losses)
     assert not torch.equal(before, model.wte.weight)  # the weights moved
     if precision == "fp16":
@@ -139,8 +141,10 @@ def test_bf16_step_on_cuda_with_fused_adamw(data_dir):
     assert gpu_opt.defaults["fused"] and not opt.defaults.get("fused")
     before = [p.detach().clone() for p in model.parameters()]
     gpu_env = Env(device, torch.autocast("cuda", dtype=torch.bfloat16), None, Dist())
-    ours = train_step(gpu, gpu_opt, build_scheduler(gpu_opt, cfg.train), data, cfg, 0, gpu_env)
-    ref = train_step(model, opt, sched, data, cfg, 0, env)
+    block = cfg.model.block_size
+    ours = train_step(gpu, gpu_opt, build_scheduler(gpu_opt, cfg.train), data, cfg.train, block,
+                      0, gpu_env)
+    ref = train_step(model, opt, sched, data, cfg.train, block, 0, env)
     assert not ours.skipped and ours.tokens == ref.tokens == 2 * 16
     assert ours.loss == pytest.approx(ref.loss, rel=1e-2)
     assert ours.grad_norm == pytest.approx(ref.grad_norm, rel=5e-2)
@@ -199,7 +203,8 @@ def test_accumulation_weighs_every_real_target_equally(stories, tokenizer, tmp_p
     opt.register_step_pre_hook(lambda *_: seen.update(
         {n: p.grad.clone() for n, p in model.named_parameters()}))
     env = Env(torch.device("cpu"), nullcontext(), None, Dist())
-    result = train_step(model, opt, build_scheduler(opt, cfg.train), data, cfg, 0, env)
+    result = train_step(model, opt, build_scheduler(opt, cfg.train), data, cfg.train, block, 0,
+                        env)
     # the reference: the same two micro-batches, summed losses over the real targets / their count
     batches = [data.train_batch(2, block, cfg.train.seed, 0, micro=i) for i in range(2)]
     counts = [int((y != IGNORE_INDEX).sum()) for _, y in batches]

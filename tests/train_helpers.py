@@ -20,10 +20,10 @@ _PRELUDE = """
 import os, signal, sys
 import slms.train.trainer as T
 _step = T.train_step
-def _hooked(model, opt, sched, data, cfg, step, env):
+def _hooked(model, opt, sched, data, tc, block_size, step, env):
     if step == AT:
         os.kill(os.getpid(), getattr(signal, SIG))
-    return _step(model, opt, sched, data, cfg, step, env)
+    return _step(model, opt, sched, data, tc, block_size, step, env)
 """
 
 _KILL_IN_SAVE = """

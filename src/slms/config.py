@@ -21,6 +21,22 @@ class ConfigError(ValueError):
     """A user mistake in a config file or override; the message is one actionable line."""
 
 
+# Upper bounds on model sizes: far above any small model this package trains (the seed's is
+# vocab 2048, n_embd 256, 12 layers, block 1080), yet low enough that a typo or a damaged
+# config.json / meta.json (vocab_size 10**12) is refused with one line instead of trying to
+# allocate terabytes. Between them a model can still be too big for the machine.
+MAX_VOCAB_SIZE = 2**24  # 16.7M tokens (uint32 ids; the largest real vocabs are ~256k)
+MAX_N_EMBD = 2**16
+MAX_N_LAYER = 1024
+MAX_BLOCK_SIZE = 2**20  # tokens of context
+MAX_MLP_RATIO = 64
+MAX_EXPERTS = 4096
+MAX_EXPERT_HIDDEN = 2**18
+
+
+ACTIVATIONS = ("relu", "gelu", "relu2", "swiglu")  # slms.model.activations
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     n_experts: int = 8
@@ -46,13 +62,14 @@ class MoEConfig:
         return 0.0 if self.router == "bias" else 0.01
 
     def validate(self, n_layer: int) -> None:
-        _check(self.n_experts >= 1, "model.moe.n_experts", "must be >= 1")
+        _check(1 <= self.n_experts <= MAX_EXPERTS, "model.moe.n_experts",
+               f"must be between 1 and {MAX_EXPERTS}")
         _check(1 <= self.top_k <= self.n_experts, "model.moe.top_k",
                f"must be between 1 and n_experts ({self.n_experts})")
         _check(self.router in ("noisy_topk", "topk", "bias"), "model.moe.router",
                "must be one of noisy_topk, topk, bias")
-        _check(self.expert_hidden is None or self.expert_hidden >= 1, "model.moe.expert_hidden",
-               "must be >= 1")
+        _check(self.expert_hidden is None or 1 <= self.expert_hidden <= MAX_EXPERT_HIDDEN,
+               "model.moe.expert_hidden", f"must be between 1 and {MAX_EXPERT_HIDDEN}")
         _check(1 <= self.every <= n_layer, "model.moe.every", f"must be in 1..n_layer ({n_layer})")
         _check(self.balance_coef >= 0 and self.z_loss_coef >= 0, "model.moe.aux_loss_coef",
                "loss weights must be >= 0")
@@ -71,9 +88,16 @@ class ModelConfig:
     bias: bool = True  # biases in linear layers
     qkv_bias: bool = True  # the seed's per-head q/k/v projections have none
     tie_weights: bool = True
-    activation: str = "relu"  # relu (the seed's) | gelu
+    activation: str = "relu"  # relu (the seed's) | gelu | relu2 (ReLU squared) | swiglu (gated)
     mlp_ratio: int = 4
     attn_scale: str = "head_dim"  # head_dim: 1/sqrt(head_dim); n_embd: the seed's 1/sqrt(n_embd)
+    # Modern options, all off by default (the seed's and older checkpoints compute as before):
+    positions: str = "learned"  # learned (a position embedding) | rope (rotary on q and k)
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    qk_norm: bool = False  # RMSNorm of q and k per head before attention
+    zero_init_proj: bool = False  # output projections (attention, MLP, experts) start at zero
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
     moe: MoEConfig | None = None
 
     @property
@@ -86,12 +110,24 @@ class ModelConfig:
     def validate(self) -> None:
         for key in ("block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             _check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
-        _check(self.vocab_size is None or self.vocab_size >= 1, "model.vocab_size",
-               "must be >= 1 (or absent: the data's vocab)")
+        for key, most in (("block_size", MAX_BLOCK_SIZE), ("n_layer", MAX_N_LAYER),
+                          ("n_embd", MAX_N_EMBD), ("mlp_ratio", MAX_MLP_RATIO)):
+            _check(getattr(self, key) <= most, f"model.{key}",
+                   f"is {getattr(self, key):,}, more than the {most:,} this package allows")
+        _check(self.vocab_size is None or 1 <= self.vocab_size <= MAX_VOCAB_SIZE,
+               "model.vocab_size", f"must be between 1 and {MAX_VOCAB_SIZE:,} (or absent: the "
+               "data's vocab)")
         _check(self.n_embd % self.n_head == 0, "model.n_embd",
                f"must be divisible by model.n_head ({self.n_head})")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-        _check(self.activation in ("relu", "gelu"), "model.activation", "must be relu or gelu")
+        _check(self.activation in ACTIVATIONS, "model.activation",
+               f"must be one of {', '.join(ACTIVATIONS)}")
+        _check(self.positions in ("learned", "rope"), "model.positions", "must be learned or rope")
+        _check(self.positions != "rope" or self.head_dim % 2 == 0, "model.positions",
+               "rope needs an even head size (n_embd / n_head)")
+        _check(self.rope_base > 1, "model.rope_base", "must be > 1")
+        _check(self.norm in ("layernorm", "rmsnorm"), "model.norm", "must be layernorm or rmsnorm")
+        _check(self.logit_softcap >= 0, "model.logit_softcap", "must be >= 0 (0 = off)")
         _check(self.attn_scale in ("head_dim", "n_embd"), "model.attn_scale",
                "must be head_dim or n_embd")
         if self.moe is not None:
@@ -184,6 +220,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
+        # the name becomes a directory under runs/: it must not lead out of it
+        _check(bool(self.name) and not any(c in self.name for c in "/\\")
+               and self.name not in (".", ".."), "name",
+               f"{self.name!r} must be a plain name, without '/' or '\\' and not '..' (it "
+               "names the run directory runs/NAME-TIME; choose the directory itself with --out)")
         self.model.validate()
         self.train.validate()
 

@@ -29,10 +29,9 @@ def run_demo(config: str | Path, overrides: list[str], out: str | None = None) -
     model, tok, meta = load_checkpoint(resolve(run_dir))
     data = PackedData(RunDir(run_dir).read_config()["data_dir"])
     counts = count_params(model)
-    for layer in model.moe_layers():
-        layer.reset_stats()  # count the routing of the evaluation below
+    model.reset_moe_stats()  # count the routing of the evaluation below
     val = evaluate(model, data, "val", cfg.train.batch_size, device="cpu")
-    shares = [layer.pop_stats()["share"] for layer in model.moe_layers()]
+    shares = [layer["share"] for layer in model.pop_moe_stats()]
     uni = unigram_loss(data, "val")
 
     print(f"\n== results (best checkpoint, step {meta['step']})")

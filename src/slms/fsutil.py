@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(path: Path) -> None:
@@ -165,3 +167,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: Path, then: str, error: type[Exception] = ValueError) -> Any:
+    """The JSON in `path`; a damaged file raises `error` with one line: what is wrong, then
+    `then` (what to do)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is corrupted ({e}){then}") from None

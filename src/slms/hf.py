@@ -38,6 +38,10 @@ _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 _CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
                 else "past_key_values")
 _MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "tie_weights"]
+# SlmsConfig's fields and defaults are ModelConfig's (a config made without arguments, as
+# transformers does, gets a 2048-token vocab)
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                   if f.name in _MODEL_FIELDS} | {"vocab_size": 2048}
 
 
 class SlmsConfig(PretrainedConfig):
@@ -48,23 +52,11 @@ class SlmsConfig(PretrainedConfig):
     attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
                      "num_attention_heads": "n_head", "max_position_embeddings": "block_size"}
 
-    def __init__(self, vocab_size: int = 2048, block_size: int = 256, n_layer: int = 4,
-                 n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
-                 qkv_bias: bool = True, activation: str = "relu", mlp_ratio: int = 4,
-                 attn_scale: str = "head_dim", moe: dict[str, Any] | None = None,
-                 tie_word_embeddings: bool = True, use_cache: bool = True, **kwargs: Any):
-        self.vocab_size = vocab_size
-        self.block_size = block_size
-        self.n_layer = n_layer
-        self.n_head = n_head
-        self.n_embd = n_embd
-        self.dropout = dropout
-        self.bias = bias
-        self.qkv_bias = qkv_bias
-        self.activation = activation
-        self.mlp_ratio = mlp_ratio
-        self.attn_scale = attn_scale
-        self.moe = dict(moe) if moe is not None else None
+    def __init__(self, tie_word_embeddings: bool = True, use_cache: bool = True,
+                 **kwargs: Any):
+        for name, default in _MODEL_DEFAULTS.items():
+            setattr(self, name, kwargs.pop(name, default))
+        self.moe = dict(self.moe) if self.moe is not None else None
         self.use_cache = use_cache  # 5.x's base config no longer has it
         # Passed on (not only set) because 4.x's base __init__ would reset it to its default.
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -130,11 +122,7 @@ class SlmsForCausalLM(PreTrainedModel, GenerationMixin):
     def _reset_runtime_state(self) -> None:
         # transformers builds the model on the meta device and loads only the saved tensors:
         # the MoE statistics and the bias router's non-persistent load counter stay on meta.
-        for moe in self.model.moe_layers():
-            moe.reset_stats()
-            load = getattr(moe.router, "load_E", None)
-            if load is not None and load.is_meta:
-                moe.router.load_E = torch.zeros_like(moe.router.expert_bias)
+        self.model.reset_moe_state()
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.wte
@@ -191,15 +179,8 @@ class SlmsForCausalLM(PreTrainedModel, GenerationMixin):
         """GenerationMixin.generate with the MoE statistics off for the call, as in
         `GPT.generate`: they cost a softmax and an entropy per step, and generated tokens
         would mix into the training statistics."""
-        layers = self.model.moe_layers()
-        tracked = [layer.track_stats for layer in layers]
-        for layer in layers:
-            layer.track_stats = False
-        try:
+        with self.model.paused_stats():
             return super().generate(*args, **kwargs)
-        finally:
-            for layer, on in zip(layers, tracked, strict=True):
-                layer.track_stats = on
 
 
 def _loss_over_items(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, aux: torch.Tensor,

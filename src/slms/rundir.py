@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from slms.checkpoint import MODEL_FILE, CheckpointError
-from slms.fsutil import atomic_write_text, siblings
+from slms.fsutil import atomic_write_text, read_json, siblings
 
 RUN_CONFIG = "run_config.json"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -71,11 +71,19 @@ class RunDir:
         if not self.config_file.is_file():
             raise FileNotFoundError(f"{self.config_file} not found: {self.path} is not a run "
                                     "directory")
-        return json.loads(self.config_file.read_text())
+        config = read_json(self.config_file, ": the run cannot be resumed (its checkpoints "
+                           "still load; start a new run with --out to train on)")
+        if not isinstance(config, dict):
+            raise ValueError(f"{self.config_file} is not a run config: the run cannot be "
+                             "resumed (its checkpoints still load)")
+        return config
 
     def data_dir(self) -> Path | None:
-        """The prepared data directory the run trained on, if recorded."""
-        d = self.read_config().get("data_dir") if self.config_file.is_file() else None
+        """The prepared data directory the run trained on, if recorded (and readable)."""
+        try:
+            d = self.read_config().get("data_dir") if self.config_file.is_file() else None
+        except ValueError:
+            return None
         return Path(d) if d else None
 
     def point_latest(self, step: int) -> None:

@@ -76,11 +76,21 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} not found "
                                     "(train one with `slms tokenizer --out PATH`)")
-        return cls(HFTokenizer.from_file(str(path)))
+        try:
+            return cls.from_str(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a usable tokenizer file: {e}") from None
 
     @classmethod
     def from_str(cls, text: str) -> Tokenizer:
-        return cls(HFTokenizer.from_str(text))
+        """A tokenizer from its JSON; ValueError (one line) when it is not one."""
+        try:
+            hf = HFTokenizer.from_str(text)
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            first = (str(e).splitlines() or [""])[0]
+            raise ValueError(f"not a tokenizers JSON ({first}); give a tokenizer.json written "
+                             "by `slms tokenizer` or Hugging Face tokenizers") from None
+        return cls(hf)
 
 
 def train_tokenizer(texts: Iterable[str] | Iterator[str], vocab_size: int = 2048,

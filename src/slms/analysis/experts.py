@@ -81,7 +81,9 @@ def write_heatmap(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     share = np.array([la["share"] for la in report["layers"]])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * share.shape[1], 1.0 + 0.45 * share.shape[0]))
+    # constrained layout keeps the (two-line) title inside the figure however few experts
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 + 0.6 * share.shape[1]),
+                                    1.3 + 0.45 * share.shape[0]), layout="constrained")
     im = ax.imshow(share, cmap="viridis", aspect="auto")
     ax.set_xticks(range(share.shape[1]))
     ax.set_yticks(range(share.shape[0]), [f"layer {la['layer']}" for la in report["layers"]])
@@ -90,9 +92,8 @@ def write_heatmap(report: dict[str, Any], path: Path) -> None:
         ax.text(e, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                 color="white" if v < share.mean() else "black")
     fig.colorbar(im, ax=ax, label="share of routed tokens")
-    ax.set_title(f"expert load over {report['tokens']:,} tokens (perfect balance = "
-                 f"{1 / share.shape[1]:.3f})", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"expert load over {report['tokens']:,} tokens\n"
+                 f"(perfect balance = {1 / share.shape[1]:.3f})", fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slms.config import MAX_BLOCK_SIZE, MAX_VOCAB_SIZE
 from slms.constants import IGNORE_INDEX
-from slms.data.prepare import read_meta
+from slms.data.prepare import META, read_meta
 from slms.tokenizer import Tokenizer
 
 
@@ -24,6 +25,7 @@ class PackedData:
     def __init__(self, data_dir: str | Path):
         self.dir = Path(data_dir)
         self.meta = read_meta(self.dir)
+        check_meta(self.dir, self.meta)
         self.padded = self.meta.get("format") == "padded"
         dtype = np.dtype(self.meta["dtype"])
         self._perm_key: tuple[int, int] | None = None
@@ -34,6 +36,12 @@ class PackedData:
             path = self.dir / f"{split}.bin"
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: prepare the data with `slms prepare`")
+            row = dtype.itemsize * (self.meta["block_size"] + 1 if self.padded else 1)
+            size = path.stat().st_size
+            if size == 0 or size % row:
+                raise ValueError(f"{path} holds {size:,} bytes, not a whole number of "
+                                 f"{'rows' if self.padded else 'token ids'} of {row} bytes: it "
+                                 "is truncated or damaged; prepare the data again")
             data = np.memmap(path, dtype=dtype, mode="r")
             if self.padded:
                 data = data.reshape(-1, self.meta["block_size"] + 1)
@@ -132,6 +140,48 @@ class PackedData:
         n = len(self.splits[split])
         for start in range(0, n, batch_size):
             yield self._rows(np.arange(start, min(start + batch_size, n)), split, block_size)
+
+
+def check_meta(data_dir: Path, meta: dict) -> None:
+    """meta.json's vocab size, token dtype and row width must be sane and agree with each
+    other and with the directory's tokenizer.json, before anything is sized from them."""
+    where = f"{data_dir / META}"
+    fix = "prepare the data again with `slms prepare`"
+
+    def whole(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    vocab = meta.get("vocab_size")
+    if not whole(vocab) or not 1 <= vocab <= MAX_VOCAB_SIZE:
+        raise ValueError(f"{where}: vocab_size {vocab!r} is not a vocab size between 1 and "
+                         f"{MAX_VOCAB_SIZE:,}; {fix}")
+    dtype = meta.get("dtype")
+    if dtype not in ("uint16", "uint32"):
+        raise ValueError(f"{where}: dtype {dtype!r} must be uint16 or uint32; {fix}")
+    if vocab > np.iinfo(dtype).max + 1:
+        raise ValueError(f"{where}: vocab_size {vocab:,} does not fit its {dtype} token ids; "
+                         f"{fix}")
+    eos = meta.get("eos_id")
+    if eos is not None and (not whole(eos) or not 0 <= eos < vocab):
+        raise ValueError(f"{where}: eos_id {eos!r} is not a token id below vocab_size "
+                         f"{vocab:,}; {fix}")
+    if meta.get("format") not in (None, "packed", "padded"):
+        raise ValueError(f"{where}: format {meta.get('format')!r} must be packed or padded; "
+                         f"{fix}")
+    block = meta.get("block_size")
+    if meta.get("format") == "padded" and (not whole(block) or not 1 <= block <= MAX_BLOCK_SIZE):
+        raise ValueError(f"{where}: block_size {block!r} must be between 1 and "
+                         f"{MAX_BLOCK_SIZE:,} for padded rows; {fix}")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(k), dict)
+                                               for k in ("train", "val")):
+        raise ValueError(f"{where} has no train and val split counts; {fix}")
+    tok_file = data_dir / "tokenizer.json"
+    if tok_file.is_file():
+        n = Tokenizer.from_file(tok_file).vocab_size
+        if n != vocab:
+            raise ValueError(f"{where} says vocab_size {vocab:,} but {tok_file} has {n:,} "
+                             f"tokens: they were not prepared together; {fix}")
 
 
 def windows(data: np.ndarray, starts: np.ndarray, block_size: int

@@ -21,9 +21,10 @@ import json
 import multiprocessing as mp
 import os
 import random
+import sys
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from slms.data.sources import SPLITS, Source
-from slms.fsutil import atomic_dir
+from slms.fsutil import atomic_dir, read_json
 from slms.tokenizer import Tokenizer
 
 META = "meta.json"
@@ -72,6 +73,9 @@ class PrepareOptions:
     train_count: int | None = None
     val_count: int | None = None
     seed: int = 0
+    # replace an output directory that holds data prepared with another tokenizer, or other
+    # files (the same tokenizer's data is always replaced: re-preparing is normal)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.layout not in ("packed", "padded"):
@@ -216,10 +220,47 @@ def _write_split(stories: Iterable[str], tok: Tokenizer, out: Path, split: str,
     return stats
 
 
+def check_out_dir(out: Path, tok: Tokenizer, overwrite: bool) -> None:
+    """Refuse to replace what is not this tokenizer's prepared data (unless `overwrite`)."""
+    if overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+    meta_file = out / META
+    if not meta_file.is_file():
+        if any(out.iterdir()):
+            raise FileExistsError(f"{out} holds files that are not prepared data (no {META}); "
+                                  "choose another --out or pass --overwrite to replace them")
+        return
+    try:
+        old = json.loads(meta_file.read_text()).get("tokenizer_sha256")
+    except (ValueError, AttributeError):
+        old = None
+    if old is None and (out / "tokenizer.json").is_file():  # data older than the hash
+        try:
+            old = Tokenizer.from_file(out / "tokenizer.json").sha256
+        except ValueError:
+            pass
+    if old != tok.sha256:
+        raise FileExistsError(f"{out} holds data prepared with another tokenizer (sha256 "
+                              f"{str(old)[:12]}, this one {tok.sha256[:12]}); choose another "
+                              "--out or pass --overwrite")
+
+
+def _stderr(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
 def prepare_source(source: Source, tok: Tokenizer, out_dir: str | Path,
-                   opts: PrepareOptions | None = None) -> dict[str, Any]:
-    """Tokenize both splits of `source` into `out_dir`; returns the meta dict."""
+                   opts: PrepareOptions | None = None,
+                   log: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """Tokenize both splits of `source` into `out_dir`; returns the meta dict.
+
+    `out_dir` is replaced when complete; it is refused (FileExistsError) when it holds data
+    prepared with another tokenizer or other files, unless `opts.overwrite`. Warnings (invalid
+    UTF-8 replaced) go to `log`."""
     opts = opts or PrepareOptions()
+    check_out_dir(Path(out_dir), tok, opts.overwrite)
     dtype = token_dtype(tok.vocab_size)
     with atomic_dir(out_dir) as tmp:
         splits: dict[str, Any] = {}
@@ -228,12 +269,18 @@ def prepare_source(source: Source, tok: Tokenizer, out_dir: str | Path,
                   mininterval=1.0) as bar:
             for split in SPLITS:
                 clean = _Hygiene(opts)
+                replaced = getattr(source, "replaced", {}).get(split, 0)
                 stories: Iterable[str] = clean(source.iter(split))
                 count = opts.train_count if split == "train" else opts.val_count
                 if count is not None:
                     stories = reservoir(stories, count, opts.seed)
                 splits[split] = _write_split(stories, tok, tmp, split, opts, dtype, bar)
-                hygiene[split] = clean.counts
+                replaced = getattr(source, "replaced", {}).get(split, 0) - replaced
+                hygiene[split] = clean.counts | {"replaced_bytes": replaced}
+                if replaced:
+                    log(f"warning: the {split} split of {source.name} has {replaced:,} bytes "
+                        "that are not valid UTF-8; each was replaced by U+FFFD (convert the "
+                        "source to UTF-8 to keep them)")
         meta = {
             "format": opts.layout, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
             "dtype": dtype.name, "tokenizer_sha256": tok.sha256, "source": source.name,
@@ -266,4 +313,8 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / META
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: prepare the data first with `slms prepare`")
-    return json.loads(path.read_text())
+    meta = read_json(path, "; prepare the data again with `slms prepare`")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a meta.json written by `slms prepare`; prepare the "
+                         "data again")
+    return meta

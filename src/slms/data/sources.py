@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,18 @@ class SourceOptions:
 
 # ---------------------------------------------------------------------------------------------
 # reading files
+
+# Local text files are decoded with errors="surrogateescape": each byte that is not valid UTF-8
+# becomes one lone surrogate U+DC80..U+DCFF (valid UTF-8 never decodes to one), so the bytes a
+# story lost can be counted before they are replaced with U+FFFD.
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
+def replace_invalid(text: str) -> tuple[str, int]:
+    """(text with each escaped invalid byte replaced by U+FFFD, number of bytes replaced)."""
+    if text.isascii():
+        return text, 0
+    return _ESCAPED.subn("\ufffd", text)
 
 
 def split_txt(text: str, separator: str = "eot") -> list[str]:
@@ -91,12 +104,20 @@ def _iter_txt_lines(lines: Iterator[str], separator: str) -> Iterator[str]:
 
 
 def iter_file(path: Path, opts: SourceOptions) -> Iterator[str]:
+    """The stories of one file; bytes that are not valid UTF-8 become U+FFFD."""
+    for story in iter_file_escaped(path, opts):
+        yield replace_invalid(story)[0]
+
+
+def iter_file_escaped(path: Path, opts: SourceOptions) -> Iterator[str]:
+    """The stories of one file, invalid UTF-8 bytes kept as lone surrogates
+    (`replace_invalid` counts and replaces them)."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        with path.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
             yield from _iter_txt_lines(f, opts.separator)
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8", errors="surrogateescape") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -152,6 +173,8 @@ class Source:
         self.opts = opts or SourceOptions()
         self.files: dict[str, list[Path]] = {}
         self.hub: str | None = None
+        # bytes of invalid UTF-8 replaced with U+FFFD per split, summed over every `iter`
+        self.replaced: dict[str, int] = dict.fromkeys(SPLITS, 0)
         if self.name == "synthetic":
             return
         path = Path(self.name)
@@ -182,15 +205,21 @@ class Source:
             yield from self._iter_hub(split)
         elif self.files["val"]:
             for p in self.files[split]:
-                yield from iter_file(p, self.opts)
+                for story in iter_file_escaped(p, self.opts):
+                    yield self._replace_invalid(story, split)
         else:  # carve the validation split out of the training files
             want_val = split == "val"
             i = 0
             for p in self.files["train"]:
-                for story in iter_file(p, self.opts):
+                for story in iter_file_escaped(p, self.opts):
                     if in_val(i, self.opts) == want_val:
-                        yield story
+                        yield self._replace_invalid(story, split)
                     i += 1
+
+    def _replace_invalid(self, story: str, split: str) -> str:
+        story, n = replace_invalid(story)
+        self.replaced[split] += n
+        return story
 
     def _iter_hub(self, split: str) -> Iterator[str]:
         ds = self._hub_dataset()

@@ -12,7 +12,7 @@ from typing import TextIO
 
 import torch
 
-from slms.infer.generate import Sampling, prompt_ids, stream_text
+from slms.infer.generate import Sampling, check_room, prompt_ids, stream_text
 from slms.model import GPT
 from slms.tokenizer import Tokenizer
 
@@ -26,13 +26,14 @@ HELP = """commands:
   :analyze [prompt]          generate, then show the experts each token used, per MoE layer
   :quit                      leave (so do Ctrl-D and Ctrl-C)
 anything else is a prompt: the model continues it."""
-# setting name -> (Sampling field, parser); 0 turns top_k off, 1.0 turns top_p off
+# setting name -> (Sampling field, parser); 0 turns top_k off, 1.0 turns top_p off. Sampling
+# checks the values (a top_p of 5 is an error, not "off").
 SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
     "max_tokens": ("max_new_tokens", int),
     "max_new_tokens": ("max_new_tokens", int),
     "temperature": ("temperature", float),
     "top_k": ("top_k", lambda v: int(v) or None),
-    "top_p": ("top_p", lambda v: None if v.lower() == "none" or float(v) >= 1 else float(v)),
+    "top_p": ("top_p", lambda v: None if v.lower() == "none" else float(v)),
     "repetition_penalty": ("repetition_penalty", float),
     "seed": ("seed", lambda v: None if v.lower() == "none" else int(v)),
 }
@@ -43,6 +44,7 @@ class Chat:
                  out: TextIO | None = None):
         self.model, self.tok = model, tokenizer
         self.s = sampling or Sampling(max_new_tokens=min(200, model.cfg.block_size // 2))
+        check_room(self.s.max_new_tokens, model.cfg.block_size)
         self.out = out or sys.stdout
         self.last_prompt = EXAMPLES[0]
 
@@ -102,11 +104,8 @@ class Chat:
                 updates[name] = parse(value)
             except ValueError:
                 raise ValueError(f"bad value for {key}: {value!r}") from None
-        new = replace(self.s, **updates)
-        if not 1 <= new.max_new_tokens < self.model.cfg.block_size:
-            raise ValueError(f"max_tokens must be in 1..{self.model.cfg.block_size - 1}")
-        if new.temperature < 0 or new.repetition_penalty <= 0:
-            raise ValueError("temperature must be >= 0 and repetition_penalty > 0")
+        new = replace(self.s, **updates)  # Sampling checks each value
+        check_room(new.max_new_tokens, self.model.cfg.block_size)
         self.s = new
         self.say("  ".join(f"{f.name}={getattr(self.s, f.name)}" for f in fields(self.s)))
 

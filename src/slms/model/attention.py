@@ -1,4 +1,5 @@
-"""Causal self-attention with fused qkv, `F.scaled_dot_product_attention`, and a KV cache.
+"""Causal self-attention with fused qkv, `F.scaled_dot_product_attention`, and a KV cache;
+optionally rotary positions (RoPE) and RMSNorm of q and k (QK-norm).
 
 Shapes: B batch, T new tokens, S cached + new tokens, C n_embd, nh heads, hs head size.
 """
@@ -34,10 +35,30 @@ class KVCache:
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
 
+def rope_tables(start: int, T: int, head_dim: int, base: float, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (T, hs / 2), of positions start .. start + T - 1 (fp32)."""
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                         / head_dim)
+    angles = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BnTh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i + hs/2}) of every head by its position's angle (GPT-NeoX
+    layout), in fp32, returned in x's dtype."""
+    x1, x2 = x_BnTh.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x_BnTh.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.rope_base = cfg.rope_base if cfg.positions == "rope" else None
+        self.q_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias and cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -53,11 +74,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        start = cache.pos if cache is not None else 0
+        q, k = self._position(q, k, start)
         mask = None
         is_causal = True
         if cache is not None:
-            start = cache.pos
-            k, v = cache.append(k, v)  # (B, nh, S, hs)
+            k, v = cache.append(k, v)  # (B, nh, S, hs); cached keys are already rotated
             if start > 0:
                 is_causal = False
                 if T > 1:  # new token i sees every cached position and new tokens <= i
@@ -68,3 +90,13 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    def _position(self, q: torch.Tensor, k: torch.Tensor, start: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """QK-norm, then rotary positions (each where configured)."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_base is not None:
+            cos, sin = rope_tables(start, q.size(2), q.size(-1), self.rope_base, q.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k

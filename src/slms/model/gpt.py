@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import NamedTuple
+from contextlib import ExitStack, contextmanager
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,10 @@ from torch.utils.checkpoint import checkpoint
 
 from slms.config import ModelConfig
 from slms.constants import IGNORE_INDEX
+from slms.model.activations import activate, ffn_hidden, first_width
 from slms.model.attention import CausalSelfAttention, KVCache
 from slms.model.moe import MoE
+from slms.model.moe_stats import MoEStats
 from slms.model.sampling import sample_next
 
 
@@ -39,26 +41,31 @@ class Output(NamedTuple):
     aux_loss: torch.Tensor  # weighted MoE router losses (0 for dense / in eval)
 
 
+def norm(cfg: ModelConfig) -> nn.Module:
+    return nn.RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = cfg.mlp_ratio * cfg.n_embd
-        self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        hidden = ffn_hidden(cfg.activation, cfg.mlp_ratio * cfg.n_embd)
+        self.fc = nn.Linear(cfg.n_embd, first_width(cfg.activation, hidden), bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.act = F.relu if cfg.activation == "relu" else F.gelu
+        self.activation = cfg.activation
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, real_BT: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dropout(self.proj(self.act(self.fc(x)))), x.new_zeros((), dtype=torch.float32)
+        y = self.proj(activate(self.activation, self.fc(x)))
+        return self.dropout(y), x.new_zeros((), dtype=torch.float32)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = norm(cfg)
         if moe:
             assert cfg.moe is not None
             hidden = cfg.moe.expert_hidden or cfg.mlp_ratio * cfg.n_embd
@@ -81,20 +88,22 @@ class GPT(nn.Module):
             raise ValueError("model.vocab_size is not set (it comes from the data when training)")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # rotary positions live in attention: no position embedding then
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.ln_f = norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.bias and not cfg.tie_weights)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.grad_checkpointing = False
         self.apply(self._init_weights)
-        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer).
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer); or start them at zero
+        # (every block then starts as the identity: the speedrun's zero_init_proj).
         std = 0.02 / math.sqrt(2 * cfg.n_layer)
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "ffn.proj.weight", "w2_EHD")):
-                nn.init.normal_(p, std=std)
+                nn.init.zeros_(p) if cfg.zero_init_proj else nn.init.normal_(p, std=std)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -107,6 +116,52 @@ class GPT(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    # MoE statistics and routers' state between steps: the verbs the trainer, the checkpoint
+    # code, generation and the transformers wrapper use (nothing outside model/ reaches in).
+
+    @contextmanager
+    def paused_stats(self) -> Iterator[None]:
+        """No MoE statistics recorded inside (generation, evaluation during training); the
+        statistics held before are kept as they were."""
+        with ExitStack() as stack:
+            for layer in self.moe_layers():
+                stack.enter_context(layer.paused_stats())
+            yield
+
+    def pop_moe_stats(self) -> list[dict[str, Any]]:
+        """Each MoE layer's statistics since the last pop or reset (`MoE.pop_stats`: plain
+        numbers, one host sync), then zero them. [] for a dense model."""
+        return [layer.pop_stats() for layer in self.moe_layers()]
+
+    def reset_moe_stats(self) -> None:
+        for layer in self.moe_layers():
+            layer.reset_stats()
+
+    def moe_stats_state(self) -> list[dict[str, Any]]:
+        """The statistics of the unfinished log window, per MoE layer (tensors and numbers:
+        for trainer.pt)."""
+        return [layer.stats.state_dict() for layer in self.moe_layers()]
+
+    def load_moe_stats_state(self, states: list[dict[str, Any]]) -> None:
+        """Inverse of `moe_stats_state` (also its format from before MoEStats)."""
+        for layer, state in zip(self.moe_layers(), states, strict=False):
+            layer.stats = MoEStats.from_state_dict(state, layer.cfg.top_k)
+
+    def reset_moe_state(self) -> None:
+        """Zero statistics and bias-router loads, beside the weights: for a model whose saved
+        tensors were loaded into a build on the meta device (transformers), where these
+        unsaved ones were left."""
+        for layer in self.moe_layers():
+            layer.reset_stats()
+            layer.router.reset_load()
+
+    def after_optimizer_step(self, skipped: bool) -> None:
+        """After each optimizer step (skipped: non-finite, not taken): the bias routers update
+        their bias from the step's load, or discard the load of a skipped step. A collective
+        under torch.distributed: every rank calls it with the same `skipped`."""
+        for layer in self.moe_layers():
+            layer.router.after_optimizer_step(skipped)
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, last_only: bool = False,
@@ -123,8 +178,10 @@ class GPT(nn.Module):
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
                              f"(block_size {self.cfg.block_size})")
-        pos = torch.arange(start, start + T, device=idx_BT.device)
-        x = self.drop(self.wte(idx_BT) + self.wpe(pos))
+        x = self.wte(idx_BT)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx_BT.device))
+        x = self.drop(x)
         aux = x.new_zeros((), dtype=torch.float32)
         if real_BT is not None and bool((real_BT[:, 1:] & ~real_BT[:, :-1]).any()):
             raise ValueError("real_BT must mark each row's real positions first, then pads")
@@ -136,12 +193,16 @@ class GPT(nn.Module):
             aux = aux + a
         x = self.ln_f(x)
         if targets_BT is None:
-            logits = self.lm_head(x[:, -1:] if last_only else x)
-            return Output(logits, None, aux)
-        logits = self.lm_head(x)
+            return Output(self._logits(x[:, -1:] if last_only else x), None, aux)
+        logits = self._logits(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets_BT.reshape(-1),
                                ignore_index=IGNORE_INDEX)
         return Output(logits, loss, aux)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
         p = self.wte.weight
@@ -177,11 +238,7 @@ class GPT(nn.Module):
         if T + max_new_tokens > self.cfg.block_size:
             raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"the context of {self.cfg.block_size} tokens; shorten one of them")
-        was_training = self.training
-        self.eval()
-        for layer in self.moe_layers():
-            layer.track_stats = False
-        try:
+        with eval_mode(self), self.paused_stats():
             caches = self.new_caches(B, T + max_new_tokens) if use_cache else None
             seq = idx_BT
             step_input = idx_BT
@@ -199,7 +256,3 @@ class GPT(nn.Module):
                 yield nxt
                 if eos_id is not None and bool(done.all()):
                     break
-        finally:
-            self.train(was_training)
-            for layer in self.moe_layers():
-                layer.track_stats = True

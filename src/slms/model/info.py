@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from slms.config import ModelConfig
+from slms.model.activations import ffn_hidden
 from slms.model.gpt import GPT
 
 
@@ -36,10 +37,17 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
             assert cfg.moe is not None
             H = cfg.moe.expert_hidden or cfg.mlp_ratio * C
             routers = 2 if cfg.moe.router == "noisy_topk" else 1
-            n += cfg.moe.top_k * 2 * C * H + routers * C * cfg.moe.n_experts
+            n += cfg.moe.top_k * ffn_matmul_params(cfg.activation, C, H)
+            n += routers * C * cfg.moe.n_experts
         else:
-            n += 2 * C * cfg.mlp_ratio * C
+            n += ffn_matmul_params(cfg.activation, C, cfg.mlp_ratio * C)
     return n
+
+
+def ffn_matmul_params(activation: str, C: int, H: int) -> int:
+    """Weights of one feed-forward network of width H (SwiGLU: three matrices of 2H/3)."""
+    h = ffn_hidden(activation, H)
+    return (3 if activation == "swiglu" else 2) * C * h
 
 
 def flops_per_token(cfg: ModelConfig, context: int | None = None) -> int:

@@ -10,9 +10,12 @@ Router maths (logits, softmax, top-k) runs in fp32 whatever the autocast dtype.
 from __future__ import annotations
 
 import contextlib
+import enum
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,16 @@ from torch import nn
 
 from slms.config import MoEConfig
 from slms.model import native
-from slms.model.moe_kernels import Dispatch, SlicedMoE, combine, experts_forward
+from slms.model.activations import activate, ffn_hidden, first_width
+from slms.model.moe_decode import native_decode, one_token, small_combine
+from slms.model.moe_kernels import (
+    NATIVE_ACTIVATIONS,
+    Dispatch,
+    SlicedMoE,
+    combine,
+    experts_forward,
+)
+from slms.model.moe_stats import MoEStats
 
 
 @dataclass
@@ -74,6 +86,67 @@ def grouped_mm_pays(device: torch.device, dtype: torch.dtype,
     (docs/benchmarks.md)."""
     return (hasattr(torch, "_grouped_mm") and device.type == "cuda" and dtype == torch.bfloat16
             and capability is not None and capability >= (9, 0))
+
+
+class DispatchPath(enum.Enum):
+    """The ways the MoE layer runs: `choose_path` picks one, `PATHS` runs it."""
+
+    DECODE = "decode"  # the C++ decode kernel (moe_decode.native_decode)
+    ONE_TOKEN = "one_token"  # one token's K experts one after another (moe_decode.one_token)
+    SMALL_COMBINE = "small_combine"  # few assignments, rows by slices, one (T, N) matmul
+    SMALL_COMBINE_GROUPED = "small_combine_grouped"  # the same, rows by torch._grouped_mm
+    GROUPED_MM = "grouped_mm"  # sorted by expert, torch._grouped_mm, combine
+    SLICED_AUTOGRAD = "sliced_autograd"  # sorted, SlicedMoE (hand-written backward)
+    SLICED = "sliced"  # sorted, experts_forward + combine, no autograd
+    REFERENCE = "reference"  # the per-expert loop (reference_dispatch)
+
+
+class Situation(NamedTuple):
+    """What decides how the MoE layer runs (`describe` measures it; a NamedTuple: decoding
+    builds one per layer per step)."""
+
+    device: str  # device type: "cpu", "cuda", ...
+    dtype: torch.dtype  # the compute dtype (`compute_dtype`: autocast's where it is on)
+    capability: tuple[int, int] | None  # CUDA compute capability; None elsewhere
+    grad_mode: bool  # torch.is_grad_enabled()
+    needs_grad: bool  # grad mode and x, the gate weights or the experts require grad
+    kernels: bool  # the C++ decode kernel may run: built, fp32 parameters, autocast off
+    tokens: int  # T
+    assignments: int  # T * K
+    capacity: bool  # a per-expert capacity may drop assignments
+    pads: bool  # real_T given: pads are routed but skip the experts
+    impl: str = "auto"  # Experts.impl: auto | grouped_mm | slices
+    reference: bool = False  # MoE.reference: the per-expert loop
+
+
+def uses_grouped_mm(s: Situation) -> bool:
+    """Whether the experts run as torch._grouped_mm: as forced by `impl`, else where it pays."""
+    if s.impl != "auto":
+        return s.impl == "grouped_mm"
+    return grouped_mm_pays(torch.device(s.device), s.dtype, s.capability)
+
+
+def choose_path(s: Situation) -> DispatchPath:
+    """The one place that decides how the MoE layer runs (pure; reads SMALL_N when called).
+
+    The decode paths (DECODE, ONE_TOKEN, SMALL_COMBINE*) need no grad mode, at most SMALL_N
+    assignments, and neither capacity nor pads (they keep every assignment); DECODE also the
+    C++ kernel on fp32 CPU with `impl` auto. The sorted paths serve everything else.
+    """
+    if s.reference:
+        return DispatchPath.REFERENCE
+    few = not s.grad_mode and s.assignments <= SMALL_N and not (s.capacity or s.pads)
+    if (few and s.kernels and s.impl == "auto" and s.device == "cpu"
+            and s.dtype == torch.float32):
+        return DispatchPath.DECODE
+    grouped = uses_grouped_mm(s)
+    if few:
+        if s.tokens == 1 and not grouped:
+            return DispatchPath.ONE_TOKEN
+        return DispatchPath.SMALL_COMBINE_GROUPED if grouped else DispatchPath.SMALL_COMBINE
+    if grouped:
+        return DispatchPath.GROUPED_MM
+    return DispatchPath.SLICED_AUTOGRAD if s.needs_grad else DispatchPath.SLICED
 
 
 def recomputing() -> bool:
@@ -188,91 +261,102 @@ class Router(nn.Module):
         self.expert_bias -= self.expert_bias.mean()
         load_E.zero_()
 
+    @torch.no_grad()
+    def after_optimizer_step(self, skipped: bool) -> None:
+        """The bias router's load since the last step moves the bias (`update_bias`), or, when
+        the step was skipped (non-finite), is discarded: no bias update from a diverged step.
+        A collective under torch.distributed: every rank calls it with the same `skipped`."""
+        if self.cfg.router != "bias":
+            return
+        if skipped:
+            self.load_E.zero_()
+        else:
+            self.update_bias()
+
+    def reset_load(self) -> None:
+        """The bias router's load back to zeros beside expert_bias (a model built on the meta
+        device and loaded from saved tensors has none: the load is not saved)."""
+        if self.cfg.router == "bias":
+            self.load_E = torch.zeros_like(self.expert_bias)
+
 
 class Experts(nn.Module):
-    """E feed-forward networks with stacked weights, so they can run as one grouped matmul."""
+    """E feed-forward networks with stacked weights, so they can run as one grouped matmul.
+
+    No forward: `choose_path` picks how they run and `PATHS` calls `decode`, `grouped`,
+    `sliced`, `rows` (moe_decode) or `expert` (the reference loop).
+    """
 
     def __init__(self, n_embd: int, hidden: int, n_experts: int, activation: str):
         super().__init__()
-        self.w1_EDH = nn.Parameter(torch.empty(n_experts, n_embd, hidden))
-        self.b1_EH = nn.Parameter(torch.zeros(n_experts, hidden))
+        hidden = ffn_hidden(activation, hidden)
+        first = first_width(activation, hidden)  # SwiGLU: gate and up side by side
+        self.w1_EDH = nn.Parameter(torch.empty(n_experts, n_embd, first))
+        self.b1_EH = nn.Parameter(torch.zeros(n_experts, first))
         self.w2_EHD = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
         self.b2_ED = nn.Parameter(torch.zeros(n_experts, n_embd))
-        self.gelu = activation != "relu"
-        self.act = F.gelu if self.gelu else F.relu
+        self.activation = activation
+        self.gelu = activation == "gelu"  # for the C++ kernels (relu or gelu)
         self.impl = "auto"  # auto | grouped_mm | slices (tests and benchmarks force one)
         nn.init.normal_(self.w1_EDH, std=0.02)
         nn.init.normal_(self.w2_EHD, std=0.02)
 
     def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens: the reference every fast path is tested against."""
-        h = self.act(x_ND @ self.w1_EDH[e] + self.b1_EH[e])
+        h = activate(self.activation, x_ND @ self.w1_EDH[e] + self.b1_EH[e])
         return h @ self.w2_EHD[e] + self.b2_ED[e]
 
-    def one_token(self, x_1D: torch.Tensor, experts: list[int]) -> torch.Tensor:
-        """The experts `experts` on one token, no autograd: (K, D), in the order given."""
-        w1, b1, w2, b2 = self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED
-        return torch.cat([torch.addmm(b2[e], self.act(torch.addmm(b1[e], x_1D, w1[e])), w2[e])
-                          for e in experts])
-
-    def can_decode(self, x_TD: torch.Tensor) -> bool:
-        """Whether `decode` may run: fp32 on CPU outside autocast, with the C++ kernels."""
-        return (self.impl == "auto" and x_TD.device.type == "cpu"
-                and x_TD.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and self.w1_EDH.dtype == self.b1_EH.dtype == self.w2_EHD.dtype
-                == self.b2_ED.dtype == torch.float32
-                and native.ops() is not None)
-
     def decode(self, x_TD: torch.Tensor, r: Routing) -> torch.Tensor:
-        """y_TD for a few tokens without autograd (decoding), by the C++ kernel: each chosen
-        expert's weights are read once for all its tokens, split across the CPU threads."""
-        w1, b1, w2, b2 = (p.contiguous() for p in (self.w1_EDH, self.b1_EH, self.w2_EHD,
-                                                   self.b2_ED))
-        return native.ops().experts_decode(x_TD.contiguous(), r.experts_TK,
-                                           r.weights_TK.float().contiguous(), w1, b1, w2, b2,
-                                           self.gelu)
+        """y_TD for a few tokens without autograd, by the C++ decode kernel
+        (`moe_decode.native_decode`; the DECODE path runs it through here)."""
+        return native_decode(x_TD, r, self)
 
-    def _use_grouped_mm(self, x_ND: torch.Tensor) -> bool:
-        if self.impl != "auto":
-            return self.impl == "grouped_mm"
-        capability = torch.cuda.get_device_capability(x_ND.device) if x_ND.is_cuda else None
-        return grouped_mm_pays(x_ND.device, compute_dtype(x_ND), capability)
-
-    def forward(self, x_TD: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor,
-                pos_S: torch.Tensor, counts_E: torch.Tensor, dropped: bool = False
-                ) -> torch.Tensor:
-        """y_TD: for each token, its kept experts' outputs weighted by w_TK and summed.
+    def grouped(self, x_TD: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor,
+                pos_S: torch.Tensor, counts_E: torch.Tensor, dropped: bool) -> torch.Tensor:
+        """y_TD by torch._grouped_mm: for each token, its kept experts' outputs weighted by
+        w_TK and summed.
 
         order_N: the kept (token, slot) assignments as slot ids t*K + k, sorted by expert
         (counts_E per expert); pos_S: the inverse, each slot's row in that order (N where
         `dropped`, and w_TK is 0 there).
         """
         K = w_TK.size(1)
-        if self._use_grouped_mm(x_TD):
-            with self._manual_autocast(x_TD) as dt:  # training's autocast: the bf16 path
-                token_N = order_N // K
-                x_TD = x_TD.to(dt)
-                x_ND = (Dispatch.apply(x_TD, token_N, pos_S, dropped, K)
-                        if torch.is_grad_enabled() and x_TD.requires_grad
-                        else x_TD.index_select(0, token_N))
-                h_ND = self._grouped(x_ND, counts_E)
-                # as Mixtral: gate weights in the activations' dtype
-                return combine(h_ND, pos_S, w_TK.to(h_ND.dtype), dropped)
-        # One host sync for the group sizes; then a matmul per non-empty expert on its rows
-        # (no boolean masks, no per-token work).
+        with self._manual_autocast(x_TD) as dt:  # training's autocast: the bf16 path
+            token_N = order_N // K
+            x_TD = x_TD.to(dt)
+            x_ND = (Dispatch.apply(x_TD, token_N, pos_S, dropped, K)
+                    if torch.is_grad_enabled() and x_TD.requires_grad
+                    else x_TD.index_select(0, token_N))
+            h_ND = self._grouped(x_ND, counts_E)
+            # as Mixtral: gate weights in the activations' dtype
+            return combine(h_ND, pos_S, w_TK.to(h_ND.dtype), dropped)
+
+    def sliced(self, x_TD: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor,
+               pos_S: torch.Tensor, counts_E: torch.Tensor, dropped: bool, autograd: bool
+               ) -> torch.Tensor:
+        """y_TD as `grouped` (same arguments) by a matmul per non-empty expert on its rows:
+        with `autograd`, as one SlicedMoE (hand-written backward); else experts_forward and
+        combine, no autograd graph."""
+        # One host sync for the group sizes; no boolean masks, no per-token work.
         counts = counts_E.tolist()
         with self._manual_autocast(x_TD) as dt:
-            return self._sliced(x_TD.to(dt), w_TK.to(dt), order_N, pos_S, counts, dropped)
+            x_TD, w_TK, params = x_TD.to(dt), w_TK.to(dt), self._params(dt)
+            if autograd:
+                return SlicedMoE.apply(x_TD, w_TK, *params, order_N, pos_S, counts, dropped,
+                                       self.activation)
+            y_ND = experts_forward(x_TD, order_N // w_TK.size(1), *params, counts,
+                                   self.activation)[1]
+            return combine(y_ND, pos_S, w_TK, dropped)
 
-    def rows(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor
-             ) -> torch.Tensor:
-        """y_ND, no autograd: each expert on its rows x_TD[token_N] (grouped, counts_E each)."""
-        if self._use_grouped_mm(x_TD):
-            with self._manual_autocast(x_TD) as dt:
-                return self._grouped(x_TD.to(dt).index_select(0, token_N), counts_E)
+    def rows(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor,
+             grouped: bool) -> torch.Tensor:
+        """y_ND, no autograd: each expert on its rows x_TD[token_N] (sorted by expert, counts_E
+        each), by torch._grouped_mm when `grouped`, else by slices."""
         with self._manual_autocast(x_TD) as dt:
+            if grouped:
+                return self._grouped(x_TD.to(dt).index_select(0, token_N), counts_E)
             return experts_forward(x_TD.to(dt), token_N, *self._params(dt), counts_E.tolist(),
-                                   self.gelu)[1]
+                                   self.activation)[1]
 
     @contextlib.contextmanager
     def _manual_autocast(self, x_TD: torch.Tensor) -> Iterator[torch.dtype]:
@@ -296,20 +380,9 @@ class Experts(nn.Module):
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         w1, w2 = self.w1_EDH.to(x_ND.dtype), self.w2_EHD.to(x_ND.dtype)
         h_NH = torch._grouped_mm(x_ND, w1, offs=offs) + self.b1_EH[expert_N].to(x_ND.dtype)
-        h_NH = self.act(h_NH)
+        h_NH = activate(self.activation, h_NH)
         return (torch._grouped_mm(h_NH, w2, offs=offs)
                 + self.b2_ED[expert_N].to(x_ND.dtype)).contiguous()
-
-    def _sliced(self, x_TD: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor,
-                pos_S: torch.Tensor, counts: list[int], dropped: bool) -> torch.Tensor:
-        params = self._params(x_TD.dtype)
-        if torch.is_grad_enabled() and (x_TD.requires_grad or w_TK.requires_grad
-                                        or params[0].requires_grad):
-            return SlicedMoE.apply(x_TD, w_TK, *params, order_N, pos_S, counts, dropped,
-                                   self.gelu)
-        token_N = order_N // w_TK.size(1)
-        y_ND = experts_forward(x_TD, token_N, *params, counts, self.gelu)[1]
-        return combine(y_ND, pos_S, w_TK, dropped)
 
 
 class MoE(nn.Module):
@@ -323,40 +396,35 @@ class MoE(nn.Module):
         self.experts = Experts(n_embd, hidden, cfg.n_experts, activation)
         self.dropout = nn.Dropout(dropout)
         self.reference = False  # True: the per-expert loop (tests)
-        self.track_stats = True  # generation turns this off: statistics cost per-token time
+        self.track_stats = True  # off inside paused_stats(): generation, evaluation in training
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        E = self.cfg.n_experts
-        self.stats = {"tokens_E": torch.zeros(E, dtype=torch.long), "tokens": 0, "dropped": 0,
-                      "entropy_token_sum": 0.0, "aux_sum": 0.0, "z_sum": 0.0, "calls": 0,
-                      "loss_calls": 0}
+        self.stats = MoEStats.zeros(self.cfg.n_experts, self.cfg.top_k)
 
     def pop_stats(self) -> dict:
-        """Expert statistics accumulated since the last call (plain Python numbers).
+        """Expert statistics accumulated since the last call (plain Python numbers:
+        `MoEStats.summary`, and the bias router's expert_bias).
 
         aux_loss and z_loss are means over training calls (evaluation skips the losses);
         loss_calls says how many there were (0: the losses read 0.0).
         """
-        s = self.stats
-        tokens_E = s["tokens_E"].tolist()
-        total = max(sum(tokens_E), 1)
-        mean = total / len(tokens_E)
-        loss_calls = max(s.get("loss_calls", s["calls"]), 1)
-        out = {
-            "tokens_per_expert": tokens_E,
-            "share": [n / total for n in tokens_E],
-            "max_over_mean": max(tokens_E) / mean if sum(tokens_E) else 0.0,
-            "entropy": float(s.get("entropy_token_sum", 0.0)) / max(int(s["tokens"]), 1),
-            "dropped_share": int(s["dropped"]) / max(int(s["tokens"]) * self.cfg.top_k, 1),
-            "aux_loss": float(s["aux_sum"]) / loss_calls,
-            "z_loss": float(s["z_sum"]) / loss_calls,
-            "loss_calls": s.get("loss_calls", s["calls"]),
-        }
+        out = self.stats.summary()
         if self.cfg.router == "bias":
             out["expert_bias"] = self.router.expert_bias.tolist()
         self.reset_stats()
         return out
+
+    @contextlib.contextmanager
+    def paused_stats(self) -> Iterator[None]:
+        """Nothing recorded inside (statistics cost per-token time in generation, and
+        evaluation would mix into the training statistics); the held statistics are kept."""
+        tracked = self.track_stats
+        self.track_stats = False
+        try:
+            yield
+        finally:
+            self.track_stats = tracked
 
     def forward(self, x_BTD: torch.Tensor, real_BT: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,11 +436,7 @@ class MoE(nn.Module):
         real_T = None if real_BT is None else real_BT.reshape(-1)
         r = self.router(x_TD, real_T)
         cap = self._capacity(x_TD, real_T)
-        counts_E = None
-        if self.reference:
-            y_TD, kept_TK = reference_dispatch(x_TD, r, self.experts, cap, real_T)
-        else:
-            y_TD, kept_TK, counts_E = _dispatch(x_TD, r, self.experts, cap, real_T)
+        y_TD, kept_TK, counts_E = _dispatch(x_TD, r, self.experts, cap, real_T, self.reference)
         aux = x_TD.new_zeros((), dtype=torch.float32)
         bal = z = None
         if self.training:  # evaluation skips the losses: they would only feed the statistics
@@ -397,27 +461,16 @@ class MoE(nn.Module):
                 real_T: torch.Tensor | None = None) -> None:
         if recomputing():
             return  # gradient checkpointing replays this forward: it was counted already
-        # Tensors stay on the device; pop_stats syncs once per log interval. A new dict each
-        # call, so that a caller holding the old one (the trainer around evaluation) keeps it.
-        s = dict(self.stats)
+        # Tensors stay on the device; pop_stats syncs once per log interval.
         T, K = r.experts_TK.shape
         if counts_E is None:  # the kept slots of the real tokens, per expert
             counts_E = count_experts(r.experts_TK, self.cfg.n_experts, real_T, kept_TK)
         n_real = T if real_T is None else real_T.sum()
-        s["tokens_E"] = s["tokens_E"].to(counts_E.device) + counts_E
-        s["tokens"] = s["tokens"] + n_real
-        if kept_TK is not None:
-            s["dropped"] = s["dropped"] + (n_real * K - counts_E.sum())
+        dropped = None if kept_TK is None else n_real * K - counts_E.sum()
         entropy_T = torch.special.entr(r.clean_probs_TE.detach()).sum(-1)
         if real_T is not None:
             entropy_T = entropy_T * real_T
-        s["entropy_token_sum"] = s.get("entropy_token_sum", 0.0) + entropy_T.sum()
-        if bal is not None:
-            s["aux_sum"] = s["aux_sum"] + bal.detach()
-            s["z_sum"] = s["z_sum"] + z.detach()
-            s["loss_calls"] = s.get("loss_calls", 0) + 1
-        s["calls"] += 1
-        self.stats = s
+        self.stats.add(counts_E, n_real, entropy_T.sum(), dropped, bal, z)
 
 
 def sorted_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
@@ -435,43 +488,48 @@ def sorted_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int |
     return y_TD, kept_TK
 
 
+Dispatched = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+Runner = Callable[[torch.Tensor, Routing, Experts, int | None, torch.Tensor | None], Dispatched]
+
+
 def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
-              real_T: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """sorted_dispatch, also returning the kept assignments per expert (counts_E)."""
+              real_T: torch.Tensor | None = None, reference: bool = False) -> Dispatched:
+    """(y_TD, kept_TK, counts_E) as sorted_dispatch (the per-expert loop with `reference`),
+    by the path `choose_path` picks from `describe` and `PATHS` runs. counts_E, the kept
+    assignments per expert, is None where a path does not count them (DECODE, ONE_TOKEN,
+    REFERENCE)."""
+    path = choose_path(describe(x_TD, r, experts, cap, real_T, reference))
+    return PATHS[path](x_TD, r, experts, cap, real_T)
+
+
+def describe(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
+             real_T: torch.Tensor | None = None, reference: bool = False) -> Situation:
+    """The situation of one call of the layer, for `choose_path` (a few microseconds: it runs
+    per layer per decoding step)."""
+    dev = x_TD.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    dtype = (torch.get_autocast_dtype(dev) if autocast and x_TD.dtype == torch.float32
+             else x_TD.dtype)  # compute_dtype(x_TD), reusing `autocast`
+    grad_mode = torch.is_grad_enabled()
+    needs_grad = grad_mode and (x_TD.requires_grad or r.weights_TK.requires_grad
+                                or experts.w1_EDH.requires_grad)
+    # native.ops() only on CPU: a GPU run must not build the CPU kernels
+    kernels = (dev == "cpu" and not autocast and experts.activation in NATIVE_ACTIVATIONS
+               and experts.w1_EDH.dtype == experts.b1_EH.dtype == experts.w2_EHD.dtype
+               == experts.b2_ED.dtype == torch.float32
+               and native.ops() is not None)
+    capability = torch.cuda.get_device_capability(x_TD.device) if x_TD.is_cuda else None
     T, K = r.experts_TK.shape
-    E = experts.w1_EDH.size(0)
-    few = cap is None and T * K <= SMALL_N and not torch.is_grad_enabled()
-    if few and real_T is None and experts.can_decode(x_TD):
-        # Decoding on CPU: the C++ kernel; no sort, no gathers.
-        return experts.decode(x_TD, r), None, None
-    if T == 1 and few and not experts._use_grouped_mm(x_TD):
-        # Batch-1 decoding otherwise: the token's K experts one after another.
-        h_KD = experts.one_token(x_TD, r.experts_TK[0].tolist())
-        y_1D = torch.mm(r.weights_TK.to(h_KD.dtype), h_KD).to(x_TD.dtype)
-        return y_1D, None, None
-    flat_e = r.experts_TK.reshape(-1)
-    real_S = None if real_T is None else real_T.repeat_interleave(K)
-    order_N = _expert_order(flat_e, real_S, T, K, choice_major=cap is not None)
-    counts_E = torch.bincount(flat_e, minlength=E)
-    if cap is None and real_S is None and T * K <= SMALL_N and not torch.is_grad_enabled():
-        return _combine_small(x_TD, r, experts, order_N, counts_E), None, counts_E
-    kept_TK = None
-    if cap is not None or real_S is not None:
-        # Dropped: assignments past an expert's capacity, and every pad's (no real token
-        # attends to a pad: its output would only serve pad predictions, which are not scored).
-        keep_N = torch.ones(T * K, dtype=torch.bool, device=flat_e.device)
-        if cap is not None:
-            starts_E = torch.cumsum(counts_E, 0) - counts_E
-            rank_N = torch.arange(T * K, device=flat_e.device) - starts_E[flat_e[order_N]]
-            keep_N = rank_N < cap
-        if real_S is not None:
-            keep_N = keep_N & real_S[order_N]
-        kept = torch.zeros(T * K, dtype=torch.bool, device=flat_e.device)
-        kept[order_N[keep_N]] = True
-        kept_TK = kept.view(T, K)
-        order_N = order_N[keep_N]
-        counts_E = count_experts(r.experts_TK, E, kept_TK=kept_TK)
+    return Situation(dev, dtype, capability, grad_mode, needs_grad, kernels, T, T * K,
+                     cap is not None, real_T is not None, experts.impl, reference)
+
+
+def _sorted(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
+            real_T: torch.Tensor | None, run: Callable[..., torch.Tensor]) -> Dispatched:
+    """The sorted paths: the kept assignments in expert order (`_kept_order`) and its inverse
+    pos_S, then `run` (Experts.grouped or Experts.sliced) on them."""
+    T, K = r.experts_TK.shape
+    order_N, kept_TK, counts_E = _kept_order(r, experts.w1_EDH.size(0), cap, real_T)
     N = order_N.numel()
     dropped = N < T * K
     # pos_S: where each of the T*K slots (token-major) sits in expert order; N = dropped.
@@ -482,8 +540,63 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
         if N == 0:
             return torch.zeros_like(x_TD), kept_TK, counts_E
         w_TK = w_TK * kept_TK  # a dropped slot contributes nothing
-    y_TD = experts(x_TD, w_TK, order_N, pos_S, counts_E, dropped)
+    y_TD = run(x_TD, w_TK, order_N, pos_S, counts_E, dropped)
     return y_TD.to(x_TD.dtype), kept_TK, counts_E
+
+
+def _kept_order(r: Routing, E: int, cap: int | None, real_T: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(order_N, kept_TK, counts_E): the kept slot ids t*K + k sorted by expert, which slots
+    were kept (None: all), and the kept assignments per expert."""
+    T, K = r.experts_TK.shape
+    flat_e = r.experts_TK.reshape(-1)
+    real_S = None if real_T is None else real_T.repeat_interleave(K)
+    order_N = _expert_order(flat_e, real_S, T, K, choice_major=cap is not None)
+    counts_E = torch.bincount(flat_e, minlength=E)
+    if cap is None and real_S is None:
+        return order_N, None, counts_E
+    # Dropped: assignments past an expert's capacity, and every pad's (no real token attends
+    # to a pad: its output would only serve pad predictions, which are not scored).
+    keep_N = torch.ones(T * K, dtype=torch.bool, device=flat_e.device)
+    if cap is not None:
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_N = torch.arange(T * K, device=flat_e.device) - starts_E[flat_e[order_N]]
+        keep_N = rank_N < cap
+    if real_S is not None:
+        keep_N = keep_N & real_S[order_N]
+    kept = torch.zeros(T * K, dtype=torch.bool, device=flat_e.device)
+    kept[order_N[keep_N]] = True
+    kept_TK = kept.view(T, K)
+    return order_N[keep_N], kept_TK, count_experts(r.experts_TK, E, kept_TK=kept_TK)
+
+
+def _small(x_TD: torch.Tensor, r: Routing, experts: Experts, grouped: bool) -> Dispatched:
+    """The few-assignments combine (`moe_decode.small_combine`): every assignment kept."""
+    y_TD, counts_E = small_combine(x_TD, r, experts, grouped)
+    return y_TD, None, counts_E
+
+
+# The one table of how each path runs: (x_TD, r, experts, cap, real_T) -> Dispatched.
+PATHS: dict[DispatchPath, Runner] = {
+    DispatchPath.DECODE:
+        lambda x_TD, r, ex, cap, real_T: (ex.decode(x_TD, r), None, None),
+    DispatchPath.ONE_TOKEN:
+        lambda x_TD, r, ex, cap, real_T: (one_token(x_TD, r, ex), None, None),
+    DispatchPath.SMALL_COMBINE:
+        lambda x_TD, r, ex, cap, real_T: _small(x_TD, r, ex, grouped=False),
+    DispatchPath.SMALL_COMBINE_GROUPED:
+        lambda x_TD, r, ex, cap, real_T: _small(x_TD, r, ex, grouped=True),
+    DispatchPath.GROUPED_MM:
+        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, ex.grouped),
+    DispatchPath.SLICED_AUTOGRAD:
+        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T,
+                                                 functools.partial(ex.sliced, autograd=True)),
+    DispatchPath.SLICED:
+        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T,
+                                                 functools.partial(ex.sliced, autograd=False)),
+    DispatchPath.REFERENCE:
+        lambda x_TD, r, ex, cap, real_T: (*reference_dispatch(x_TD, r, ex, cap, real_T), None),
+}
 
 
 def _expert_order(flat_e: torch.Tensor, real_S: torch.Tensor | None, T: int, K: int,
@@ -497,23 +610,6 @@ def _expert_order(flat_e: torch.Tensor, real_S: torch.Tensor | None, T: int, K: 
     slot_S = torch.arange(T * K, device=flat_e.device)
     choice_then_token_S = (slot_S % K) * T + slot_S // K
     return torch.argsort(key_S * (T * K) + choice_then_token_S)
-
-
-def _combine_small(x_TD: torch.Tensor, r: Routing, experts: Experts, order_N: torch.Tensor,
-                   counts_E: torch.Tensor) -> torch.Tensor:
-    """Few assignments, no autograd (decoding): gate-weight and sum the outputs with one (T, N)
-    matmul.
-
-    Fewer small ops than building the inverse permutation, and no scatter-add.
-    """
-    T, K = r.experts_TK.shape
-    w_N = r.weights_TK.reshape(-1).index_select(0, order_N)
-    token_N = order_N // K if K > 1 else order_N
-    h_ND = experts.rows(x_TD, token_N, counts_E)
-    # combine_TN[t, n] = gate weight of assignment n if it belongs to token t, else 0
-    combine_TN = h_ND.new_zeros(T, w_N.numel()).scatter_(0, token_N[None],
-                                                         w_N[None].to(h_ND.dtype))
-    return torch.mm(combine_TN, h_ND).to(x_TD.dtype)
 
 
 def reference_dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,

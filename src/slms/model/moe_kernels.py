@@ -11,15 +11,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slms.model import native
+from slms.model import activations, native
+
+NATIVE_ACTIVATIONS = ("relu", "gelu")  # what the C++ kernels implement
 
 
 def sliced_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tensor,
                    b1_EH: torch.Tensor, w2_EHD: torch.Tensor, b2_ED: torch.Tensor,
-                   counts: list[int], gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   counts: list[int], activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Each expert on its group of rows x_TD[token_N[a:b]], written into one buffer per layer.
 
-    Returns (pre_NH, y_ND): pre_NH is the hidden layer before gelu, after relu (in place).
+    Returns (pre_NH, y_ND): pre_NH is the first matmul's output as the backward needs it
+    (`activations.forward_saving`: after relu for relu and relu2, in place; else before).
     A group's rows are gathered inside the loop into a small reused buffer, so they are still in
     cache for the matmul, and no (N, D) copy of the input is made (with top-k routing it would
     be K times the input). Both matmuls of an expert run back to back.
@@ -31,7 +34,7 @@ def sliced_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tens
     for e, a, b in spans(counts):
         x = torch.index_select(x_TD, 0, token_N[a:b], out=x_buf[:b - a])
         h = torch.addmm(b1_EH[e], x, w1_EDH[e], out=pre_NH[a:b])
-        h = F.gelu(h) if gelu else h.relu_()
+        h = activations.forward_saving(activation, h)
         torch.addmm(b2_ED[e], h, w2_EHD[e], out=y_ND[a:b])
     return pre_NH, y_ND
 
@@ -70,17 +73,26 @@ def combine(y_ND: torch.Tensor, pos_S: torch.Tensor, w_TK: torch.Tensor, dropped
 
 def experts_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tensor,
                     b1_EH: torch.Tensor, w2_EHD: torch.Tensor, b2_ED: torch.Tensor,
-                    counts: list[int], gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sliced_forward`, by the C++ kernel on CPU when it is available (the same ATen calls)."""
-    native_ops = native.ops() if x_TD.device.type == "cpu" else None
+                    counts: list[int], activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sliced_forward`, by the C++ kernel on CPU when it is available (the same ATen calls;
+    it knows relu and gelu)."""
+    native_ops = _native_for(x_TD, activation)
     if native_ops is None:
-        return sliced_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
-    return native_ops.experts_fwd(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
+        return sliced_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, activation)
+    return native_ops.experts_fwd(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts,
+                                  activation == "gelu")
+
+
+def _native_for(x: torch.Tensor, activation: str) -> object | None:
+    """The C++ ops for the experts' loop: on CPU, for the activations they implement."""
+    if x.device.type != "cpu" or activation not in NATIVE_ACTIVATIONS:
+        return None
+    return native.ops()
 
 
 def experts_backward(g_TD: torch.Tensor, x_TD: torch.Tensor, token_N: torch.Tensor,
                      w_N: torch.Tensor, pre_NH: torch.Tensor, y_ND: torch.Tensor,
-                     w1_EDH: torch.Tensor, w2_EHD: torch.Tensor, counts: list[int], gelu: bool,
+                     w1_EDH: torch.Tensor, w2_EHD: torch.Tensor, counts: list[int], activation: str,
                      need_gx: bool) -> tuple[torch.Tensor, ...]:
     """The experts' backward, expert by expert (see `SlicedMoE`); by the C++ kernel on CPU
     when it is available.
@@ -89,10 +101,10 @@ def experts_backward(g_TD: torch.Tensor, x_TD: torch.Tensor, token_N: torch.Tens
     gate weighting: the rows' dot products with the output rows) and of the expert
     parameters; with `need_gx`, each input-gradient row overwrites its row of y_ND.
     """
-    native_ops = native.ops() if g_TD.device.type == "cpu" else None
+    native_ops = _native_for(g_TD, activation)
     if native_ops is not None:
         return native_ops.experts_bwd(g_TD, x_TD, token_N, w_N, pre_NH, y_ND, w1_EDH, w2_EHD,
-                                  counts, gelu, need_gx)
+                                      counts, activation == "gelu", need_gx)
     gw_N = w_N.new_empty(w_N.shape)
     gw1, gb1 = torch.empty_like(w1_EDH), w1_EDH.new_empty(w1_EDH.shape[::2])
     gw2, gb2 = torch.empty_like(w2_EHD), w2_EHD.new_empty(w2_EHD.shape[::2])
@@ -109,10 +121,7 @@ def experts_backward(g_TD: torch.Tensor, x_TD: torch.Tensor, token_N: torch.Tens
         gy.mul_(w_N[a:b, None])
         x = torch.index_select(x_TD, 0, token_N[a:b], out=x_buf[:b - a])
         ga = torch.mm(gy, w2_EHD[e].t())
-        if gelu:
-            act, gp = F.gelu(pre), torch.ops.aten.gelu_backward(ga, pre)
-        else:  # pre_NH holds the relu output
-            act, gp = pre, torch.ops.aten.threshold_backward(ga, pre, 0)
+        act, gp = activations.backward(activation, ga, pre)
         torch.mm(act.t(), gy, out=gw2[e])
         torch.sum(gy, 0, out=gb2[e])
         torch.mm(x.t(), gp, out=gw1[e])
@@ -137,12 +146,13 @@ class SlicedMoE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, w_TK, w1_EDH, b1_EH, w2_EHD, b2_ED, order_N, pos_S, counts,  # noqa: ANN001
-                dropped, gelu):  # noqa: ANN001
+                dropped, activation):  # noqa: ANN001
         K = w_TK.size(1)
         token_N = order_N // K
-        pre_NH, y_ND = experts_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, gelu)
+        pre_NH, y_ND = experts_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts,
+                                       activation)
         ctx.save_for_backward(x_TD, w_TK, order_N, pos_S, pre_NH, y_ND, w1_EDH, w2_EHD)
-        ctx.counts, ctx.dropped, ctx.gelu = counts, dropped, gelu
+        ctx.counts, ctx.dropped, ctx.activation = counts, dropped, activation
         return combine(y_ND, pos_S, w_TK, dropped)
 
     @staticmethod
@@ -154,7 +164,7 @@ class SlicedMoE(torch.autograd.Function):
         w_N = w_TK.reshape(-1).index_select(0, order_N)
         need_gx = ctx.needs_input_grad[0]
         gw_N, gw1, gb1, gw2, gb2 = experts_backward(g_TD, x_TD, token_N, w_N, pre_NH, y_ND,
-                                                    w1_EDH, w2_EHD, ctx.counts, ctx.gelu,
+                                                    w1_EDH, w2_EHD, ctx.counts, ctx.activation,
                                                     need_gx)
         gx_TD = sum_slots(y_ND, pos_S, K, ctx.dropped) if need_gx else None
         gw_TK = None

@@ -9,6 +9,7 @@ are a pure function of (seed, step, rank, micro-step), so no loader state is nee
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -79,7 +80,7 @@ def save(run: Run, path: Path, val: dict[str, Any] | None = None) -> None:
     weights, optim = distributed.full_state(run.model, run.opt)
     rngs = run.d.gather(rng_state())
     gpt = ckpt.unwrap(run.model)
-    moe_stats = [layer.stats for layer in gpt.moe_layers()]
+    moe_stats = gpt.moe_stats_state()
     if not run.d.main:
         return
     if weights is not None:  # FSDP: the gathered full weights in a plain CPU model
@@ -149,9 +150,7 @@ def restore(run: Run, log=print) -> None:
     else:
         warn(f"warning: {path} was written by {len(rngs)} processes, this run has {d.world}; "
              "random streams (dropout, router noise) restart from the seed")
-    for layer, stats in zip(ckpt.unwrap(run.model).moe_layers(), ts.get("moe_stats", []),
-                            strict=False):
-        layer.stats = stats
+    ckpt.unwrap(run.model).load_moe_stats_state(ts.get("moe_stats", []))
     run.state = State(step=ts["step"], best_val=ts["best_val"], tokens_seen=ts["tokens_seen"],
                       bad_steps=ts.get("bad_steps", 0), bad_in_row=ts.get("bad_in_row", 0))
     if d.main:
@@ -187,7 +186,50 @@ def find_resume(cfg: RunConfig, out_dir: str | Path | None, resume: str | Path |
     """The run directory to resume: --resume, or with train.resume=auto the --out directory
     when it holds checkpoints."""
     if resume:
-        return Path(resume)
-    if cfg.train.resume == "auto" and out_dir is not None and RunDir(out_dir).checkpoints():
-        return Path(out_dir)
-    return None
+        run_dir = Path(resume)
+    elif cfg.train.resume == "auto" and out_dir is not None and RunDir(out_dir).checkpoints():
+        run_dir = Path(out_dir)
+    else:
+        return None
+    check_same_model(cfg, run_dir)
+    return run_dir
+
+
+def _flat(d: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def _show(v: Any) -> str:
+    """A value as an override would write it."""
+    if v is None:
+        return "none"
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def check_same_model(cfg: RunConfig, run_dir: Path) -> None:
+    """A resumed run keeps its model: compare cfg.model with the newest readable checkpoint's
+    config.json before a model is built (ValueError naming the keys that differ)."""
+    for path in reversed(RunDir(run_dir).checkpoints()):
+        try:
+            trained = ckpt.checkpoint_model_config(path)
+            break
+        except ckpt.CheckpointError:
+            continue
+    else:
+        return  # nothing readable: restore() reports that
+    now, then = _flat(dataclasses.asdict(cfg.model)), _flat(dataclasses.asdict(trained))
+    if cfg.model.moe is None or trained.moe is None:  # dense vs MoE: one key, not each field
+        now = {k: v for k, v in now.items() if not k.startswith("model.moe.")}
+        then = {k: v for k, v in then.items() if not k.startswith("model.moe.")}
+        now["model.moe"] = "none" if cfg.model.moe is None else "(a table)"
+        then["model.moe"] = "none" if trained.moe is None else "(a table)"
+    keys = [k for k in now if now[k] != then.get(k)]
+    if keys:
+        raise ValueError(
+            f"cannot resume {run_dir} with " + ", ".join(f"{k}={_show(now[k])}" for k in keys)
+            + ": the run was trained with "
+            + ", ".join(f"{k}={_show(then.get(k))}" for k in keys)
+            + " (model keys cannot change on resume; start a new run with --out)")

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from slms.checkpoint import unwrap
-from slms.config import RunConfig
+from slms.config import TrainConfig
 from slms.constants import IGNORE_INDEX
 from slms.data.loader import PackedData
 from slms.train import distributed
@@ -44,63 +45,108 @@ def micro_index(d: Dist, grad_accum: int, micro: int) -> int:
     return d.rank * grad_accum + micro
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: PackedData,
-               cfg: RunConfig, step: int, env: Env) -> StepResult:
-    """One optimizer step over grad_accum micro-batches on each rank."""
-    tc = cfg.train
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched: LRScheduler,
+               data: PackedData, tc: TrainConfig, block_size: int, step: int, env: Env
+               ) -> StepResult:
+    """One optimizer step over tc.grad_accum micro-batches on each rank."""
     model.train()
-    lm_total = torch.zeros((), device=env.device)
-    aux_total = torch.zeros((), device=env.device)
-    batches = []
+    batches = micro_batches(data, tc, block_size, step, env.dist)
+    total = global_targets(batches, data.padded, env)
+    lm_sum, aux_sum = forward_backward(model, batches, total, env)
+    lm, aux = env.dist.mean([float(lm_sum), float(aux_sum)], env.device)
+    grad_norm, skipped = optimizer_step(model, opt, sched, tc.grad_clip, lm, env)
+    return StepResult(lm, aux, grad_norm, skipped, round(total))
+
+
+@dataclass
+class MicroBatch:
+    x: torch.Tensor  # (B, T) inputs, on the host
+    y: torch.Tensor  # (B, T) targets; IGNORE_INDEX at pads
+    real: torch.Tensor | None  # (B, T) bool: the scored targets (padded layout only)
+    n: int  # scored targets
+
+
+def micro_batches(data: PackedData, tc: TrainConfig, block_size: int, step: int, d: Dist
+                  ) -> list[MicroBatch]:
+    """This rank's tc.grad_accum micro-batches of optimizer step `step`, with the number of
+    targets each scores."""
+    out = []
     for micro in range(tc.grad_accum):
-        index = micro_index(env.dist, tc.grad_accum, micro)
-        x, y = data.train_batch(tc.batch_size, cfg.model.block_size, tc.seed, step, micro=index,
-                                micro_per_step=tc.grad_accum * env.dist.world)
+        index = micro_index(d, tc.grad_accum, micro)
+        x, y = data.train_batch(tc.batch_size, block_size, tc.seed, step, micro=index,
+                                micro_per_step=tc.grad_accum * d.world)
         # Packed data has no pads; the padded layout's pad targets are IGNORE_INDEX.
         real = (y != IGNORE_INDEX) if data.padded else None
-        batches.append((x, y, real, y.numel() if real is None else int(real.sum())))
-    local = sum(n for *_, n in batches)
+        out.append(MicroBatch(x, y, real, y.numel() if real is None else int(real.sum())))
+    return out
+
+
+def global_targets(batches: list[MicroBatch], padded: bool, env: Env) -> float:
+    """Scored targets in the global batch (every rank's micro-batches)."""
+    local = sum(b.n for b in batches)
     # The step's LM loss is the mean over every real target of the global batch, however the
     # pads fall between micro-batches and ranks: micro-batch i's mean is weighted by its share
     # n_i / total (times world: DDP and FSDP average gradients over ranks). Packed micro-batches
     # are all full, so the weights are 1/grad_accum and no count needs exchanging.
-    total = env.dist.sum([float(local)], env.device)[0] if data.padded else local * env.dist.world
-    for micro, (x, y, real, n) in enumerate(batches):
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        if real is not None:
-            real = real.to(env.device, non_blocking=True)
-        with distributed.grad_sync(model, sync=micro == tc.grad_accum - 1):
+    return env.dist.sum([float(local)], env.device)[0] if padded else local * env.dist.world
+
+
+def forward_backward(model: nn.Module, batches: list[MicroBatch], total: float, env: Env
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over the micro-batches, gradients accumulated (synchronised across
+    ranks on the last only). Returns this rank's (weighted LM loss, router loss) sums, on the
+    device: their mean over ranks is the step's loss."""
+    lm_total = torch.zeros((), device=env.device)
+    aux_total = torch.zeros((), device=env.device)
+    accum = len(batches)
+    for micro, b in enumerate(batches):
+        x, y = b.x.to(env.device, non_blocking=True), b.y.to(env.device, non_blocking=True)
+        real = None if b.real is None else b.real.to(env.device, non_blocking=True)
+        with distributed.grad_sync(model, sync=micro == accum - 1):
             with env.autocast:
                 # padded rows: the pads (no target) skip the MoE experts and router losses
                 out = model(x, y, real_BT=real)
                 # a micro-batch of pads only has no LM loss (its mean would be 0/0); zero times
                 # the logits keeps every parameter in the graph, as DDP needs (multiplied before
                 # the sum: an fp16 sum can overflow, and inf * 0 is NaN)
-                lm_loss = (out.loss * (n * env.dist.world / total) if n
+                lm_loss = (out.loss * (b.n * env.dist.world / total) if b.n
                            else (out.logits * 0).sum())
-                loss = lm_loss + out.aux_loss / tc.grad_accum
+                loss = lm_loss + out.aux_loss / accum
             (env.scaler.scale(loss) if env.scaler else loss).backward()
         lm_total += lm_loss.detach()
-        aux_total += out.aux_loss.detach() / tc.grad_accum
-    lm, aux = env.dist.mean([float(lm_total), float(aux_total)], env.device)
-    if env.scaler:
-        env.scaler.unscale_(opt)
-    clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-    grad_norm = float(distributed.full_norm(
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        aux_total += out.aux_loss.detach() / accum
+    return lm_total, aux_total
+
+
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, sched: LRScheduler,
+                   grad_clip: float, loss: float, env: Env) -> tuple[float, bool]:
+    """Clip, step (unless non-finite), zero the gradients, advance the schedule and update the
+    MoE routers. `loss` is the step's (global) loss; grad_clip <= 0: no clipping.
+
+    Returns (gradient norm before clipping, skipped): skipped when the loss, or without loss
+    scaling the gradient norm, is not finite; the weights and optimizer state are then as
+    they were (the scheduler still advances: the step counts).
+    """
+    grad_norm = clipped_norm(model, opt, grad_clip, env.scaler)
     # With fp16 loss scaling an inf gradient norm is routine (the scaler skips and lowers its
     # scale); a non-finite loss is not.
-    bad = not math.isfinite(lm) or (env.scaler is None and not math.isfinite(grad_norm))
+    skipped = not math.isfinite(loss) or (env.scaler is None and not math.isfinite(grad_norm))
     if env.scaler:
         env.scaler.step(opt)  # skips by itself when a gradient is inf/NaN
         env.scaler.update()
-    elif not bad:
+    elif not skipped:
         opt.step()
     opt.zero_grad(set_to_none=True)
     sched.step()
-    for moe in unwrap(model).moe_layers():
-        if bad and hasattr(moe.router, "load_E"):
-            moe.router.load_E.zero_()  # no bias update from a diverged step
-        else:
-            moe.router.update_bias()
-    return StepResult(lm, aux, grad_norm, bad, round(total))
+    unwrap(model).after_optimizer_step(skipped)
+    return grad_norm, skipped
+
+
+def clipped_norm(model: nn.Module, opt: torch.optim.Optimizer, grad_clip: float,
+                 scaler: torch.amp.GradScaler | None) -> float:
+    """Unscale the gradients (loss scaling), clip them to grad_clip (<= 0: no clipping) and
+    return their total norm before clipping, over every rank's shard (FSDP)."""
+    if scaler:
+        scaler.unscale_(opt)
+    clip = grad_clip if grad_clip > 0 else float("inf")
+    return float(distributed.full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))

@@ -95,7 +95,8 @@ def loop(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: Sto
     trained_s = 0.0  # optimizer steps only, since this process started
     while state.step < run.cfg.train.max_steps:
         t0 = time.perf_counter()
-        result = train_step(run.model, run.opt, run.sched, data, run.cfg, state.step, env)
+        result = train_step(run.model, run.opt, run.sched, data, run.cfg.train,
+                            run.cfg.model.block_size, state.step, env)
         state.step += 1
         dt = time.perf_counter() - t0
         trained_s += dt
@@ -361,7 +362,7 @@ def log_step(run: Run, result: StepResult, meter: Meter, metrics: MetricsWriter,
                               "lr": run.sched.get_last_lr()[0], "grad_norm": result.grad_norm,
                               **meter.read(), "tokens": state.tokens_seen,
                               "skipped_steps": state.bad_steps}
-    moe = [layer.pop_stats() for layer in unwrap(run.model).moe_layers()]
+    moe = unwrap(run.model).pop_moe_stats()
     if moe:
         record["moe"] = moe
     metrics.write(record)
@@ -376,12 +377,10 @@ def run_eval(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, write
     """Loss over the whole validation split; a new best is saved to best/. train_minutes: the
     optimizer steps' time so far in this process (evaluation excluded), recorded with it."""
     gpt, state = unwrap(run.model), run.state
-    stats_before = [layer.stats for layer in gpt.moe_layers()]
-    val = evaluate(gpt, data, "val", run.cfg.train.batch_size, run.cfg.model.block_size,
-                   env.device, env.autocast, env.dist)  # the ranks share the batches
     # Evaluation routing is reported by `slms experts`; keep training statistics clean.
-    for layer, stats in zip(gpt.moe_layers(), stats_before, strict=True):
-        layer.stats = stats
+    with gpt.paused_stats():
+        val = evaluate(gpt, data, "val", run.cfg.train.batch_size, run.cfg.model.block_size,
+                       env.device, env.autocast, env.dist)  # the ranks share the batches
     metrics.write({"step": state.step, "val_loss": val["loss"], "val_perplexity":
                    val["perplexity"], "val_bits_per_byte": val["bits_per_byte"],
                    "tokens": state.tokens_seen,
