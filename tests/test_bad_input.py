@@ -126,6 +126,23 @@ def test_prepare_refuses_data_of_another_tokenizer(tmp_path, tokenizer, stories)
     assert meta["vocab_size"] == other.vocab_size == PackedData(out).vocab_size
 
 
+def test_prepare_cli_overwrite_flag(tmp_path, tokenizer, stories, capsys):
+    src = tmp_path / "stories.txt"
+    src.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories[:60]))
+    tokenizer.save(tmp_path / "a.json")
+    train_tokenizer(stories, vocab_size=280).save(tmp_path / "b.json")
+    out = tmp_path / "data"
+    argv = ["prepare", "--source", str(src), "--out", str(out)]
+    assert main([*argv, "--tokenizer", str(tmp_path / "a.json")]) == 0
+    capsys.readouterr()
+    before = digest(out)
+    assert main([*argv, "--tokenizer", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err and digest(out) == before
+    assert main([*argv, "--tokenizer", str(tmp_path / "b.json"), "--overwrite"]) == 0
+    assert PackedData(out).vocab_size == 280
+
+
 def test_prepare_refuses_a_directory_of_other_files(tmp_path, tokenizer, stories):
     out = tmp_path / "notes"
     out.mkdir()

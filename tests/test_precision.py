@@ -44,3 +44,24 @@ def test_training_with_auto_records_what_it_chose(monkeypatch, tmp_path, data_di
             "train.max_steps=1", "model.n_layer=1", "--out", str(tmp_path / "run")]
     assert main(argv) == 0
     assert RunDir(tmp_path / "run").read_config()["train"]["precision"] == "fp32"
+
+
+def test_generate_and_bench_take_a_precision(tmp_path, tokenizer, capsys):
+    from conftest import tiny_config
+    from slms.checkpoint import save_checkpoint
+    from slms.cli import main
+    from slms.model import GPT
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ck", GPT(tiny_config(moe=True)), tokenizer)
+    outs = []
+    for p in ("fp32", "bf16"):
+        assert main(["generate", str(ckpt), "--prompt", "Once", "--max-new-tokens", "6",
+                     "--temperature", "0", "--precision", p]) == 0
+        outs.append(capsys.readouterr().out)
+    assert all(o.startswith("Once") and len(o) > len("Once\n") for o in outs)
+    assert main(["bench", str(ckpt), "--precision", "bf16", "--new-tokens", "4",
+                 "--b8-new-tokens", "2", "--train-steps", "1", "--train-block", "16",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["precision"] == "bfloat16" and r["train_tokens_per_s"] > 0

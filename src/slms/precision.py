@@ -29,6 +29,14 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bf16" if bf16_is_fast(device) else "fp32"
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype for generation: `name` ("auto" resolved as for training)."""
+    return DTYPES[resolve_precision(name, device)]
+
+
 def auto_reason(device: torch.device) -> str:
     """Why "auto" chose what it chose, in a few words for the log."""
     if device.type == "cuda":

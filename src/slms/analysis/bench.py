@@ -18,6 +18,7 @@ import torch
 
 from slms.memory import peak_memory, reset_peak_memory
 from slms.model import GPT, count_params
+from slms.precision import inference_dtype
 
 
 @dataclass
@@ -29,6 +30,7 @@ class BenchOptions:
     train_block: int = 256  # capped at the model's block_size
     train_steps: int = 3
     device: str = "cpu"
+    precision: str = "fp32"  # generation: the weights' dtype; training: autocast's
 
 
 def _sync(device: torch.device) -> None:
@@ -49,8 +51,12 @@ def train_speed(model: GPT, o: BenchOptions, device: torch.device) -> dict[str, 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, V, (2, o.train_batch, T), generator=g).to(device)
 
+    dtype = inference_dtype(o.precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
     def step() -> None:
-        out = model(x, y)
+        with autocast:
+            out = model(x, y)
         (out.loss + out.aux_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -93,9 +99,10 @@ def gen_speed(model: GPT, batch: int, new_tokens: int, prompt_tokens: int, use_c
 def bench_model(model: GPT, name: str, o: BenchOptions,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     device = torch.device(o.device)
-    model = model.to(device)
+    dtype = inference_dtype(o.precision, device)
+    model = model.to(device, dtype)
     say = log or (lambda m: None)
-    r: dict[str, Any] = {"name": name, **count_params(model)}
+    r: dict[str, Any] = {"name": name, **count_params(model), "precision": str(dtype)[6:]}
     room = model.cfg.block_size - o.prompt_tokens
     if room < 1:
         raise ValueError(f"--prompt-tokens {o.prompt_tokens} leaves no room to generate in the "
@@ -118,7 +125,7 @@ def bench_model(model: GPT, name: str, o: BenchOptions,
     # Training last: its optimizer steps change the weights (a loaded checkpoint stays as it
     # is on disk; only this in-memory copy is touched).
     say(f"{name}: training ...")
-    r.update(train_speed(model, o, device))
+    r.update(train_speed(model.float(), o, device))  # fp32 weights, autocast in o.precision
     r["options"] = asdict(o)
     return r
 

@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     options.add_device(p)
+    options.add_precision(p)
     p.add_argument("--json", action="store_true")
 
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     o = BenchOptions(args.new_tokens, args.b8_new_tokens, args.prompt_tokens, args.train_batch,
-                     args.train_block, args.train_steps, args.device)
+                     args.train_block, args.train_steps, args.device, args.precision)
     results = []
     for t in targets:
         name, model = load_target(t, overrides, options.resolve_config_path, args.device)

@@ -14,15 +14,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_checkpoint(p)
     options.add_generation(p, max_new_tokens=None)
     options.add_device(p)
+    options.add_precision(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    import slms
     from slms.infer.chat import run_chat
 
     n = args.max_new_tokens
     s = options.sampling_of(args, 1 if n is None else n)  # bad values fail before the load
-    model, tok = slms.load(args.checkpoint, device=args.device)
+    model, tok = options.load_model(args)
     if n is None:  # the default depends on the model's context
         s = dataclasses.replace(s, max_new_tokens=min(200, model.cfg.block_size // 2))
     return run_chat(model, tok, s)  # checks the length against the context

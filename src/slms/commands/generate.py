@@ -15,14 +15,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_generation(p, max_new_tokens=200)
     p.add_argument("--truncate", choices=["left"], help="keep the end of a too-long prompt")
     options.add_device(p)
+    options.add_precision(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    import slms
     from slms.infer.generate import prompt_ids, stream_text
 
     s = options.sampling_of(args, args.max_new_tokens)  # bad values fail before the load
-    model, tok = slms.load(args.checkpoint, device=args.device)
+    model, tok = options.load_model(args)
     ids = prompt_ids(tok, args.prompt, model.cfg.block_size, s.max_new_tokens, args.truncate)
     print(args.prompt, end="", flush=True)
     for piece in stream_text(model, tok, ids, s):

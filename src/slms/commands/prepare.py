@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=["packed", "padded"], default="packed",
                    help="packed streams (default) or the seed's one padded story per row")
     p.add_argument("--block-size", type=int, default=1080, help="row width of --layout padded")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out directory that holds data of another tokenizer")
     options.add_source(p)
 
 
@@ -35,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_file(args.tokenizer)
     opts = PrepareOptions(layout=args.layout, block_size=args.block_size, fix_text=args.fix_text,
                           dedupe=args.dedupe, num_proc=args.num_proc,
-                          train_count=args.train_count, val_count=args.val_count, seed=args.seed)
+                          train_count=args.train_count, val_count=args.val_count, seed=args.seed,
+                          overwrite=args.overwrite)
     meta = prepare_source(options.source_of(args.source, args), tok, args.out, opts)
     print_summary(meta)
     print(f"wrote {args.out}/{{train,val}}.bin ({meta['format']}, {meta['dtype']}) and meta.json")
