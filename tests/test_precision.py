@@ -18,6 +18,12 @@ def test_auto_follows_the_probe(speedup, expected, monkeypatch, tmp_path):
         assert precision.resolve_precision(explicit, torch.device("cpu")) == explicit
 
 
+def test_auto_is_the_default():
+    from slms.config import TrainConfig
+
+    assert TrainConfig().precision == "auto"
+
+
 def test_the_probe_runs_once_per_machine(monkeypatch, tmp_path):
     monkeypatch.setenv("SLMS_CACHE_DIR", str(tmp_path))
     calls = []

@@ -169,7 +169,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # auto: bf16 autocast where bf16 matmuls measure fast (slms.precision), else fp32 | fp32 |
     # bf16 | fp16 (autocast; fp16 with loss scaling)
-    precision: str = "fp32"
+    precision: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch's default
     keep_freed_memory: bool = True  # on CPU: glibc keeps freed memory for reuse (slms.memory)
     # > 0: sets max_steps to this many epochs: real passes over the rows of padded data; for
