@@ -211,6 +211,7 @@ MISSING = {  # command -> arguments naming something that does not exist ({tmp}:
     "experts": [NO, "--out", "{tmp}/experts"],
     "import-seed": [f"{NO}.pt", "--tokenizer", f"{NO}.json", "--out", "{tmp}/ckpt"],
     "export": [NO, "--hf", "{tmp}/hf"],
+    "upcycle": [NO, "--out", "{tmp}/moe"],
 }
 MORE_MISSING = [  # further inputs of some commands
     ["train", "--resume", NO],
@@ -237,3 +238,52 @@ def test_missing_input_is_one_line(argv, tmp_path, ckpt, tokenizer, capsys):
     # the line names what is missing (or the directory that is not a checkpoint)
     named = [a.split("=")[-1] for a in argv if NO in a or CANNOT_EXIST in a] or [str(tmp_path)]
     assert any(n in err for n in named), err
+
+
+def test_a_full_disk_in_safetensors_is_one_line_and_keeps_the_last_checkpoint(
+        tmp_path, monkeypatch, capsys, data_dir):
+    """safetensors reports a full disk as its own error type ("os error 28"), not OSError: the
+    checkpoint writer turns it into ENOSPC, so the CLI says it in one line; the checkpoint
+    before it stays whole."""
+    import hashlib
+
+    import slms.checkpoint
+
+    out = tmp_path / "run"
+    args = ["train", "configs/tiny.toml", f"data.path={data_dir}", "model.n_layer=1",
+            "train.checkpoint_every=2", "train.eval_every=100", "--out", str(out)]
+    assert main([*args, "train.max_steps=2"]) == 0
+    step2 = out / "checkpoints" / "step-2" / "model.safetensors"
+    before = hashlib.sha256(step2.read_bytes()).hexdigest()
+    real = slms.checkpoint.save_model
+
+    def full(model, path, *a, **k):  # noqa: ANN001, ANN202
+        if "step-4" in str(path):
+            raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: "
+                               "StorageFull, message: \"No space left on device\" }) os error 28")
+        return real(model, path, *a, **k)
+
+    monkeypatch.setattr(slms.checkpoint, "save_model", full)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err  # the progress bar, then the error
+    errors = [line for line in err.replace("\r", "\n").splitlines()
+              if line.startswith("slms: error")]
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    assert "intact" in errors[0] and "Traceback" not in err
+    assert hashlib.sha256(step2.read_bytes()).hexdigest() == before
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".step-4")]
+
+
+def test_done_line_names_what_generate_will_load(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "configs/tiny.toml", f"data.path={data_dir}", "model.n_layer=1",
+                 "train.max_steps=2", "train.eval_every=100", "train.checkpoint_every=1",
+                 "--out", str(out)]) == 0
+    done = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "best" in done and (out / "best").is_dir()  # the last step evaluates
+    from slms.commands.train import where_to_load
+
+    (out / "best").rename(tmp_path / "elsewhere")
+    assert where_to_load(out) == ("no evaluation yet, so no best/; latest checkpoint in "
+                                  f"{out / 'checkpoints' / 'step-2'}")

@@ -177,3 +177,38 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
                               "tensors and plain data; use a checkpoint written by slms") from None
     except Exception as e:
         raise CheckpointError(f"{f} is truncated or corrupted ({type(e).__name__})") from None
+
+
+# settings a run may change when it starts from a checkpoint's weights: they change neither the
+# parameters nor the function the model computes
+TRAINING_ONLY = {"dropout", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.capacity_factor",
+                 "moe.bias_update_rate"}
+
+
+def load_weights_into(model: GPT, path: str | Path) -> Path:
+    """Copy the weights of the checkpoint (or run directory) `path` into `model`, whose config
+    must equal the checkpoint's but for TRAINING_ONLY settings; returns the checkpoint used."""
+    from slms.rundir import resolve
+
+    ckpt = resolve(path)
+    source, _, _ = load_checkpoint(ckpt)
+    mine, theirs = _flat(dataclasses.asdict(model.cfg)), _flat(dataclasses.asdict(source.cfg))
+    differ = sorted(k for k in mine.keys() | theirs.keys()
+                    if k not in TRAINING_ONLY and mine.get(k) != theirs.get(k))
+    if differ:
+        shown = ", ".join(f"model.{k}={mine.get(k)} (checkpoint: {theirs.get(k)})"
+                          for k in differ)
+        raise CheckpointError(f"train.init_from={path}: the run's model config differs from the "
+                              f"checkpoint's: {shown}")
+    model.load_state_dict(source.state_dict())
+    return ckpt
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

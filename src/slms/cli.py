@@ -28,6 +28,7 @@ from slms.commands import (
     prepare,
     tokenizer,
     train,
+    upcycle,
 )
 
 # name -> module with HELP, add_arguments(parser) and run(args); `slms --help` lists this order
@@ -35,6 +36,7 @@ COMMANDS: dict[str, ModuleType] = {
     "demo": demo, "corpus": corpus, "tokenizer": tokenizer, "prepare": prepare, "train": train,
     "plot": plot, "info": info, "generate": generate, "eval": evaluate, "bench": bench,
     "chat": chat, "experts": experts, "import-seed": import_seed, "export": export,
+    "upcycle": upcycle,
 }
 
 

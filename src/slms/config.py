@@ -187,6 +187,9 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard per block)
     peak_flops: float = 0.0  # per device FLOP/s for MFU; 0 = detected for known GPUs
     tensorboard: bool = False  # also write TensorBoard events (needs `tensorboard`)
+    # a checkpoint (or run directory) whose weights a NEW run starts from, e.g. one written by
+    # `slms upcycle`; its model config must equal this run's (training-only settings aside)
+    init_from: str | None = None
 
     def validate(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every",

@@ -149,6 +149,14 @@ def tidy(parent: str | Path) -> None:
             _remove(p)
 
 
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk is full, whatever library raised it."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    text = str(e)
+    return "os error 28" in text or "No space left" in text
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """A temporary sibling directory to fill; when the block ends without an error its files
@@ -164,8 +172,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
         replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e) and not isinstance(e, OSError):
+            # safetensors, torch.save and tokenizers report a full disk in their own types
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from slms.commands import options
 
@@ -19,6 +20,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
 
 
+def where_to_load(run_dir: Path) -> str:
+    """What `slms generate RUN_DIR` will load: best/, or before any evaluation the latest."""
+    from slms.rundir import RunDir
+
+    run = RunDir(run_dir)
+    if run.best.is_dir():
+        return f"best checkpoint in {run.best}"
+    latest = run.checkpoints()
+    return (f"no evaluation yet, so no best/; latest checkpoint in {latest[-1]}" if latest
+            else "no checkpoint written")
+
+
 def run(args: argparse.Namespace) -> int:
     from slms.config import load_config, run_config_from_dict
     from slms.train.trainer import train
@@ -32,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(options.config_file(config) if config else None, overrides)
     run_dir = train(cfg, out_dir=args.out, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints
-        print(f"done: {run_dir} (best checkpoint in {run_dir / 'best'})")
+        print(f"done: {run_dir} ({where_to_load(run_dir)})")
     return 0

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from slms.analysis.evaluate import evaluate
-from slms.checkpoint import unwrap
+from slms.checkpoint import load_weights_into, unwrap
 from slms.config import RunConfig, TrainConfig
 from slms.data.loader import PackedData
 from slms.data.pipeline import resolve_data
@@ -85,13 +85,25 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
 
 def loop(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: StopRequest,
          log) -> None:
-    """Steps until train.max_steps or a stop request; logs, evaluates and checkpoints."""
+    """Steps until train.max_steps, a stop request or an early stop; logs, evaluates and
+    checkpoints. The progress bar is closed whatever happens, so an error starts its line."""
+    bar = tqdm(total=run.cfg.train.max_steps, initial=run.state.step, desc="train",
+               unit="step", dynamic_ncols=True, disable=not env.dist.main)
+    try:
+        ended = steps(run, data, env, metrics, stop, bar, log)
+    finally:
+        bar.close()
+    if ended:
+        log(ended)
+
+
+def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: StopRequest,
+          bar, log) -> str | None:
+    """The training steps of `loop`; returns why it ended early (None: max_steps reached)."""
     state = run.state
     meter = Meter(run.cfg, env)
     budget = TimeBudget(run.cfg.train.max_minutes)
     watch = ValidationWatch(run.cfg.train.early_stop)
-    bar = tqdm(total=run.cfg.train.max_steps, initial=state.step, desc="train", unit="step",
-               dynamic_ncols=True, disable=not env.dist.main)
     trained_s = 0.0  # optimizer steps only, since this process started
     while state.step < run.cfg.train.max_steps:
         t0 = time.perf_counter()
@@ -120,16 +132,13 @@ def loop(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: Sto
             path = save_step(run)
         bar.update(1)
         if early:
-            bar.close()
-            log(f"early stop at step {state.step}: no better validation loss in "
-                f"{watch.since_best} evaluations (train.early_stop); best/ holds the best")
-            return
+            return (f"early stop at step {state.step}: no better validation loss in "
+                    f"{watch.since_best} evaluations (train.early_stop); best/ holds the best")
         if stopping:
-            bar.close()
-            log(f"stopped by {stop.requested or 'another rank'} at step {state.step}; "
-                f"checkpoint saved in {path}; continue with: slms train --resume {run.run_dir}")
-            return
-    bar.close()
+            return (f"stopped by {stop.requested or 'another rank'} at step {state.step}; "
+                    f"checkpoint saved in {path}; continue with: slms train --resume "
+                    f"{run.run_dir}")
+    return None
 
 
 def watch_validation(watch: ValidationWatch, train_loss: float, val_loss: float, run: Run,
@@ -228,6 +237,8 @@ def build_run(cfg: RunConfig, env: Env, tokenizer: Tokenizer, out_dir: str | Pat
     resume_dir = find_resume(cfg, out_dir, resume)
     run_dir = resume_dir or make_run_dir(cfg, out_dir, d)
     gpt = GPT(cfg.model).to(env.device)  # same init on every rank (same seed)
+    if tc.init_from and not resume_dir:  # a resumed run has its own weights
+        log(f"weights from {load_weights_into(gpt, tc.init_from)}")
     gpt.grad_checkpointing = tc.grad_checkpointing
     if d.rank:
         torch.manual_seed(tc.seed + d.rank)  # own dropout / router-noise stream per rank
