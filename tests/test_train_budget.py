@@ -3,7 +3,7 @@
 
 import pytest
 
-from slms.train.budget import PROBE_STEPS, TimeBudget, ValidationWatch
+from slms.train.budget import PROBE_STEPS, REFIT_STEPS, TimeBudget, ValidationWatch
 
 
 def test_budget_fixes_the_steps_from_the_probe():
@@ -12,8 +12,16 @@ def test_budget_fixes_the_steps_from_the_probe():
     got = [b.record(t) for t in times]
     assert got[:-1] == [None] * (PROBE_STEPS - 1)
     assert got[-1] == PROBE_STEPS + int((60 - sum(times)) / 0.5)
-    assert b.record(0.5) is None  # fixed once
+    # refitted once after REFIT_STEPS from their second half: the steps got faster (0.4 s)
+    more = [b.record(0.4) for _ in range(REFIT_STEPS - PROBE_STEPS)]
+    assert more[:-1] == [None] * (REFIT_STEPS - PROBE_STEPS - 1)
+    spent = sum(times) + 0.4 * (REFIT_STEPS - PROBE_STEPS)
+    assert more[-1] == REFIT_STEPS + int((60 - spent) / 0.4)
+    assert b.record(0.4) is None  # fitted for good
     assert TimeBudget(minutes=0).record(1.0) is None
+    short = TimeBudget(minutes=0.05)  # 3 s: the first fit is final
+    assert [short.record(0.5) for _ in range(PROBE_STEPS)][-1] == PROBE_STEPS
+    assert short.minutes == 0
 
 
 def test_validation_watch_warns_of_overfitting_and_counts_patience():

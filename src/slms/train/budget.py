@@ -4,9 +4,10 @@ warnings, train.early_stop).
 max_minutes: the first PROBE_STEPS optimizer steps are timed (evaluation and checkpoints are
 not counted), then max_steps is fixed so that training fits the budget, and the learning-rate
 schedule is computed from it (its warm-up steps do not depend on the total, so the probe's steps
-follow the same schedule; with the onecycle schedule they use the provisional total). The fixed
-max_steps is written to the run's config, so a resumed run does not probe again and reproduces
-the uninterrupted one.
+follow the same schedule; with the onecycle schedule they use the provisional total). The first
+steps of some models run slower than the rest, so the count is fitted once more after
+REFIT_STEPS steps, from their second half. The fixed max_steps is written to the run's config,
+so a resumed run does not probe again and reproduces the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import statistics
 from dataclasses import dataclass, field
 
 PROBE_STEPS = 10
+REFIT_STEPS = 50
 
 
 @dataclass
@@ -24,17 +26,18 @@ class TimeBudget:
     times: list[float] = field(default_factory=list)  # seconds of the probe's steps
 
     def record(self, seconds: float) -> int | None:
-        """Add one step's time; returns the total number of steps once the probe is done
-        (then the budget is spent: it returns None again)."""
+        """Add one step's time; returns the total number of steps when it is fitted (after
+        PROBE_STEPS and again after REFIT_STEPS steps, if the run gets that far), else None."""
         if self.minutes <= 0:
             return None
         self.times.append(seconds)
-        if len(self.times) < PROBE_STEPS:
+        if len(self.times) not in (PROBE_STEPS, REFIT_STEPS):
             return None
         per_step = statistics.median(self.times[len(self.times) // 2:])  # after warm-up
         left = self.minutes * 60 - sum(self.times)
         steps = len(self.times) + max(0, math.floor(left / per_step))
-        self.minutes = 0
+        if len(self.times) == REFIT_STEPS or steps <= REFIT_STEPS:
+            self.minutes = 0  # fitted for good
         return steps
 
 
