@@ -125,3 +125,5 @@ def test_cli_upcycle_then_continue_training(tmp_path, data_dir, capsys):
            "--out", str(tmp_path / "bad")], "model.moe.top_k=1 (checkpoint: 2)")
     fails([*common, "train.init_from=no/such/ckpt", "train.max_steps=1",
            "--out", str(tmp_path / "bad2")], "not found")
+    # a refused init_from leaves no run directory behind
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
