@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from slms import __version__
-from slms.config import ModelConfig, model_config_from_dict
+from slms.config import ModelConfig, model_config_diff, model_config_from_dict, override_text
 from slms.fsutil import atomic_dir, read_json
 from slms.model import GPT
 from slms.tokenizer import Tokenizer
@@ -181,8 +181,8 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 
 # settings a run may change when it starts from a checkpoint's weights: they change neither the
 # parameters nor the function the model computes
-TRAINING_ONLY = {"dropout", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.capacity_factor",
-                 "moe.bias_update_rate"}
+TRAINING_ONLY = ("model.dropout", "model.moe.aux_loss_coef", "model.moe.z_loss_coef",
+                 "model.moe.capacity_factor", "model.moe.bias_update_rate")
 
 
 def load_weights_into(model: GPT, path: str | Path) -> Path:
@@ -192,23 +192,12 @@ def load_weights_into(model: GPT, path: str | Path) -> Path:
 
     ckpt = resolve(path)
     source, _, _ = load_checkpoint(ckpt)
-    mine, theirs = _flat(dataclasses.asdict(model.cfg)), _flat(dataclasses.asdict(source.cfg))
-    differ = sorted(k for k in mine.keys() | theirs.keys()
-                    if k not in TRAINING_ONLY and mine.get(k) != theirs.get(k))
+    differ = model_config_diff(model.cfg, source.cfg, ignore=TRAINING_ONLY)
     if differ:
-        shown = ", ".join(f"model.{k}={mine.get(k)} (checkpoint: {theirs.get(k)})"
-                          for k in differ)
+        shown = ", ".join(f"{k}={override_text(mine)} (checkpoint: {override_text(theirs)})"
+                          for k, mine, theirs in differ)
         raise CheckpointError(f"train.init_from={path}: the run's model config differs from the "
                               f"checkpoint's: {shown}")
     model.load_state_dict(source.state_dict())
     return ckpt
 
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -361,3 +361,28 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     cfg = from_dict(ModelConfig, data, prefix="model")
     cfg.validate()
     return cfg
+
+
+def override_text(value: Any) -> str:
+    """A config value as an override would write it (none, true, 0.1)."""
+    if value is None:
+        return "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def model_config_diff(a: ModelConfig, b: ModelConfig, ignore: tuple[str, ...] = ()
+                      ) -> list[tuple[str, Any, Any]]:
+    """(key, a's value, b's value) of each model key that differs, named as an override
+    (model.n_layer, model.moe.top_k) and not in `ignore`; dense against MoE is the one key
+    model.moe (none / a table), not each of its fields."""
+    flat_a, flat_b = _flat_model(a), _flat_model(b)
+    return [(k, flat_a.get(k), flat_b.get(k)) for k in sorted(flat_a.keys() | flat_b.keys())
+            if k not in ignore and flat_a.get(k) != flat_b.get(k)]
+
+
+def _flat_model(cfg: ModelConfig) -> dict[str, Any]:
+    out = {f"model.{k}": v for k, v in dataclasses.asdict(cfg).items() if k != "moe"}
+    if cfg.moe is None:
+        return out | {"model.moe": None}
+    return out | {"model.moe": "(a table)"} | {
+        f"model.moe.{k}": v for k, v in dataclasses.asdict(cfg.moe).items()}

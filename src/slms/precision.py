@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from slms.fsutil import atomic_write_text
+
 PROBE_SIZE = 256  # a 256^3 matmul: ~33 MFLOP, milliseconds where bf16 is fast or slow alike
 FAST = 1.25  # bf16 must beat fp32 by this factor to be chosen
 
@@ -52,8 +53,7 @@ def bf16_is_fast(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    speedup = cpu_bf16_speedup()
-    return speedup >= FAST
+    return cpu_bf16_speedup() >= FAST
 
 
 def cpu_bf16_speedup() -> float:
@@ -112,8 +112,6 @@ def _read(path: Path) -> dict[str, float]:
 def _write(path: Path, cache: dict[str, float]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(cache, indent=1) + "\n")
     except OSError:
         pass  # a read-only home: measured again next time

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from slms.data.loader import PackedData
 from slms.data.prepare import META
 from slms.dist import Dist
-from slms.model import GPT, IGNORE_INDEX, eval_mode
+from slms.model import GPT, IGNORE_INDEX, eval_mode, pads_at_end
 from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
 
@@ -60,7 +60,7 @@ def pad_mask(y_BT: torch.Tensor) -> torch.Tensor | None:
     window): pads then skip the MoE experts and statistics. None when every target is scored
     or the unscored ones are not a tail (nothing to skip then)."""
     real_BT = y_BT != IGNORE_INDEX
-    if bool(real_BT.all()) or bool((real_BT[:, 1:] & ~real_BT[:, :-1]).any()):
+    if bool(real_BT.all()) or not pads_at_end(real_BT):
         return None
     return real_BT
 

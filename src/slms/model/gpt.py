@@ -35,6 +35,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def pads_at_end(real_BT: torch.Tensor) -> bool:
+    """Whether each row of the mask is its real positions, then pads (the padded layout)."""
+    return not bool((real_BT[:, 1:] & ~real_BT[:, :-1]).any())
+
+
 class Output(NamedTuple):
     logits: torch.Tensor  # (B, T, V); only the last position when targets is None and last_only
     loss: torch.Tensor | None  # mean cross entropy over targets != IGNORE_INDEX (nats/token)
@@ -183,7 +188,7 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(start, start + T, device=idx_BT.device))
         x = self.drop(x)
         aux = x.new_zeros((), dtype=torch.float32)
-        if real_BT is not None and bool((real_BT[:, 1:] & ~real_BT[:, :-1]).any()):
+        if real_BT is not None and not pads_at_end(real_BT):
             raise ValueError("real_BT must mark each row's real positions first, then pads")
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and caches is None:

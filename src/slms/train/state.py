@@ -9,7 +9,6 @@ are a pure function of (seed, step, rank, micro-step), so no loader state is nee
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -23,7 +22,7 @@ from torch import nn
 
 from slms import checkpoint as ckpt
 from slms import fsutil
-from slms.config import RunConfig
+from slms.config import RunConfig, model_config_diff, override_text
 from slms.model import GPT
 from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
@@ -195,20 +194,6 @@ def find_resume(cfg: RunConfig, out_dir: str | Path | None, resume: str | Path |
     return run_dir
 
 
-def _flat(d: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
-
-
-def _show(v: Any) -> str:
-    """A value as an override would write it."""
-    if v is None:
-        return "none"
-    return str(v).lower() if isinstance(v, bool) else str(v)
-
-
 def check_same_model(cfg: RunConfig, run_dir: Path) -> None:
     """A resumed run keeps its model: compare cfg.model with the newest readable checkpoint's
     config.json before a model is built (ValueError naming the keys that differ)."""
@@ -220,16 +205,11 @@ def check_same_model(cfg: RunConfig, run_dir: Path) -> None:
             continue
     else:
         return  # nothing readable: restore() reports that
-    now, then = _flat(dataclasses.asdict(cfg.model)), _flat(dataclasses.asdict(trained))
-    if cfg.model.moe is None or trained.moe is None:  # dense vs MoE: one key, not each field
-        now = {k: v for k, v in now.items() if not k.startswith("model.moe.")}
-        then = {k: v for k, v in then.items() if not k.startswith("model.moe.")}
-        now["model.moe"] = "none" if cfg.model.moe is None else "(a table)"
-        then["model.moe"] = "none" if trained.moe is None else "(a table)"
-    keys = [k for k in now if now[k] != then.get(k)]
-    if keys:
+    differ = model_config_diff(cfg.model, trained)
+    if differ:
         raise ValueError(
-            f"cannot resume {run_dir} with " + ", ".join(f"{k}={_show(now[k])}" for k in keys)
+            f"cannot resume {run_dir} with "
+            + ", ".join(f"{k}={override_text(now)}" for k, now, _ in differ)
             + ": the run was trained with "
-            + ", ".join(f"{k}={_show(then.get(k))}" for k in keys)
+            + ", ".join(f"{k}={override_text(then)}" for k, _, then in differ)
             + " (model keys cannot change on resume; start a new run with --out)")

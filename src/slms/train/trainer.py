@@ -23,7 +23,7 @@ from slms.data.loader import PackedData
 from slms.data.pipeline import resolve_data
 from slms.memory import keep_freed_memory
 from slms.model import GPT, count_params, flops_per_token
-from slms.precision import auto_reason, resolve_precision
+from slms.precision import DTYPES, auto_reason, resolve_precision
 from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
 from slms.train import distributed
@@ -112,9 +112,9 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
         state.step += 1
         dt = time.perf_counter() - t0
         trained_s += dt
-        steps = budget.record(dt)
-        if steps is not None:
-            fix_max_steps(run, env.dist.gather(steps)[0], bar, log)  # rank 0's measurement
+        fitted = budget.record(dt)
+        if fitted is not None:
+            fix_max_steps(run, env.dist.gather(fitted)[0], bar, log)  # rank 0's measurement
         tc = run.cfg.train
         state.tokens_seen += result.tokens
         meter.tokens += result.tokens
@@ -183,8 +183,9 @@ def setup(tc: TrainConfig) -> tuple[Env, str]:
         keep_freed_memory()
     seed_everything(tc.seed)
     precision = d.gather(resolve_precision(tc.precision, device))[0]
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext())
+    dtype = DTYPES[precision]
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else nullcontext())
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     return Env(device, autocast, scaler, d), precision
 
@@ -205,15 +206,15 @@ def global_batch_tokens(cfg: RunConfig, world: int) -> int:
     return tc.batch_size * tc.grad_accum * world * cfg.model.block_size
 
 
-def epoch_size(cfg: RunConfig, data: PackedData, world: int) -> tuple[int, int, str]:
-    """(units in one epoch, units per optimizer step, unit name): training tokens and token
-    positions per step (packed), or rows and rows per step (padded: a step's rows are mostly
-    pads, so positions would count about a fifth of an epoch)."""
+def epoch_size(cfg: RunConfig, data: PackedData, world: int) -> tuple[int, int]:
+    """(units in one epoch, units per optimizer step): training tokens and token positions per
+    step (packed), or rows and rows per step (padded: a step's rows are mostly pads, so
+    positions would count about a fifth of an epoch)."""
     split = data.meta["splits"]["train"]
     if data.padded:
         tc = cfg.train
-        return split["rows"], tc.batch_size * tc.grad_accum * world, "stories"
-    return split["tokens"], global_batch_tokens(cfg, world), "tokens"
+        return split["rows"], tc.batch_size * tc.grad_accum * world
+    return split["tokens"], global_batch_tokens(cfg, world)
 
 
 def resolve_steps(cfg: RunConfig, data: PackedData, d: Dist) -> RunConfig:
@@ -225,7 +226,7 @@ def resolve_steps(cfg: RunConfig, data: PackedData, d: Dist) -> RunConfig:
         return dataclasses.replace(cfg, train=dataclasses.replace(tc, max_steps=10**9))
     if tc.epochs <= 0:
         return cfg
-    size, per_step, _ = epoch_size(cfg, data, d.world)
+    size, per_step = epoch_size(cfg, data, d.world)
     steps = max(1, math.ceil(tc.epochs * size / per_step))
     return dataclasses.replace(cfg, train=dataclasses.replace(tc, max_steps=steps))
 
@@ -312,7 +313,7 @@ def announce(run: Run, data: PackedData, log) -> None:
     tc = cfg.train
     tokens = data.meta["splits"]["train"]["tokens"]
     per_step = global_batch_tokens(cfg, d.world)
-    size, units_per_step, _ = epoch_size(cfg, data, d.world)
+    size, units_per_step = epoch_size(cfg, data, d.world)
     log(f"model: {counts['params_total']:,} parameters, {counts['params_active']:,} active per "
         f"token ({'MoE' if cfg.model.moe else 'dense'}, {cfg.model.n_layer} layers, "
         f"n_embd {cfg.model.n_embd})")
