@@ -4,7 +4,17 @@ Candidates, timed interleaved within each repeat so that machine noise hits them
   ours        slms.model.moe.MoE (sorted dispatch; decode shapes: the C++ decode kernel)
   seed_style  a dense (B,T,E) gate tensor from top-k logits, then a Python loop over experts
               with boolean masks, each expert an nn.Sequential Linear-ReLU-Linear
-  ideal       k dense FFNs of one expert's size over the same tokens (no routing at all)
+  ideal       the cheapest way to run the experts the tokens need with no routing at all: the
+              better of k dense FFNs of one expert's size through BLAS (`ideal_blas`, the old
+              ideal) and, for decode shapes, the same through a matrix-vector kernel per row
+              (`ideal_mv`, torch.addmv: some BLAS builds are slow on 1-8 rows), so that the
+              ratio measures routing overhead, not a weak baseline
+
+Decode shapes come twice: the same token again and again (`decode1`, `decode8`), and a stream
+of STREAM different tokens (`decode1_stream`, `decode8_stream`), one step's tokens per call, so
+that different experts are read from memory as in generation. The streams' ideal runs, for each
+step, exactly the experts our router chose for its tokens (taken beforehand, not timed), each on
+its rows, from the same stacked weights.
 
 Routing noise is off in both routed layers by default (ours: router=topk; seed-style: its noisy
 gate without the noise term); --noisy turns it on in both (ours: router=noisy_topk), training
@@ -41,6 +51,7 @@ from slms.memory import keep_freed_memory
 from slms.model.moe import MoE
 
 N_EMBD = 256
+STREAM = 64  # distinct decode steps in a stream shape
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Shape:
     seq: int
     train: bool  # forward+backward in train mode, else forward under no_grad in eval mode
     inner: int  # calls per timed sample, so that short calls rise above timer noise
+    stream: bool = False  # decode: each call takes the next of STREAM different steps
 
 
 SHAPES = [
@@ -60,6 +72,8 @@ SHAPES = [
     Shape("fine", 64, 8, 256, 8, 256, True, 1),
     Shape("decode1", 8, 2, 1024, 1, 1, False, 200),
     Shape("decode8", 8, 2, 1024, 8, 1, False, 100),
+    Shape("decode1_stream", 8, 2, 1024, 1, 1, False, STREAM * 3, stream=True),
+    Shape("decode8_stream", 8, 2, 1024, 8, 1, False, STREAM, stream=True),
 ]
 
 
@@ -94,19 +108,63 @@ class SeedStyleMoE(nn.Module):
 
 
 class Ideal(nn.Module):
-    """k dense FFNs of one expert's size over all tokens: the work a perfect router would do."""
+    """k dense FFNs of one expert's size over all tokens: the work a perfect router would do;
+    `mv`: each row through torch.addmv instead of one BLAS matmul for all rows."""
 
-    def __init__(self, n_embd: int, top_k: int, hidden: int):
+    def __init__(self, n_embd: int, top_k: int, hidden: int, mv: bool = False):
         super().__init__()
+        self.mv = mv
         self.ffns = nn.ModuleList(
             nn.Sequential(nn.Linear(n_embd, hidden), nn.ReLU(), nn.Linear(hidden, n_embd))
             for _ in range(top_k))
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        if self.mv:
+            return self._mv(x_BTD)
         out = self.ffns[0](x_BTD)
         for ffn in self.ffns[1:]:
             out = out + ffn(x_BTD)
         return out
+
+    def _mv(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_BTD.reshape(-1, x_BTD.size(-1))
+        out_TD = torch.zeros_like(x_TD)
+        for t in range(x_TD.size(0)):
+            for up, _, down in self.ffns:
+                h = torch.addmv(up.bias, up.weight, x_TD[t]).relu_()
+                out_TD[t] += torch.addmv(down.bias, down.weight, h)
+        return out_TD.view_as(x_BTD)
+
+
+class RoutedIdeal(nn.Module):
+    """The experts our router chose for each step of a stream (routes, taken beforehand), each
+    on its rows, from our layer's stacked weights, gate-weighted: routing without its cost.
+    `mv`: each (row, expert) through torch.addmv; else one BLAS matmul per expert."""
+
+    def __init__(self, moe: MoE, routes: list[tuple[torch.Tensor, torch.Tensor]], mv: bool):
+        super().__init__()
+        ex = moe.experts
+        self.w1, self.b1, self.w2, self.b2 = ex.w1_EDH, ex.b1_EH, ex.w2_EHD, ex.b2_ED
+        self.mv = mv
+        # per step: [(expert, rows, gate weights of those rows)]
+        self.groups = [[(e, (ids_TK == e).any(-1).nonzero()[:, 0],
+                         (w_TK * (ids_TK == e)).sum(-1)[(ids_TK == e).any(-1)])
+                        for e in ids_TK.unique().tolist()] for ids_TK, w_TK in routes]
+        self.step = 0
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_BTD.reshape(-1, x_BTD.size(-1))
+        out_TD = torch.zeros_like(x_TD)
+        for e, rows, g in self.groups[self.step % len(self.groups)]:
+            if self.mv:
+                for r, w in zip(rows.tolist(), g.tolist(), strict=True):
+                    h = torch.addmv(self.b1[e], self.w1[e].t(), x_TD[r]).relu_()
+                    out_TD[r].add_(torch.addmv(self.b2[e], self.w2[e].t(), h), alpha=w)
+            else:
+                h = torch.addmm(self.b1[e], x_TD[rows], self.w1[e]).relu_()
+                out_TD.index_add_(0, rows, torch.addmm(self.b2[e], h, self.w2[e]) * g[:, None])
+        self.step += 1
+        return out_TD.view_as(x_BTD)
 
 
 def make_step(module: nn.Module, shape: Shape, device: torch.device, dtype: torch.dtype,
@@ -123,10 +181,17 @@ def make_step(module: nn.Module, shape: Shape, device: torch.device, dtype: torc
     return autocast_step
 
 
+def inputs(shape: Shape, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The input of each call: one (the same token again) or STREAM different ones."""
+    g = torch.Generator().manual_seed(0)
+    n = STREAM if shape.stream else 1
+    return [torch.randn(shape.batch, shape.seq, N_EMBD, generator=g).to(device, dtype)
+            for _ in range(n)]
+
+
 def _make_step(module: nn.Module, shape: Shape, device: torch.device, dtype: torch.dtype,
                routed_ours: bool) -> Callable[[], None]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape.batch, shape.seq, N_EMBD, generator=g).to(device, dtype)
+    xs = inputs(shape, device, dtype)
     if not shape.train:
         module.eval()
         # generation turns our statistics off
@@ -134,12 +199,13 @@ def _make_step(module: nn.Module, shape: Shape, device: torch.device, dtype: tor
 
         def fwd() -> None:
             with torch.no_grad(), pause():
-                for _ in range(shape.inner):
-                    module(x)
+                for i in range(shape.inner):
+                    module(xs[i % len(xs)])
         return fwd
+    x = xs[0]
     module.train()
     x.requires_grad_(True)
-    grad_out = torch.randn(x.shape, generator=g).to(device, dtype)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
 
     def fwd_bwd() -> None:
         for _ in range(shape.inner):
@@ -155,6 +221,25 @@ def _make_step(module: nn.Module, shape: Shape, device: torch.device, dtype: tor
     return fwd_bwd
 
 
+def ideals(shape: Shape, ours: MoE, device: torch.device, dtype: torch.dtype
+           ) -> dict[str, nn.Module]:
+    """The ideal's candidates for `shape`: BLAS always; a matrix-vector kernel per row for
+    decode shapes; for streams, the experts our router picks for each step."""
+    if shape.stream:
+        with torch.no_grad():
+            routes = [(r.experts_TK, r.weights_TK) for r in
+                      (ours.eval().router(x.reshape(-1, N_EMBD)) for x in inputs(shape, device,
+                                                                                  dtype))]
+        return {"ideal_blas": RoutedIdeal(ours, routes, mv=False),
+                "ideal_mv": RoutedIdeal(ours, routes, mv=True)}
+    blas = Ideal(N_EMBD, shape.top_k, shape.hidden).to(device, dtype)
+    if shape.train:
+        return {"ideal_blas": blas}
+    mv = Ideal(N_EMBD, shape.top_k, shape.hidden, mv=True).to(device, dtype)
+    mv.load_state_dict(blas.state_dict())
+    return {"ideal_blas": blas, "ideal_mv": mv}
+
+
 def build(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool,
           autocast: bool = False) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
@@ -163,10 +248,11 @@ def build(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool,
     ours = MoE(N_EMBD, cfg, shape.hidden, "relu").to(device, dtype)
     seed = SeedStyleMoE(N_EMBD, shape.n_experts, shape.top_k, shape.hidden, noisy).to(device,
                                                                                       dtype)
-    ideal = Ideal(N_EMBD, shape.top_k, shape.hidden).to(device, dtype)
-    return {"ours": make_step(ours, shape, device, dtype, True, autocast),
-            "seed_style": make_step(seed, shape, device, dtype, False, autocast),
-            "ideal": make_step(ideal, shape, device, dtype, False, autocast)}
+    steps = {"ours": make_step(ours, shape, device, dtype, True, autocast),
+             "seed_style": make_step(seed, shape, device, dtype, False, autocast)}
+    for name, ideal in ideals(shape, ours, device, dtype).items():
+        steps[name] = make_step(ideal, shape, device, dtype, False, autocast)
+    return steps
 
 
 def measure(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool, warmup: int,
@@ -175,7 +261,7 @@ def measure(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool,
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(warmup + repeats):
-        for name, step in steps.items():  # interleaved: noise hits all three alike
+        for name, step in steps.items():  # interleaved: noise hits them all alike
             sync()
             t0 = time.perf_counter()
             step()
@@ -183,8 +269,11 @@ def measure(shape: Shape, device: torch.device, dtype: torch.dtype, noisy: bool,
             if i >= warmup:
                 times[name].append((time.perf_counter() - t0) / shape.inner)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    ideal = min(t for name, t in med.items() if name.startswith("ideal"))
     return {"name": shape.name, "ours_s": med["ours"], "seed_style_s": med["seed_style"],
-            "ideal_s": med["ideal"], "ratio_to_ideal": med["ours"] / med["ideal"],
+            "ideal_s": ideal, "ideal_blas_s": med["ideal_blas"],
+            "ideal_mv_s": med.get("ideal_mv"), "ratio_to_ideal": med["ours"] / ideal,
+            "ratio_to_blas_ideal": med["ours"] / med["ideal_blas"],
             "speedup_vs_seed_style": med["seed_style"] / med["ours"]}
 
 
@@ -222,12 +311,13 @@ def main() -> None:
         return
     print(f"MoE layer, n_embd {N_EMBD}, {args.dtype} on {args.device}, {args.threads} threads, "
           f"median of {args.repeats}; routing: {routing}; malloc: {meta['malloc']}")
-    print(f"{'shape':<8} {'ours ms':>9} {'seed ms':>9} {'ideal ms':>9} {'ours/ideal':>11} "
-          f"{'seed/ours':>10}")
+    print(f"{'shape':<15} {'ours ms':>9} {'seed ms':>9} {'blas ms':>9} {'mv ms':>9} "
+          f"{'ours/ideal':>11} {'ours/blas':>10} {'seed/ours':>10}")
     for r in rows:
-        print(f"{r['name']:<8} {r['ours_s'] * 1e3:>9.3f} {r['seed_style_s'] * 1e3:>9.3f} "
-              f"{r['ideal_s'] * 1e3:>9.3f} {r['ratio_to_ideal']:>11.2f} "
-              f"{r['speedup_vs_seed_style']:>10.2f}")
+        mv = f"{r['ideal_mv_s'] * 1e3:>9.3f}" if r["ideal_mv_s"] is not None else f"{'-':>9}"
+        print(f"{r['name']:<15} {r['ours_s'] * 1e3:>9.3f} {r['seed_style_s'] * 1e3:>9.3f} "
+              f"{r['ideal_blas_s'] * 1e3:>9.3f} {mv} {r['ratio_to_ideal']:>11.2f} "
+              f"{r['ratio_to_blas_ideal']:>10.2f} {r['speedup_vs_seed_style']:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ embedded corpus, and tiny model configs that build in milliseconds."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,19 @@ from slms.data.prepare import prepare
 from slms.tokenizer import Tokenizer, train_tokenizer
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_cache(tmp_path_factory):
+    """Measured machine facts (slms.machine: bf16 speed, kernel choices) go to a cache of this
+    session's, not the user's ~/.cache/slms; subprocesses inherit it."""
+    old = os.environ.get("SLMS_CACHE_DIR")
+    os.environ["SLMS_CACHE_DIR"] = str(tmp_path_factory.mktemp("slms-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SLMS_CACHE_DIR", None)
+    else:
+        os.environ["SLMS_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -212,6 +212,7 @@ MISSING = {  # command -> arguments naming something that does not exist ({tmp}:
     "import-seed": [f"{NO}.pt", "--tokenizer", f"{NO}.json", "--out", "{tmp}/ckpt"],
     "export": [NO, "--hf", "{tmp}/hf"],
     "upcycle": [NO, "--out", "{tmp}/moe"],
+    "tune": [NO],
 }
 MORE_MISSING = [  # further inputs of some commands
     ["train", "--resume", NO],

@@ -122,7 +122,8 @@ def counted_flops(model: GPT, B: int, T: int, monkeypatch: pytest.MonkeyPatch
     """(all, attention bmm) FLOPs that torch's FlopCounterMode counts in one training forward +
     backward of B x T random tokens. Attention runs the math path, whose q @ k^T and att @ v
     are bmm's over the full T x T matrix (CPU's fused kernel is not counted); the C++ MoE
-    kernels are off (custom ops are not counted either)."""
+    kernels are off (custom ops are not counted either), and so is kernel timing (its runs
+    would be counted)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -130,6 +131,7 @@ def counted_flops(model: GPT, B: int, T: int, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(native, "_tried", True)  # native.ops() returns _ops without building
     monkeypatch.setattr(native, "_ops", None)
+    monkeypatch.setenv("SLMS_TUNE", "0")
     x = torch.randint(0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         out = model.train()(x, x)

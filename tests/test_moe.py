@@ -55,7 +55,7 @@ def grads(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
             for p in module.parameters()] + [x.grad.clone()]
 
 
-@pytest.mark.parametrize("impl", ["native", "slices", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["native", "torch", "grouped_mm"])
 @pytest.mark.parametrize("router", ["noisy_topk", "topk", "bias"])
 @pytest.mark.parametrize("E,K", [(1, 1), (4, 1), (4, 2), (8, 1), (8, 2)])
 @pytest.mark.parametrize("cf", [0.0, 0.75])
@@ -64,11 +64,11 @@ def test_sorted_dispatch_equals_reference_loop(impl, router, E, K, cf, T, small_
                                                activation="relu"):
     """Outputs and all gradients; small_n picks the few-assignments combine or the gathers.
 
-    native: the experts' loop in C++ (the default on CPU); slices: the same loop in Python."""
+    native: the C++ kernels (the experts' loop, the decode kernel); torch: the same loop in
+    Python."""
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not available")
     use_kernels("native" if impl == "native" else "python", monkeypatch)
-    impl = "slices" if impl == "native" else impl
     monkeypatch.setattr(moe_module, "SMALL_N", small_n)
     results = []
     for reference in (True, False):
@@ -87,7 +87,7 @@ def test_sorted_dispatch_equals_reference_loop(impl, router, E, K, cf, T, small_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["native", "slices"])
+@pytest.mark.parametrize("impl", ["native", "torch"])
 @pytest.mark.parametrize("T,small_n", [(1, 64), (37, 0), (37, 64)])
 def test_gelu_experts_equal_reference_loop(impl, T, small_n, monkeypatch):
     test_sorted_dispatch_equals_reference_loop(impl, "topk", 8, 2, 0.0, T, small_n,
@@ -95,7 +95,7 @@ def test_gelu_experts_equal_reference_loop(impl, T, small_n, monkeypatch):
 
 
 @pytest.mark.parametrize("activation", ["relu2", "swiglu"])
-@pytest.mark.parametrize("impl", ["native", "slices", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["native", "torch", "grouped_mm"])
 @pytest.mark.parametrize("cf", [0.0, 0.75])
 @pytest.mark.parametrize("T,small_n", [(1, 64), (37, 0), (37, 64)])
 def test_relu2_and_swiglu_experts_equal_reference_loop(activation, impl, cf, T, small_n,
@@ -617,17 +617,37 @@ CHOICES = [
      P.SMALL_COMBINE),
     ("cpu bf16 autocast one token", {**ONE, "dtype": BF16, "kernels": False}, P.ONE_TOKEN),
     ("cpu float64 few tokens", {**FEW, "dtype": torch.float64}, P.SMALL_COMBINE),
-    ("cpu SMALL_N + 1 assignments", {"tokens": 65, "assignments": 65}, P.SLICED),
-    ("pads, few tokens", {**FEW, "pads": True}, P.SLICED),
+    ("cpu SMALL_N + 1 assignments", {"tokens": 65, "assignments": 65}, P.NATIVE),
+    ("cpu SMALL_N + 1 assignments, no kernels", {"tokens": 65, "assignments": 65,
+                                                 "kernels": False}, P.SLICED),
+    ("pads, few tokens", {**FEW, "pads": True}, P.NATIVE),
     ("pads, one token", {**ONE, "pads": True, "kernels": False}, P.SLICED),
-    ("capacity, few tokens", {**FEW, "capacity": True}, P.SLICED),
+    ("capacity, few tokens", {**FEW, "capacity": True}, P.NATIVE),
     ("capacity, one token", {**ONE, "capacity": True, "kernels": False}, P.SLICED),
-    ("cpu training", {**MANY, **TRAIN}, P.SLICED_AUTOGRAD),
-    ("cpu training, few tokens", {**FEW, **TRAIN}, P.SLICED_AUTOGRAD),
+    ("cpu training", {**MANY, **TRAIN}, P.NATIVE_AUTOGRAD),
+    ("cpu training, no kernels", {**MANY, **TRAIN, "kernels": False}, P.SLICED_AUTOGRAD),
+    ("cpu training, few tokens", {**FEW, **TRAIN}, P.NATIVE_AUTOGRAD),
     ("cpu training, capacity and pads", {**MANY, **TRAIN, "capacity": True, "pads": True},
+     P.NATIVE_AUTOGRAD),
+    ("cpu bf16 autocast training: the C++ loop takes bf16", {**MANY, **TRAIN, "dtype": BF16},
+     P.NATIVE_AUTOGRAD),
+    ("grad mode, nothing needs grad", {**FEW, "grad_mode": True}, P.NATIVE),
+    ("cpu no grad many tokens", {**MANY}, P.NATIVE),
+    ("measured: torch beat the decode kernel", {**FEW, "measured": "torch"}, P.SMALL_COMBINE),
+    ("measured: torch beat it, one token", {**ONE, "measured": "torch"}, P.ONE_TOKEN),
+    ("measured: grouped_mm beat the rest", {**FEW, "measured": "grouped_mm"},
+     P.SMALL_COMBINE_GROUPED),
+    ("measured: torch beat the C++ loop", {**MANY, **TRAIN, "measured": "torch"},
      P.SLICED_AUTOGRAD),
-    ("grad mode, nothing needs grad", {**FEW, "grad_mode": True}, P.SLICED),
-    ("cpu no grad many tokens", {**MANY}, P.SLICED),
+    ("measured: grouped_mm in training", {**MANY, **TRAIN, "measured": "grouped_mm"},
+     P.GROUPED_MM),
+    ("measured native, but bf16 decoding has no C++ kernel", {**FEW, "dtype": BF16,
+                                                            "measured": "native"},
+     P.SMALL_COMBINE),
+    ("forced beats measured", {**MANY, **TRAIN, "measured": "grouped_mm", "impl": "torch"},
+     P.SLICED_AUTOGRAD),
+    ("forced native where it cannot run: torch", {**MANY, **TRAIN, "kernels": False,
+                                                  "impl": "native"}, P.SLICED_AUTOGRAD),
     ("hopper bf16 training", {**MANY, **TRAIN, **HOPPER, "dtype": BF16}, P.GROUPED_MM),
     ("hopper bf16 evaluation", {**MANY, **HOPPER, "dtype": BF16}, P.GROUPED_MM),
     ("hopper bf16 decoding", {**FEW, **HOPPER, "dtype": BF16}, P.SMALL_COMBINE_GROUPED),
@@ -638,10 +658,10 @@ CHOICES = [
      P.SLICED_AUTOGRAD),
     ("forced grouped_mm on cpu", {**MANY, **TRAIN, "impl": "grouped_mm"}, P.GROUPED_MM),
     ("forced grouped_mm, one token", {**ONE, "impl": "grouped_mm"}, P.SMALL_COMBINE_GROUPED),
-    ("forced slices, one token: not the kernel", {**ONE, "impl": "slices"}, P.ONE_TOKEN),
-    ("forced slices, few tokens", {**FEW, "impl": "slices"}, P.SMALL_COMBINE),
-    ("forced slices on hopper bf16", {**MANY, **TRAIN, **HOPPER, "dtype": BF16,
-                                      "impl": "slices"}, P.SLICED_AUTOGRAD),
+    ("forced torch, one token: not the kernel", {**ONE, "impl": "torch"}, P.ONE_TOKEN),
+    ("forced torch, few tokens", {**FEW, "impl": "torch"}, P.SMALL_COMBINE),
+    ("forced torch on hopper bf16", {**MANY, **TRAIN, **HOPPER, "dtype": BF16,
+                                      "impl": "torch"}, P.SLICED_AUTOGRAD),
     ("reference", {**FEW, "reference": True}, P.REFERENCE),
     ("reference wins over a forced impl", {**MANY, **TRAIN, **HOPPER, "dtype": BF16,
                                             "impl": "grouped_mm", "reference": True},
@@ -685,13 +705,13 @@ def test_describe_measures_the_call(monkeypatch):
     with torch.no_grad():
         s = describe(x_TD, r, moe.experts, 2, torch.ones(3, dtype=torch.bool), reference=True)
         assert not (s.grad_mode or s.needs_grad) and s.capacity and s.pads and s.reference
-        with torch.autocast("cpu", dtype=BF16):  # the kernel is fp32 only
+        with torch.autocast("cpu", dtype=BF16):  # the decode kernel is fp32 only
             s = describe(x_TD, r, moe.experts, None)
-            assert s.dtype == BF16 and not s.kernels
+            assert s.dtype == BF16 and "native" not in moe_module.candidates(s)
         monkeypatch.setattr(native, "ops", lambda: None)
-        moe.experts.impl = "slices"
+        moe.experts.impl = "torch"
         s = describe(x_TD, r, moe.experts, None)
-        assert not s.kernels and s.impl == "slices"
+        assert not s.kernels and s.impl == "torch"
 
 
 @pytest.mark.parametrize("path", list(DispatchPath))

@@ -28,6 +28,7 @@ from slms.commands import (
     prepare,
     tokenizer,
     train,
+    tune,
     upcycle,
 )
 
@@ -37,6 +38,7 @@ COMMANDS: dict[str, ModuleType] = {
     "plot": plot, "info": info, "generate": generate, "eval": evaluate, "bench": bench,
     "chat": chat, "experts": experts, "import-seed": import_seed, "export": export,
     "upcycle": upcycle,
+    "tune": tune,
 }
 
 

@@ -9,15 +9,13 @@ the GPU supports it.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
-from slms.fsutil import atomic_write_text
+from slms.machine import cpu_model, machine_key, measured
+
+__all__ = ["DTYPES", "auto_reason", "cpu_model", "inference_dtype", "resolve_precision"]
 
 PROBE_SIZE = 256  # a 256^3 matmul: ~33 MFLOP, milliseconds where bf16 is fast or slow alike
 FAST = 1.25  # bf16 must beat fp32 by this factor to be chosen
@@ -59,13 +57,7 @@ def bf16_is_fast(device: torch.device) -> bool:
 def cpu_bf16_speedup() -> float:
     """fp32 time / bf16 time of a small matmul on this CPU (> 1: bf16 is faster), measured
     once per machine and thread count and cached in ~/.cache/slms/precision.json."""
-    key = f"{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
-    path = cache_file()
-    cache = _read(path)
-    if key not in cache:
-        cache[key] = measure_speedup()
-        _write(path, cache)
-    return float(cache[key])
+    return float(measured("precision", machine_key(), lambda: measure_speedup()))
 
 
 def measure_speedup(n: int = PROBE_SIZE, repeats: int = 5) -> float:
@@ -84,34 +76,3 @@ def _best_time(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
         if best > 0.05:  # a slow path (no bf16 units): one sample says enough
             break
     return max(best, 1e-9)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cache_file() -> Path:
-    root = os.environ.get("SLMS_CACHE_DIR") or Path.home() / ".cache" / "slms"
-    return Path(root) / "precision.json"
-
-
-def _read(path: Path) -> dict[str, float]:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write(path: Path, cache: dict[str, float]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(cache, indent=1) + "\n")
-    except OSError:
-        pass  # a read-only home: measured again next time

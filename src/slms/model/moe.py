@@ -10,6 +10,7 @@ Router maths (logits, softmax, top-k) runs in fp32 whatever the autocast dtype.
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import functools
 import math
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slms.config import MoEConfig
-from slms.model import native
+from slms.model import native, tune
 from slms.model.activations import activate, ffn_hidden, first_width
 from slms.model.moe_decode import native_decode, one_token, small_combine
 from slms.model.moe_kernels import (
@@ -96,9 +97,16 @@ class DispatchPath(enum.Enum):
     SMALL_COMBINE = "small_combine"  # few assignments, rows by slices, one (T, N) matmul
     SMALL_COMBINE_GROUPED = "small_combine_grouped"  # the same, rows by torch._grouped_mm
     GROUPED_MM = "grouped_mm"  # sorted by expert, torch._grouped_mm, combine
-    SLICED_AUTOGRAD = "sliced_autograd"  # sorted, SlicedMoE (hand-written backward)
-    SLICED = "sliced"  # sorted, experts_forward + combine, no autograd
+    NATIVE_AUTOGRAD = "native_autograd"  # sorted, SlicedMoE with the C++ expert loop
+    NATIVE = "native"  # sorted, the C++ expert loop + combine, no autograd
+    SLICED_AUTOGRAD = "sliced_autograd"  # sorted, SlicedMoE with the Python expert loop
+    SLICED = "sliced"  # sorted, the Python expert loop + combine, no autograd
     REFERENCE = "reference"  # the per-expert loop (reference_dispatch)
+
+
+# How the experts run: the C++ kernels (decode kernel, expert loop), the plain torch loop, or
+# torch._grouped_mm. Experts.impl forces one; "auto" takes the fastest (slms.model.tune).
+KERNELS = ("native", tune.PLAIN, "grouped_mm")
 
 
 class Situation(NamedTuple):
@@ -110,42 +118,68 @@ class Situation(NamedTuple):
     capability: tuple[int, int] | None  # CUDA compute capability; None elsewhere
     grad_mode: bool  # torch.is_grad_enabled()
     needs_grad: bool  # grad mode and x, the gate weights or the experts require grad
-    kernels: bool  # the C++ decode kernel may run: built, fp32 parameters, autocast off
+    kernels: bool  # the C++ kernels are built and know the activation (CPU)
     tokens: int  # T
     assignments: int  # T * K
     capacity: bool  # a per-expert capacity may drop assignments
     pads: bool  # real_T given: pads are routed but skip the experts
-    impl: str = "auto"  # Experts.impl: auto | grouped_mm | slices
+    impl: str = "auto"  # Experts.impl: auto, or one of KERNELS
     reference: bool = False  # MoE.reference: the per-expert loop
+    measured: str | None = None  # the kernel slms.model.tune timed fastest for this shape
 
 
-def uses_grouped_mm(s: Situation) -> bool:
-    """Whether the experts run as torch._grouped_mm: as forced by `impl`, else where it pays."""
+def decoding(s: Situation) -> bool:
+    """The decode paths' situation: no grad mode, at most SMALL_N assignments, and neither
+    capacity nor pads (they keep every assignment)."""
+    return not s.grad_mode and s.assignments <= SMALL_N and not (s.capacity or s.pads)
+
+
+def candidates(s: Situation) -> tuple[str, ...]:
+    """The kernels that can run in `s`, the plain torch loop first. The C++ decode kernel
+    needs fp32; the C++ expert loop takes any dtype; torch._grouped_mm runs on CPU (fp32,
+    bf16) and on Hopper+ GPUs in bf16."""
+    out = [tune.PLAIN]
+    if s.kernels and (not decoding(s) or s.dtype == torch.float32):
+        out.append("native")
+    if hasattr(torch, "_grouped_mm") and (
+            (s.device == "cpu" and s.dtype in (torch.float32, torch.bfloat16))
+            or grouped_mm_pays(torch.device(s.device), s.dtype, s.capability)):
+        out.append("grouped_mm")
+    return tuple(out)
+
+
+def kernel(s: Situation) -> str:
+    """The kernel to run: as forced by `impl` (the plain loop where the forced one cannot
+    run), else the measured fastest, else the rule: the C++ kernels where they run,
+    torch._grouped_mm where it pays, the plain loop elsewhere."""
+    can = candidates(s)
     if s.impl != "auto":
-        return s.impl == "grouped_mm"
-    return grouped_mm_pays(torch.device(s.device), s.dtype, s.capability)
+        return s.impl if s.impl in can else tune.PLAIN
+    if s.measured in can:
+        return s.measured
+    if "native" in can:
+        return "native"
+    if "grouped_mm" in can and grouped_mm_pays(torch.device(s.device), s.dtype, s.capability):
+        return "grouped_mm"
+    return tune.PLAIN
 
 
 def choose_path(s: Situation) -> DispatchPath:
-    """The one place that decides how the MoE layer runs (pure; reads SMALL_N when called).
-
-    The decode paths (DECODE, ONE_TOKEN, SMALL_COMBINE*) need no grad mode, at most SMALL_N
-    assignments, and neither capacity nor pads (they keep every assignment); DECODE also the
-    C++ kernel on fp32 CPU with `impl` auto. The sorted paths serve everything else.
-    """
+    """The one place that decides how the MoE layer runs (pure; reads SMALL_N when called):
+    the decode paths where `decoding(s)`, the sorted paths elsewhere, each by `kernel(s)`."""
     if s.reference:
         return DispatchPath.REFERENCE
-    few = not s.grad_mode and s.assignments <= SMALL_N and not (s.capacity or s.pads)
-    if (few and s.kernels and s.impl == "auto" and s.device == "cpu"
-            and s.dtype == torch.float32):
-        return DispatchPath.DECODE
-    grouped = uses_grouped_mm(s)
-    if few:
-        if s.tokens == 1 and not grouped:
-            return DispatchPath.ONE_TOKEN
-        return DispatchPath.SMALL_COMBINE_GROUPED if grouped else DispatchPath.SMALL_COMBINE
-    if grouped:
+    k = kernel(s)
+    if decoding(s):
+        if k == "native":
+            return DispatchPath.DECODE
+        if k == "grouped_mm":
+            return DispatchPath.SMALL_COMBINE_GROUPED
+        return DispatchPath.ONE_TOKEN if s.tokens == 1 else DispatchPath.SMALL_COMBINE
+    if k == "grouped_mm":
         return DispatchPath.GROUPED_MM
+    if k == "native":
+        return DispatchPath.NATIVE_AUTOGRAD if s.needs_grad else DispatchPath.NATIVE
     return DispatchPath.SLICED_AUTOGRAD if s.needs_grad else DispatchPath.SLICED
 
 
@@ -297,7 +331,7 @@ class Experts(nn.Module):
         self.b2_ED = nn.Parameter(torch.zeros(n_experts, n_embd))
         self.activation = activation
         self.gelu = activation == "gelu"  # for the C++ kernels (relu or gelu)
-        self.impl = "auto"  # auto | grouped_mm | slices (tests and benchmarks force one)
+        self.impl = "auto"  # auto: the fastest measured; or one of KERNELS (tests, benchmarks)
         nn.init.normal_(self.w1_EDH, std=0.02)
         nn.init.normal_(self.w2_EHD, std=0.02)
 
@@ -332,31 +366,31 @@ class Experts(nn.Module):
             return combine(h_ND, pos_S, w_TK.to(h_ND.dtype), dropped)
 
     def sliced(self, x_TD: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor,
-               pos_S: torch.Tensor, counts_E: torch.Tensor, dropped: bool, autograd: bool
-               ) -> torch.Tensor:
-        """y_TD as `grouped` (same arguments) by a matmul per non-empty expert on its rows:
-        with `autograd`, as one SlicedMoE (hand-written backward); else experts_forward and
-        combine, no autograd graph."""
+               pos_S: torch.Tensor, counts_E: torch.Tensor, dropped: bool, autograd: bool,
+               native_loop: bool) -> torch.Tensor:
+        """y_TD as `grouped` (same arguments) by a matmul per non-empty expert on its rows, in
+        C++ with `native_loop`: with `autograd`, as one SlicedMoE (hand-written backward);
+        else experts_forward and combine, no autograd graph."""
         # One host sync for the group sizes; no boolean masks, no per-token work.
         counts = counts_E.tolist()
         with self._manual_autocast(x_TD) as dt:
             x_TD, w_TK, params = x_TD.to(dt), w_TK.to(dt), self._params(dt)
             if autograd:
                 return SlicedMoE.apply(x_TD, w_TK, *params, order_N, pos_S, counts, dropped,
-                                       self.activation)
+                                       self.activation, native_loop)
             y_ND = experts_forward(x_TD, order_N // w_TK.size(1), *params, counts,
-                                   self.activation)[1]
+                                   self.activation, native_loop)[1]
             return combine(y_ND, pos_S, w_TK, dropped)
 
     def rows(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor,
              grouped: bool) -> torch.Tensor:
         """y_ND, no autograd: each expert on its rows x_TD[token_N] (sorted by expert, counts_E
-        each), by torch._grouped_mm when `grouped`, else by slices."""
+        each), by torch._grouped_mm when `grouped`, else by slices in Python."""
         with self._manual_autocast(x_TD) as dt:
             if grouped:
                 return self._grouped(x_TD.to(dt).index_select(0, token_N), counts_E)
             return experts_forward(x_TD.to(dt), token_N, *self._params(dt), counts_E.tolist(),
-                                   self.activation)[1]
+                                   self.activation, native_loop=False)[1]
 
     @contextlib.contextmanager
     def _manual_autocast(self, x_TD: torch.Tensor) -> Iterator[torch.dtype]:
@@ -504,8 +538,9 @@ def _dispatch(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
 
 def describe(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
              real_T: torch.Tensor | None = None, reference: bool = False) -> Situation:
-    """The situation of one call of the layer, for `choose_path` (a few microseconds: it runs
-    per layer per decoding step)."""
+    """The situation of one call of the layer, for `choose_path`, with the kernel measured
+    fastest for its shapes (a few microseconds once measured: it runs per layer per decoding
+    step)."""
     dev = x_TD.device.type
     autocast = torch.is_autocast_enabled(dev)
     dtype = (torch.get_autocast_dtype(dev) if autocast and x_TD.dtype == torch.float32
@@ -514,14 +549,75 @@ def describe(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
     needs_grad = grad_mode and (x_TD.requires_grad or r.weights_TK.requires_grad
                                 or experts.w1_EDH.requires_grad)
     # native.ops() only on CPU: a GPU run must not build the CPU kernels
-    kernels = (dev == "cpu" and not autocast and experts.activation in NATIVE_ACTIVATIONS
-               and experts.w1_EDH.dtype == experts.b1_EH.dtype == experts.w2_EHD.dtype
-               == experts.b2_ED.dtype == torch.float32
+    kernels = (dev == "cpu" and experts.activation in NATIVE_ACTIVATIONS
                and native.ops() is not None)
     capability = torch.cuda.get_device_capability(x_TD.device) if x_TD.is_cuda else None
     T, K = r.experts_TK.shape
-    return Situation(dev, dtype, capability, grad_mode, needs_grad, kernels, T, T * K,
-                     cap is not None, real_T is not None, experts.impl, reference)
+    s = Situation(dev, dtype, capability, grad_mode, needs_grad, kernels, T, T * K,
+                  cap is not None, real_T is not None, experts.impl, reference)
+    if s.impl == "auto" and not reference and tune.enabled() and len(candidates(s)) > 1:
+        s = s._replace(measured=_measured(s, experts, x_TD))
+    return s
+
+
+def shape_class(s: Situation, experts: Experts) -> tuple:
+    """What a kernel's speed depends on: decoding or not, device, dtype, gradients, the
+    experts' shape and activation, top-k and the tokens rounded up to a power of two."""
+    E, D, H = experts.w1_EDH.shape
+    tokens = 1 << max(s.tokens - 1, 0).bit_length()
+    return ("decode" if decoding(s) else "sorted", s.device, str(s.dtype)[6:],
+            "grad" if s.needs_grad else "nograd", f"E{E}", f"D{D}", f"H{H}",
+            f"K{s.assignments // s.tokens}", experts.activation, f"T{tokens}")
+
+
+def _measured(s: Situation, experts: Experts, x_TD: torch.Tensor) -> str | None:
+    """The fastest kernel for s's shapes (slms.model.tune), measured at its first call; never
+    measured while torch.compile traces or gradient checkpointing replays a forward."""
+    cls = shape_class(s, experts)
+    if native.forced() and "native" in candidates(s):
+        return "native"
+    if torch.compiler.is_compiling() or recomputing():
+        return tune.known(cls)
+    tokens = int(cls[-1][1:])  # timed on the class's tokens (still a decoding shape)
+    if decoding(s):
+        tokens = min(tokens, SMALL_N // (s.assignments // s.tokens))
+    dev = x_TD.device.type
+    autocast = torch.is_autocast_enabled(dev)
+
+    def context() -> contextlib.ExitStack:  # the caller's grad mode and autocast
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.set_grad_enabled(s.grad_mode))
+        if autocast:
+            stack.enter_context(torch.autocast(dev, dtype=s.dtype))
+        return stack
+    return tune.fastest(cls, lambda: _timers(s, experts, x_TD, tokens), context)
+
+
+def _timers(s: Situation, experts: Experts, x_TD: torch.Tensor, T: int
+            ) -> dict[str, Callable[[], None]]:
+    """A call of each candidate kernel of `s` on T synthetic tokens (random routing, a local
+    generator: the global random state is left alone), with a backward where `s` needs grad
+    (into a copy of the experts' weights: their gradients are not touched)."""
+    K = s.assignments // s.tokens
+    E, D = experts.w1_EDH.shape[:2]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, D, generator=g).to(x_TD.device, x_TD.dtype)
+    r = Routing(torch.rand(T, E, generator=g).argsort(-1)[:, :K].to(x.device),
+                torch.rand(T, K, generator=g).softmax(-1).to(x.device), x.new_zeros(T, E))
+    ex = experts
+    if s.needs_grad:
+        ex = copy.copy(experts)
+        ex._parameters = {n: nn.Parameter(p.detach().clone())
+                          for n, p in experts._parameters.items()}
+        x.requires_grad_(True)
+        gy = torch.randn(T, D, generator=g).to(x.device, x.dtype)
+
+    def timer(k: str) -> Callable[[], None]:
+        run = PATHS[choose_path(s._replace(impl=k, tokens=T, assignments=T * K))]
+        if not s.needs_grad:
+            return lambda: run(x, r, ex, None, None)
+        return lambda: run(x, r, ex, None, None)[0].backward(gy)
+    return {k: timer(k) for k in candidates(s)}
 
 
 def _sorted(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
@@ -588,12 +684,18 @@ PATHS: dict[DispatchPath, Runner] = {
         lambda x_TD, r, ex, cap, real_T: _small(x_TD, r, ex, grouped=True),
     DispatchPath.GROUPED_MM:
         lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, ex.grouped),
+    DispatchPath.NATIVE_AUTOGRAD:
+        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, functools.partial(
+            ex.sliced, autograd=True, native_loop=True)),
+    DispatchPath.NATIVE:
+        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, functools.partial(
+            ex.sliced, autograd=False, native_loop=True)),
     DispatchPath.SLICED_AUTOGRAD:
-        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T,
-                                                 functools.partial(ex.sliced, autograd=True)),
+        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, functools.partial(
+            ex.sliced, autograd=True, native_loop=False)),
     DispatchPath.SLICED:
-        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T,
-                                                 functools.partial(ex.sliced, autograd=False)),
+        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, functools.partial(
+            ex.sliced, autograd=False, native_loop=False)),
     DispatchPath.REFERENCE:
         lambda x_TD, r, ex, cap, real_T: (*reference_dispatch(x_TD, r, ex, cap, real_T), None),
 }

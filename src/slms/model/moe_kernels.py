@@ -1,7 +1,8 @@
 """The MoE layer's kernels: experts on contiguous row groups, with hand-written autograd.
 
-The expert loops run in C++ on CPU where `slms.model.native` could build its kernels, else in
-Python here (`sliced_forward`, `experts_backward`): the same ATen calls either way.
+The expert loops run in C++ (`slms.model.native`) where the layer chose that kernel
+(`slms.model.moe.choose_path`), else in Python here (`sliced_forward`, `experts_backward`):
+the same ATen calls either way.
 Shape legend as in slms.model.moe (T tokens, D width, E experts, H expert hidden, K top-k,
 N kept (token, expert) assignments, sorted by expert).
 """
@@ -73,38 +74,30 @@ def combine(y_ND: torch.Tensor, pos_S: torch.Tensor, w_TK: torch.Tensor, dropped
 
 def experts_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tensor,
                     b1_EH: torch.Tensor, w2_EHD: torch.Tensor, b2_ED: torch.Tensor,
-                    counts: list[int], activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sliced_forward`, by the C++ kernel on CPU when it is available (the same ATen calls;
-    it knows relu and gelu)."""
-    native_ops = _native_for(x_TD, activation)
-    if native_ops is None:
+                    counts: list[int], activation: str, native_loop: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sliced_forward`, by the C++ kernel with `native_loop` (CPU, an activation it knows, the
+    kernels built: the caller checks), else in Python: the same ATen calls."""
+    if not native_loop:
         return sliced_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, activation)
-    return native_ops.experts_fwd(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts,
-                                  activation == "gelu")
-
-
-def _native_for(x: torch.Tensor, activation: str) -> object | None:
-    """The C++ ops for the experts' loop: on CPU, for the activations they implement."""
-    if x.device.type != "cpu" or activation not in NATIVE_ACTIVATIONS:
-        return None
-    return native.ops()
+    return native.ops().experts_fwd(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts,
+                                    activation == "gelu")
 
 
 def experts_backward(g_TD: torch.Tensor, x_TD: torch.Tensor, token_N: torch.Tensor,
                      w_N: torch.Tensor, pre_NH: torch.Tensor, y_ND: torch.Tensor,
                      w1_EDH: torch.Tensor, w2_EHD: torch.Tensor, counts: list[int], activation: str,
-                     need_gx: bool) -> tuple[torch.Tensor, ...]:
-    """The experts' backward, expert by expert (see `SlicedMoE`); by the C++ kernel on CPU
-    when it is available.
+                     need_gx: bool, native_loop: bool) -> tuple[torch.Tensor, ...]:
+    """The experts' backward, expert by expert (see `SlicedMoE`); by the C++ kernel with
+    `native_loop`.
 
     Returns (gw_N, gw1, gb1, gw2, gb2): the gradients of the gate weights w_N (before the
     gate weighting: the rows' dot products with the output rows) and of the expert
     parameters; with `need_gx`, each input-gradient row overwrites its row of y_ND.
     """
-    native_ops = _native_for(g_TD, activation)
-    if native_ops is not None:
-        return native_ops.experts_bwd(g_TD, x_TD, token_N, w_N, pre_NH, y_ND, w1_EDH, w2_EHD,
-                                      counts, activation == "gelu", need_gx)
+    if native_loop:
+        return native.ops().experts_bwd(g_TD, x_TD, token_N, w_N, pre_NH, y_ND, w1_EDH, w2_EHD,
+                                        counts, activation == "gelu", need_gx)
     gw_N = w_N.new_empty(w_N.shape)
     gw1, gb1 = torch.empty_like(w1_EDH), w1_EDH.new_empty(w1_EDH.shape[::2])
     gw2, gb2 = torch.empty_like(w2_EHD), w2_EHD.new_empty(w2_EHD.shape[::2])
@@ -146,13 +139,14 @@ class SlicedMoE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, w_TK, w1_EDH, b1_EH, w2_EHD, b2_ED, order_N, pos_S, counts,  # noqa: ANN001
-                dropped, activation):  # noqa: ANN001
+                dropped, activation, native_loop):  # noqa: ANN001
         K = w_TK.size(1)
         token_N = order_N // K
         pre_NH, y_ND = experts_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts,
-                                       activation)
+                                       activation, native_loop)
         ctx.save_for_backward(x_TD, w_TK, order_N, pos_S, pre_NH, y_ND, w1_EDH, w2_EHD)
         ctx.counts, ctx.dropped, ctx.activation = counts, dropped, activation
+        ctx.native_loop = native_loop
         return combine(y_ND, pos_S, w_TK, dropped)
 
     @staticmethod
@@ -165,12 +159,12 @@ class SlicedMoE(torch.autograd.Function):
         need_gx = ctx.needs_input_grad[0]
         gw_N, gw1, gb1, gw2, gb2 = experts_backward(g_TD, x_TD, token_N, w_N, pre_NH, y_ND,
                                                     w1_EDH, w2_EHD, ctx.counts, ctx.activation,
-                                                    need_gx)
+                                                    need_gx, ctx.native_loop)
         gx_TD = sum_slots(y_ND, pos_S, K, ctx.dropped) if need_gx else None
         gw_TK = None
         if ctx.needs_input_grad[1]:  # dropped slots: 0
             gw_TK = gw_N.new_zeros(T * K).index_copy_(0, order_N, gw_N).view(T, K)
-        return gx_TD, gw_TK, gw1, gb1, gw2, gb2, None, None, None, None, None
+        return gx_TD, gw_TK, gw1, gb1, gw2, gb2, None, None, None, None, None, None
 
 
 class Dispatch(torch.autograd.Function):

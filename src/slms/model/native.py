@@ -18,6 +18,7 @@ same maths (rounding aside), slower (docs/benchmarks.md).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -46,6 +47,11 @@ def enabled() -> bool:
     return flag == "1" or (flag != "0" and sys.platform.startswith("linux"))
 
 
+def forced() -> bool:
+    """SLMS_NATIVE=1: the kernels wherever they can run, without timing them against torch."""
+    return os.environ.get("SLMS_NATIVE", "") == "1"
+
+
 def ops() -> object | None:
     """torch.ops.slms with the compiled kernels, or None when they are off (SLMS_NATIVE, read
     at the first call) or cannot be built (the reason is logged once, as a warning). Cheap
@@ -70,7 +76,8 @@ def _flags() -> list[str]:
     return flags + ["-fopenmp"] if sys.platform.startswith("linux") else flags
 
 
-def _name() -> str:
+@functools.cache
+def build_name() -> str:
     """One build per source, flags, CPU (-march=native code must not run on another CPU that
     shares the cache), torch and Python."""
     cpu = platform.machine() + platform.processor()
@@ -106,7 +113,7 @@ def _clear_stale_lock(build_dir: Path) -> None:
 
 
 def _build() -> object | None:
-    name = _name()
+    name = build_name()
     build_dir = _build_dir(name)
     try:
         from torch.utils.cpp_extension import load
