@@ -212,6 +212,7 @@ MISSING = {  # command -> arguments naming something that does not exist ({tmp}:
     "import-seed": [f"{NO}.pt", "--tokenizer", f"{NO}.json", "--out", "{tmp}/ckpt"],
     "export": [NO, "--hf", "{tmp}/hf"],
     "upcycle": [NO, "--out", "{tmp}/moe"],
+    "serve": [NO, "--port", "0"],
     "tune": [NO],
 }
 MORE_MISSING = [  # further inputs of some commands

@@ -26,6 +26,7 @@ from slms.commands import (
     info,
     plot,
     prepare,
+    serve,
     tokenizer,
     train,
     tune,
@@ -38,6 +39,7 @@ COMMANDS: dict[str, ModuleType] = {
     "plot": plot, "info": info, "generate": generate, "eval": evaluate, "bench": bench,
     "chat": chat, "experts": experts, "import-seed": import_seed, "export": export,
     "upcycle": upcycle,
+    "serve": serve,
     "tune": tune,
 }
 

@@ -1,0 +1,111 @@
+"""Batched decoding with a position per row: the server's prefill and decode step.
+
+The model's own KVCache keeps one position for the whole batch. A server decodes rows that
+started at different times, so here each row has its own length. A prefill runs the model's
+forward unchanged (one request, its own KVCache) and its keys and values are copied into a row
+of `SlotCache`; a decode step then feeds one token per row through the model's own modules, at
+each row's position, attending over that row's cached keys only (a mask hides the rest).
+
+Shapes: B rows, nh heads, S cached positions, hs head size, C n_embd, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slms.model import GPT
+from slms.model.attention import CausalSelfAttention, apply_rope
+
+
+class SlotCache:
+    """Keys and values of up to `rows` sequences, one row each, (rows, nh, max_len, hs) per
+    layer; rows 0 .. n-1 are the live ones (the scheduler keeps them packed)."""
+
+    def __init__(self, model: GPT, rows: int, max_len: int):
+        cfg = model.cfg
+        dtype = model.wte.weight.dtype
+        device = model.wte.weight.device
+        shape = (rows, cfg.n_head, max_len, cfg.head_dim)
+        # torch.zeros of a large block maps pages lazily: memory grows with the rows used
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.blocks]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.blocks]
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def load(self, row: int, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        """Row `row` := one sequence's keys and values, (1, nh, T, hs) per layer."""
+        n = k[0].size(2)
+        for layer in range(len(self.k)):
+            self.k[layer][row, :, :n] = k[layer][0]
+            self.v[layer][row, :, :n] = v[layer][0]
+        self.lengths[row] = n
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `dst` := row `src` (to keep the live rows packed when one ends)."""
+        n = int(self.lengths[src])
+        for layer in range(len(self.k)):
+            self.k[layer][dst, :, :n] = self.k[layer][src, :, :n]
+            self.v[layer][dst, :, :n] = self.v[layer][src, :, :n]
+        self.lengths[dst] = n
+
+
+@torch.no_grad()
+def prefill(model: GPT, ids: list[int]) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                  list[torch.Tensor]]:
+    """(logits_V of the last prompt position, keys, values) of one prompt, by the model's own
+    forward and KV cache; keys/values are (1, nh, T, hs) per layer."""
+    device = model.wte.weight.device
+    caches = model.new_caches(1, len(ids))
+    out = model(torch.tensor([ids], device=device), caches=caches, last_only=True)
+    return out.logits[0, -1], [c.k for c in caches], [c.v for c in caches]
+
+
+@torch.no_grad()
+def decode_step(model: GPT, cache: SlotCache, tokens_B: torch.Tensor) -> torch.Tensor:
+    """logits_BV of the next token of rows 0 .. B-1, each fed its token at its own position
+    (cache.lengths); the rows' caches grow by one. What `GPT.forward` computes for a row with
+    its KVCache, up to float rounding."""
+    B = tokens_B.size(0)
+    pos_B = cache.lengths[:B]
+    S = int(pos_B.max()) + 1
+    keys_S = torch.arange(S, device=pos_B.device)
+    mask_B11S = (keys_S[None] <= pos_B[:, None])[:, None, None, :]  # each row's own keys
+    x = model.wte(tokens_B[:, None])  # (B, 1, C)
+    if model.wpe is not None:
+        x = x + model.wpe(pos_B)[:, None]
+    for i, block in enumerate(model.blocks):
+        a = _attend(block.attn, block.ln1(x), cache.k[i], cache.v[i], pos_B, S, mask_B11S)
+        x = x + a
+        y, _ = block.ffn(block.ln2(x))
+        x = x + y
+    cache.lengths[:B] += 1
+    # _logits: the model's head and its optional soft cap, the one place they are defined
+    return model._logits(model.ln_f(x))[:, 0]
+
+
+def _attend(attn: CausalSelfAttention, x_B1C: torch.Tensor, k_cache: torch.Tensor,
+            v_cache: torch.Tensor, pos_B: torch.Tensor, S: int, mask_B11S: torch.Tensor
+            ) -> torch.Tensor:
+    """`CausalSelfAttention.forward` for one new token per row at positions pos_B: its key and
+    value are written at the row's position, its query attends over the row's keys."""
+    B, _, C = x_B1C.shape
+    nh = attn.n_head
+    q, k, v = attn.qkv(x_B1C).split(C, dim=2)
+    q = q.view(B, 1, nh, C // nh).transpose(1, 2)  # (B, nh, 1, hs)
+    k = k.view(B, 1, nh, C // nh).transpose(1, 2)
+    v = v.view(B, 1, nh, C // nh).transpose(1, 2)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.rope_base is not None:
+        hs = q.size(-1)
+        inv_freq = attn.rope_base ** -(torch.arange(0, hs, 2, device=q.device,
+                                                    dtype=torch.float32) / hs)
+        angles = pos_B.to(torch.float32)[:, None] * inv_freq  # as rope_tables, per row
+        cos, sin = angles.cos()[:, None, None], angles.sin()[:, None, None]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rows = torch.arange(B, device=pos_B.device)
+    k_cache[rows, :, pos_B] = k[:, :, 0]
+    v_cache[rows, :, pos_B] = v[:, :, 0]
+    y = F.scaled_dot_product_attention(q, k_cache[:B, :, :S], v_cache[:B, :, :S],
+                                       attn_mask=mask_B11S, scale=attn.scale)
+    return attn.proj(y.transpose(1, 2).reshape(B, 1, C))
