@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_config
 from slms.data import prepare as prep
+from slms.data.encode import Encoder, resolve_num_proc
 from slms.data.loader import PackedData
 from slms.data.pipeline import byte_sample, train_tokenizer_on
 from slms.data.prepare import PrepareOptions, fix_text, prepare_source, read_meta
@@ -53,16 +54,88 @@ def test_counts_are_exact(txt_dir, stories, tokenizer, tmp_path):
         assert c["bytes_per_token"] == pytest.approx(c["bytes"] / c["tokens"])
 
 
-def test_num_proc_2_equals_1(txt_dir, tokenizer, tmp_path):
-    a = prepare_source(Source(str(txt_dir)), tokenizer, tmp_path / "a", PrepareOptions(num_proc=1))
-    monkey_chunk = prep.CHUNK
-    prep.CHUNK = 7  # several chunks per worker
-    try:
-        b = prepare_source(Source(str(txt_dir)), tokenizer, tmp_path / "b",
-                           PrepareOptions(num_proc=2))
-    finally:
-        prep.CHUNK = monkey_chunk
-    assert bins(tmp_path / "a") == bins(tmp_path / "b") and a["splits"] == b["splits"]
+def outputs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_output_is_byte_identical_whatever_the_process_count(txt_dir, tokenizer, tmp_path,
+                                                             monkeypatch, layout):
+    monkeypatch.setattr(prep, "CHUNK", 7)  # several chunks per worker, a short last one
+    made = {}
+    for num_proc in (1, 2, "auto"):
+        out = tmp_path / f"p{num_proc}"
+        prepare_source(Source(str(txt_dir)), tokenizer, out,
+                       PrepareOptions(num_proc=num_proc, layout=layout, block_size=40))
+        made[num_proc] = outputs(out)
+    assert made[1] == made[2] == made["auto"]  # the .bin files, lengths, meta.json, tokenizer
+    assert {"train.bin", "val.bin", "meta.json"} <= set(made[1])
+
+
+def test_padded_rows_equal_a_story_by_story_reference(stories, tokenizer, tmp_path,
+                                                      monkeypatch):
+    monkeypatch.setattr(prep, "CHUNK", 5)
+    chosen = [*stories[:20], "A cat.", "Tom ran home to his mom.", "Hi."]
+    block = 24  # the corpus's stories are longer than a row, the three last ones shorter
+    meta = prep.prepare({"train": chosen, "val": stories[23:25]}, tokenizer, tmp_path / "pad",
+                        opts=PrepareOptions(layout="padded", block_size=block))
+    width, eos = block + 1, tokenizer.eos_id
+    token_bytes = tokenizer.token_bytes()
+    rows, lengths, cut = [], [], 0
+    for s in chosen:  # the layout, one story at a time
+        seq = [*tokenizer.encode(s), eos]
+        n = min(len(seq) + 1, width)
+        rows.append([eos, *seq[:n - 1]] + [eos] * (width - n))
+        lengths.append(n)
+        cut += sum(token_bytes[i] for i in seq[n - 1:])
+    got = np.fromfile(tmp_path / "pad" / "train.bin", dtype=meta["dtype"]).reshape(-1, width)
+    assert got.tolist() == rows
+    assert np.load(tmp_path / "pad" / "train.lengths.npy").tolist() == lengths
+    train = meta["splits"]["train"]
+    assert 0 < train["truncated_stories"] == sum(len(tokenizer.encode(s)) + 2 > width
+                                                 for s in chosen) < len(chosen)
+    assert train["scored_bytes"] == train["bytes"] - cut and cut > 0
+    assert train["real_tokens"] == sum(lengths)
+
+
+def test_fast_batch_encoding_gives_the_same_ids(stories, tokenizer):
+    assert tokenizer.encode_batch_fast(stories[:50]) == tokenizer.encode_batch(stories[:50])
+
+
+def test_encoder_keeps_a_bounded_number_of_chunks_in_flight(stories, tokenizer):
+    """Memory stays flat: the encoder reads at most `in_flight` chunks ahead of the writer."""
+    pulled = []
+
+    def chunks():
+        for i in range(30):
+            pulled.append(i)
+            yield stories[i:i + 2]
+
+    with Encoder(tokenizer, np.dtype(np.uint16), 1) as enc:
+        for k, _ in enumerate(enc.map(chunks())):
+            assert len(pulled) <= k + 1 + enc.in_flight
+    assert len(pulled) == 30
+
+
+def test_cli_num_proc(txt_dir, tokenizer, tmp_path, capsys):
+    from slms.cli import main
+
+    tokenizer.save(tmp_path / "tok.json")
+    argv = ["prepare", "--source", str(txt_dir), "--tokenizer", str(tmp_path / "tok.json")]
+    assert main([*argv, "--out", str(tmp_path / "two"), "--num-proc", "2"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "auto")]) == 0  # the default
+    assert outputs(tmp_path / "two") == outputs(tmp_path / "auto")
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(tmp_path / "zero"), "--num-proc", "0"])
+    assert "'0' is neither 'auto' nor an integer >= 1" in capsys.readouterr().err
+
+
+def test_num_proc_values():
+    assert resolve_num_proc("auto") == 1 and resolve_num_proc(3) == 3
+    for bad in (0, -1, "two", True):
+        with pytest.raises(ValueError, match="--num-proc"):
+            PrepareOptions(num_proc=bad)
+    assert PrepareOptions().num_proc == "auto"
 
 
 def test_streaming_equals_non_streaming_hub_path(txt_dir, stories, tokenizer, tmp_path,

@@ -47,6 +47,12 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_batch_fast(self, texts: list[str]) -> list[list[int]]:
+        """`encode_batch`'s ids without the character offsets it computes and drops (about 10%
+        faster; tokenizers >= 0.21, else `encode_batch`). Releases the GIL while it encodes."""
+        fast = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
+        return [e.ids for e in fast(texts, add_special_tokens=False)]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 

@@ -18,8 +18,6 @@ nothing that looks complete, and the data it replaces stays whole until then.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
 import random
 import sys
 import time
@@ -27,17 +25,18 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
 
+from slms.data.encode import EncodedChunk, Encoder, resolve_num_proc
 from slms.data.sources import SPLITS, Source
 from slms.fsutil import atomic_dir, read_json
 from slms.tokenizer import Tokenizer
 
 META = "meta.json"
-CHUNK = 1000  # stories per encode_batch call / per task handed to a worker process
+CHUNK = 1000  # stories per encode_batch call / per task handed to a worker
 
 # UTF-8 text that was decoded as cp1252 somewhere upstream (TinyStories has some), then the
 # typographic characters themselves, both mapped to plain ASCII as the rest of the dataset is.
@@ -69,7 +68,7 @@ class PrepareOptions:
     block_size: int = 1080  # padded layout only
     fix_text: bool = False
     dedupe: bool = False
-    num_proc: int = 1
+    num_proc: int | str = "auto"  # worker processes, or auto (see slms.data.encode)
     train_count: int | None = None
     val_count: int | None = None
     seed: int = 0
@@ -80,8 +79,9 @@ class PrepareOptions:
     def __post_init__(self) -> None:
         if self.layout not in ("packed", "padded"):
             raise ValueError("--layout must be packed or padded")
-        if self.num_proc < 1 or self.block_size < 2:
-            raise ValueError("--num-proc must be >= 1 and --block-size >= 2")
+        resolve_num_proc(self.num_proc)
+        if self.block_size < 2:
+            raise ValueError("--block-size must be >= 2")
 
 
 class _Hygiene:
@@ -135,89 +135,83 @@ def _chunks(stories: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-_worker_tok: Tokenizer | None = None
+class _SplitWriter:
+    """Appends encoded chunks to DIR/{split}.bin in the layout of `opts`; `stats()` is the
+    split's entry in meta.json."""
 
+    def __init__(self, f: BinaryIO, tok: Tokenizer, opts: PrepareOptions, dtype: np.dtype):
+        self.f, self.eos_id, self.dtype = f, tok.eos_id, dtype
+        self.padded = opts.layout == "padded"
+        self.width = opts.block_size + 1
+        self.token_bytes = np.asarray(tok.token_bytes()) if self.padded else None
+        self.n_stories = self.n_tokens = self.n_bytes = self.n_truncated = self.cut_bytes = 0
+        self.lo: int | None = None
+        self.hi = 0
+        self.row_lengths: list[np.ndarray] = []
 
-def _init_worker(tok_json: str) -> None:
-    global _worker_tok
-    # Each worker encodes on one thread: the processes are the parallelism.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tok = Tokenizer.from_str(tok_json)
+    def add(self, enc: EncodedChunk) -> None:
+        if self.padded:
+            self._add_rows(enc)
+        else:
+            enc.ids.tofile(self.f)
+        lo, hi = int(enc.lengths.min()), int(enc.lengths.max())
+        self.lo = lo if self.lo is None else min(self.lo, lo)
+        self.hi = max(self.hi, hi)
+        self.n_stories += len(enc.lengths)
+        self.n_tokens += enc.ids.size
+        self.n_bytes += enc.n_bytes
 
+    def _add_rows(self, enc: EncodedChunk) -> None:
+        """One row per story: end-of-text, then its ids (eos included) cut or padded to width."""
+        n_S = len(enc.lengths)
+        starts_S = np.cumsum(enc.lengths) - enc.lengths
+        story_N = np.repeat(np.arange(n_S), enc.lengths)
+        pos_N = np.arange(enc.ids.size) - starts_S[story_N]  # position within its story
+        kept_N = pos_N < self.width - 1  # the row's first position is the leading eos
+        rows = np.full((n_S, self.width), self.eos_id, dtype=self.dtype)
+        rows[story_N[kept_N], pos_N[kept_N] + 1] = enc.ids[kept_N]
+        rows.tofile(self.f)
+        assert self.token_bytes is not None
+        self.cut_bytes += int(self.token_bytes[enc.ids[~kept_N]].sum())  # never scored
+        self.n_truncated += int((enc.lengths > self.width - 1).sum())
+        self.row_lengths.append(np.minimum(enc.lengths + 1, self.width).astype(np.uint32))
 
-def _encode(tok: Tokenizer, chunk: list[str]) -> tuple[list[list[int]], int]:
-    """(token ids per story, UTF-8 bytes of the chunk)."""
-    return tok.encode_batch(chunk), sum(len(s.encode("utf-8")) for s in chunk)
+    def stats(self) -> dict[str, Any]:
+        n, tokens = self.n_stories, self.n_tokens
+        stats: dict[str, Any] = {
+            "stories": n, "tokens": tokens, "bytes": self.n_bytes,
+            "bytes_per_token": self.n_bytes / tokens,
+            "tokens_per_story": {"mean": tokens / n, "min": self.lo, "max": self.hi},
+        }
+        if self.padded:
+            stats |= {"rows": n, "truncated_stories": self.n_truncated,
+                      "scored_bytes": self.n_bytes - self.cut_bytes,
+                      "real_tokens": int(sum(int(r.sum()) for r in self.row_lengths)),
+                      "padded_positions": n * self.width}
+        return stats
 
-
-def _encode_chunk(chunk: list[str]) -> tuple[list[list[int]], int]:
-    assert _worker_tok is not None
-    return _encode(_worker_tok, chunk)
-
-
-def _encoded(chunks: Iterator[list[str]], tok: Tokenizer, num_proc: int
-             ) -> Iterator[tuple[list[list[int]], int]]:
-    """(token ids per story, UTF-8 bytes) per chunk, in order; on num_proc worker processes."""
-    if num_proc == 1:
-        for chunk in chunks:
-            yield _encode(tok, chunk)
-        return
-    ctx = mp.get_context("spawn")  # no fork of a process holding tokenizer threads
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tok.to_str(),)) as pool:
-        yield from pool.imap(_encode_chunk, chunks, chunksize=1)
+    def lengths(self) -> np.ndarray:
+        """(rows,) uint32, the real length of each padded row."""
+        return np.concatenate([np.zeros(0, np.uint32), *self.row_lengths])
 
 
 def _write_split(stories: Iterable[str], tok: Tokenizer, out: Path, split: str,
-                 opts: PrepareOptions, dtype: np.dtype, bar: tqdm) -> dict[str, Any]:
-    n_stories = n_tokens = n_bytes = n_truncated = cut_bytes = 0
-    token_bytes = np.asarray(tok.token_bytes()) if opts.layout == "padded" else None
-    lo, hi = None, 0
-    lengths: list[int] = []
-    limit = np.iinfo(dtype).max
-    width = opts.block_size + 1
+                 opts: PrepareOptions, dtype: np.dtype, bar: tqdm,
+                 encoder: Encoder) -> dict[str, Any]:
     t0 = time.perf_counter()
     with (out / f"{split}.bin").open("wb") as f:
-        for encoded, chunk_bytes in _encoded(_chunks(stories, CHUNK), tok, opts.num_proc):
-            seqs = [[*ids, tok.eos_id] for ids in encoded]
-            flat = np.fromiter((i for seq in seqs for i in seq), dtype=np.int64)
-            if flat.size and int(flat.max()) > limit:
-                raise ValueError(f"token id {int(flat.max())} does not fit in {dtype}")
-            if opts.layout == "packed":
-                flat.astype(dtype).tofile(f)
-            else:
-                rows = np.full((len(seqs), width), tok.eos_id, dtype=dtype)
-                for r, seq in enumerate(seqs):
-                    n = min(len(seq) + 1, width)  # + the row's leading end-of-text id
-                    rows[r, 1:n] = seq[:n - 1]
-                    lengths.append(n)
-                    if len(seq) + 1 > width:  # the cut tail is never scored
-                        n_truncated += 1
-                        cut_bytes += int(token_bytes[seq[n - 1:]].sum())
-                rows.tofile(f)
-            per_story = [len(s) for s in seqs]
-            n_stories += len(seqs)
-            n_tokens += int(flat.size)
-            n_bytes += chunk_bytes
-            lo = min(per_story) if lo is None else min(lo, *per_story)
-            hi = max(hi, *per_story)
+        writer = _SplitWriter(f, tok, opts, dtype)
+        for enc in encoder.map(_chunks(stories, CHUNK)):
+            writer.add(enc)
             elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.update(len(seqs))
-            bar.set_postfix(split=split, mb_s=f"{n_bytes / 2**20 / elapsed:.1f}")
-    if n_stories == 0:
+            bar.update(len(enc.lengths))
+            bar.set_postfix(split=split, mb_s=f"{writer.n_bytes / 2**20 / elapsed:.1f}")
+    if writer.n_stories == 0:
         raise ValueError(f"the {split} split has no stories (for a source without a validation "
                          "split, raise --val-fraction or add a file named *valid*)")
     if opts.layout == "padded":
-        np.save(out / f"{split}.lengths.npy", np.asarray(lengths, dtype=np.uint32))
-    stats: dict[str, Any] = {
-        "stories": n_stories, "tokens": n_tokens, "bytes": n_bytes,
-        "bytes_per_token": n_bytes / n_tokens,
-        "tokens_per_story": {"mean": n_tokens / n_stories, "min": lo, "max": hi},
-    }
-    if opts.layout == "padded":
-        stats |= {"rows": n_stories, "truncated_stories": n_truncated,
-                  "scored_bytes": n_bytes - cut_bytes,
-                  "real_tokens": int(sum(lengths)), "padded_positions": n_stories * width}
-    return stats
+        np.save(out / f"{split}.lengths.npy", writer.lengths())
+    return writer.stats()
 
 
 def check_out_dir(out: Path, tok: Tokenizer, overwrite: bool) -> None:
@@ -262,7 +256,8 @@ def prepare_source(source: Source, tok: Tokenizer, out_dir: str | Path,
     opts = opts or PrepareOptions()
     check_out_dir(Path(out_dir), tok, opts.overwrite)
     dtype = token_dtype(tok.vocab_size)
-    with atomic_dir(out_dir) as tmp:
+    num_proc = resolve_num_proc(opts.num_proc)
+    with atomic_dir(out_dir) as tmp, Encoder(tok, dtype, num_proc) as encoder:
         splits: dict[str, Any] = {}
         hygiene: dict[str, Any] = {}
         with tqdm(desc="prepare", unit="story", unit_scale=True, dynamic_ncols=True,
@@ -274,7 +269,7 @@ def prepare_source(source: Source, tok: Tokenizer, out_dir: str | Path,
                 count = opts.train_count if split == "train" else opts.val_count
                 if count is not None:
                     stories = reservoir(stories, count, opts.seed)
-                splits[split] = _write_split(stories, tok, tmp, split, opts, dtype, bar)
+                splits[split] = _write_split(stories, tok, tmp, split, opts, dtype, bar, encoder)
                 replaced = getattr(source, "replaced", {}).get(split, 0) - replaced
                 hygiene[split] = clean.counts | {"replaced_bytes": replaced}
                 if replaced:
