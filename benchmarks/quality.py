@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from slms.config import load_config  # noqa: E402
+from slms.data.heldout import prepare_held_out  # noqa: E402
 from slms.train.metrics import read_metrics  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "tinystories" / "train-lowercase-4mb.txt"
@@ -40,31 +41,6 @@ CANDIDATES = {
     "modern-dense": "configs/modern-cpu.toml",
     "modern-moe": "configs/modern-moe-cpu.toml",
 }
-
-
-def split_text(path: Path, out: Path, val_stories: int) -> Path:
-    """train.txt and valid.txt (one story per <|endoftext|> line group) under out/text."""
-    from slms.data.sources import split_txt
-
-    stories = split_txt(path.read_text(encoding="utf-8"), "newline")
-    text = out / "text"
-    text.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train.txt", stories[:-val_stories]), ("valid.txt",
-                                                              stories[-val_stories:])):
-        (text / name).write_text("".join(f"{s}\n<|endoftext|>\n" for s in part))
-    return text
-
-
-def prepare(text: Path, out: Path, vocab: int) -> Path:
-    from slms.data.pipeline import train_tokenizer_on
-    from slms.data.prepare import prepare_source
-    from slms.data.sources import Source
-
-    data = out / "data"
-    if not (data / "meta.json").is_file():
-        tok, _ = train_tokenizer_on(Source(str(text)), vocab)
-        prepare_source(Source(str(text)), tok, data)
-    return data
 
 
 def run_candidate(name: str, config: str, data: Path, out: Path, minutes: float,
@@ -132,7 +108,7 @@ def main() -> None:
     if not args.data.is_file():
         print(json.dumps({"skipped": f"{args.data} not found"}))
         return
-    data = prepare(split_text(args.data, args.out, args.val_stories), args.out, args.vocab_size)
+    data = prepare_held_out(args.data, args.out, args.val_stories, args.vocab_size)
     results = [run_candidate(n, CANDIDATES[n], data, args.out, args.minutes, args.eval_every,
                              args.overrides) for n in args.candidates.split(",")]
     base = next((r for r in results if r["name"] == "baseline"), None)

@@ -214,6 +214,7 @@ MISSING = {  # command -> arguments naming something that does not exist ({tmp}:
     "upcycle": [NO, "--out", "{tmp}/moe"],
     "serve": [NO, "--port", "0"],
     "tune": [NO],
+    "study": [f"{NO}.toml", "--dense-steps", "2", "--out", "{tmp}/study"],
 }
 MORE_MISSING = [  # further inputs of some commands
     ["train", "--resume", NO],

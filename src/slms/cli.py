@@ -27,6 +27,7 @@ from slms.commands import (
     plot,
     prepare,
     serve,
+    study,
     tokenizer,
     train,
     tune,
@@ -39,6 +40,7 @@ COMMANDS: dict[str, ModuleType] = {
     "plot": plot, "info": info, "generate": generate, "eval": evaluate, "bench": bench,
     "chat": chat, "experts": experts, "import-seed": import_seed, "export": export,
     "upcycle": upcycle,
+    "study": study,
     "serve": serve,
     "tune": tune,
 }
