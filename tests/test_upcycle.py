@@ -101,8 +101,13 @@ def test_cli_upcycle_then_continue_training(tmp_path, data_dir, capsys):
     ckpt = tmp_path / "moe-init"
     assert main(["upcycle", str(tmp_path / "dense"), "--experts", "4", "--top-k", "2",
                  "--out", str(ckpt)]) == 0
-    overrides = capsys.readouterr().out.strip().splitlines()[-1].split()
+    out = capsys.readouterr()
+    overrides = out.out.strip().splitlines()[-1].split()
     assert overrides[-1] == f"train.init_from={ckpt}"
+    assert "do not separate" in out.err  # default router and no expert noise: warned
+    assert main(["upcycle", str(tmp_path / "dense"), "--experts", "4", "--expert-noise", "0.01",
+                 "--out", str(tmp_path / "noisy")]) == 0
+    assert capsys.readouterr().err == ""
     assert main([*common, *overrides, "train.max_steps=2", "train.log_every=1",
                  "--out", str(tmp_path / "moe")]) == 0
     first = [r for r in read_metrics(tmp_path / "moe") if "loss" in r][0]
