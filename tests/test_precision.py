@@ -71,3 +71,23 @@ def test_generate_and_bench_take_a_precision(tmp_path, tokenizer, capsys):
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["precision"] == "bfloat16" and r["train_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("matmul,decode,training,generation", [
+    (4.0, 2.0, "bf16", torch.bfloat16),  # AMX-like: bf16 fast for both
+    (3.3, 0.7, "bf16", torch.float32),  # fast large matmuls, slow one-row ones: fp32 weights
+    (0.0025, 0.01, "fp32", torch.float32),  # no bf16 units
+])
+def test_generation_auto_also_needs_fast_one_row_matmuls(matmul, decode, training, generation,
+                                                         monkeypatch, tmp_path):
+    monkeypatch.setenv("SLMS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precision, "measure_speedup", lambda: matmul)
+    monkeypatch.setattr(precision, "measure_decode_speedup", lambda: decode)
+    cpu = torch.device("cpu")
+    assert precision.resolve_precision("auto", cpu) == training
+    assert precision.inference_dtype("auto", cpu) == generation
+    assert precision.inference_dtype("bf16", cpu) == torch.bfloat16  # explicit: as asked
+
+
+def test_the_real_decode_probe_measures_a_ratio():
+    assert precision.measure_decode_speedup(width=64, repeats=2, calls=5) > 0

@@ -32,8 +32,39 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The weights' dtype for generation: `name` ("auto" resolved as for training)."""
+    """The weights' dtype for generation: `name`, or for "auto" bf16 where it is fast for
+    generation's shapes. On a CPU that means both training's probe and a one-row (decoding)
+    matmul probe: decoding multiplies one row per sequence, where a CPU's bf16 kernels can be
+    slower than fp32 even when large bf16 matmuls are several times faster (docs/benchmarks.md:
+    on an AMD EPYC with AVX512-BF16, bf16 weights decoded seed-moe 0.7x as fast as fp32)."""
+    if name == "auto" and device.type == "cpu":
+        fast = bf16_is_fast(device) and cpu_bf16_decode_speedup() >= FAST
+        return torch.bfloat16 if fast else torch.float32
     return DTYPES[resolve_precision(name, device)]
+
+
+def cpu_bf16_decode_speedup() -> float:
+    """fp32 time / bf16 time of a one-row linear layer (256 -> 1024, decoding's shape) on
+    this CPU, measured once per machine and thread count (cached as cpu_bf16_speedup)."""
+    return float(measured("precision", machine_key() + "|decode",
+                          lambda: measure_decode_speedup()))
+
+
+def measure_decode_speedup(width: int = PROBE_SIZE, repeats: int = 5, calls: int = 50) -> float:
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, width, generator=g), torch.randn(4 * width, width, generator=g)
+    b = torch.randn(4 * width, generator=g)
+
+    def best(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:
+        torch.nn.functional.linear(x, w, b)  # warm-up
+        out = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                torch.nn.functional.linear(x, w, b)
+            out = min(out, (time.perf_counter() - t0) / calls)
+        return max(out, 1e-9)
+    return best(x, w, b) / best(x.bfloat16(), w.bfloat16(), b.bfloat16())
 
 
 def auto_reason(device: torch.device) -> str:

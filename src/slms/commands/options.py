@@ -25,7 +25,8 @@ def add_device(p: argparse.ArgumentParser) -> None:
 def add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
                    help="weights for generation: bf16 halves their memory traffic; auto: bf16 "
-                   "where a measured probe finds bf16 matmuls fast (default fp32)")
+                   "where measured probes find bf16 matmuls fast, one-row ones (decoding) "
+                   "included (default fp32)")
 
 
 def load_model(args: argparse.Namespace):  # noqa: ANN201
