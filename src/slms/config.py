@@ -98,6 +98,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm of q and k per head before attention
     zero_init_proj: bool = False  # output projections (attention, MLP, experts) start at zero
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    # in packed rows a token attends only to earlier tokens of its own document (documents
+    # begin at <|endoftext|>, id 0: slms.model.gpt.document_starts); positions stay absolute
+    document_mask: bool = False
     moe: MoEConfig | None = None
 
     @property

@@ -31,6 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from slms.config import ModelConfig, model_config_from_dict
 from slms.model import GPT, IGNORE_INDEX
+from slms.model.gpt import DOCUMENT_START_ID
 from slms.tokenizer import EOT, SPECIAL_TOKENS, Tokenizer, declare_prompt_prefix
 
 _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
@@ -76,6 +77,10 @@ class SlmsConfig(PretrainedConfig):
 class _LayerCache:
     """One layer's view of a transformers `Cache`, shaped like `slms.model.attention.KVCache`
     (`pos` and `append`), so slms attention runs unchanged on generate()'s cache."""
+
+    # document_mask: a transformers cache keeps no document state; forward lets one hold a
+    # single document only (`_cache_keeps_one_document`), so every row's begins at 0
+    doc_start = None
 
     def __init__(self, cache: Any, layer_idx: int):
         self.cache = cache
@@ -153,8 +158,11 @@ class SlmsForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("slms models do not support padding (attention_mask has zeros); "
                              "generate each prompt separately or give equal-length prompts")
         cache = cache if cache is not None else past_key_values
+        asked = use_cache is not None or cache is not None
         if use_cache is None:
             use_cache = bool(self.config.use_cache) and not self.training
+        if self.config.document_mask and (use_cache or cache is not None):
+            use_cache = _cache_keeps_one_document(input_ids, cache, asked)
         if use_cache and cache is None:
             cache = DynamicCache()
         caches = ([_LayerCache(cache, i) for i in range(self.config.n_layer)]
@@ -181,6 +189,21 @@ class SlmsForCausalLM(PreTrainedModel, GenerationMixin):
         would mix into the training statistics."""
         with self.model.paused_stats():
             return super().generate(*args, **kwargs)
+
+
+def _cache_keeps_one_document(input_ids: torch.Tensor, cache: Any, asked: bool) -> bool:
+    """document_mask models: whether a cache may be used for this call. It may when the
+    cached sequence stays one document (<|endoftext|> only as its first token), since the
+    cache cannot carry where documents begin. Otherwise a cache the caller asked for (or
+    holds) is an error; a default one is left out, and the logits are exact without it."""
+    past = cache.get_seq_length() if cache is not None else 0
+    if not bool((input_ids[:, 0 if past else 1:] == DOCUMENT_START_ID).any()):
+        return True
+    if asked:
+        raise ValueError("this document_mask model's KV cache holds one document: the input "
+                         "has <|endoftext|> after the first cached token; generate from one "
+                         "story's prompt (stop at <|endoftext|>) or pass use_cache=False")
+    return False
 
 
 def _loss_over_items(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, aux: torch.Tensor,
@@ -239,6 +262,9 @@ def hf_tokenizer(tok: Tokenizer, max_len: int) -> PreTrainedTokenizerFast:
 def export_hf(gpt: GPT, tok: Tokenizer, out: str | Path) -> Path:
     """Write a `save_pretrained` directory (safetensors weights, config, tokenizer) to `out`."""
     out = Path(out)
+    if gpt.cfg.document_mask and tok.eos_id != DOCUMENT_START_ID:
+        raise ValueError(f"model.document_mask splits documents at token id {DOCUMENT_START_ID}"
+                         f" but this tokenizer's {EOT} is {tok.eos_id}; it cannot be exported")
     model = from_gpt(gpt, tok.eos_id)
     model.save_pretrained(out, safe_serialization=True)
     hf_tokenizer(tok, gpt.cfg.block_size).save_pretrained(out)

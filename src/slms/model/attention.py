@@ -1,5 +1,6 @@
 """Causal self-attention with fused qkv, `F.scaled_dot_product_attention`, and a KV cache;
-optionally rotary positions (RoPE) and RMSNorm of q and k (QK-norm).
+optionally rotary positions (RoPE), RMSNorm of q and k (QK-norm), and a given mask (the
+document mask, built once per forward by the GPT).
 
 Shapes: B batch, T new tokens, S cached + new tokens, C n_embd, nh heads, hs head size.
 """
@@ -23,6 +24,9 @@ class KVCache:
         self.k = torch.zeros(batch, n_head, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.pos = 0  # number of positions filled
+        # document_mask models: (B,) first position of each row's current document, kept by
+        # GPT.forward in the first layer's cache (None: every row's starts at 0)
+        self.doc_start: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.size(2)
@@ -68,7 +72,10 @@ class CausalSelfAttention(nn.Module):
         width = cfg.head_dim if cfg.attn_scale == "head_dim" else cfg.n_embd
         self.scale = 1.0 / math.sqrt(width)
 
-    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None,
+                mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
+        """mask_B1TS (bool, (B, 1, T, S) or broadcastable, True = may attend): which of the S
+        cached + new keys each new token sees, causality included; None: causal."""
         B, T, C = x_BTC.shape
         q, k, v = self.qkv(x_BTC).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -76,17 +83,13 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         start = cache.pos if cache is not None else 0
         q, k = self._position(q, k, start)
-        mask = None
-        is_causal = True
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, S, hs); cached keys are already rotated
-            if start > 0:
-                is_causal = False
-                if T > 1:  # new token i sees every cached position and new tokens <= i
-                    S = k.size(2)
-                    mask = torch.ones(T, S, dtype=torch.bool, device=x_BTC.device).tril(S - T)
+        if mask_B1TS is None and start > 0:
+            mask_B1TS = causal_mask(T, k.size(2), x_BTC.device)
+        is_causal = mask_B1TS is None and start == 0
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            q, k, v, attn_mask=mask_B1TS, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -100,3 +103,11 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope_tables(start, q.size(2), q.size(-1), self.rope_base, q.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k
+
+
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:
+    """(T, S) bool: new token i (at position S - T + i) sees every cached position and the
+    new tokens <= i; None when T == 1 (it sees everything)."""
+    if T == 1:
+        return None
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)

@@ -35,6 +35,34 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+# The id of <|endoftext|> in every tokenizer slms trains (the first special token), which
+# begins each story of packed data (slms.data.encode puts it after every story, and prompts
+# start with it): the document mask splits rows there. A tokenizer that gives it another id
+# (an imported seed tokenizer appends it last) cannot train a document_mask model.
+DOCUMENT_START_ID = 0
+
+
+def document_starts(idx_BT: torch.Tensor, start: int, prev_B: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """(B, T) long: the position at which the document of each token begins, for tokens at
+    positions start .. start + T - 1. A document begins at each <|endoftext|> (it is the story
+    that follows it: generation prompts start with it) or, for the first, at position 0; prev_B
+    is where the last cached token's document began (None: no cache, or 0)."""
+    pos_T = torch.arange(start, start + idx_BT.size(1), device=idx_BT.device)
+    first_BT = torch.where(idx_BT == DOCUMENT_START_ID, pos_T, 0).cummax(dim=1).values
+    return first_BT if prev_B is None else torch.maximum(first_BT, prev_B[:, None])
+
+
+def document_mask(first_BT: torch.Tensor, start: int) -> torch.Tensor:
+    """(B, 1, T, S) bool, S = start + T: query i sees key j when j is in its document and
+    j <= i (block-diagonal causal)."""
+    T = first_BT.size(1)
+    keys_S = torch.arange(start + T, device=first_BT.device)
+    pos_T = keys_S[start:]
+    mask_BTS = (keys_S[None, None] >= first_BT[:, :, None]) & (keys_S[None] <= pos_T[:, None])
+    return mask_BTS[:, None]
+
+
 def pads_at_end(real_BT: torch.Tensor) -> bool:
     """Whether each row of the mask is its real positions, then pads (the padded layout)."""
     return not bool((real_BT[:, 1:] & ~real_BT[:, :-1]).any())
@@ -79,8 +107,9 @@ class Block(nn.Module):
             self.ffn = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                real_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.ln1(x), cache)
+                real_BT: torch.Tensor | None = None, mask_B1TS: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.ln1(x), cache, mask_B1TS)
         y, aux = self.ffn(self.ln2(x), real_BT)
         return x + y, aux
 
@@ -177,6 +206,10 @@ class GPT(nn.Module):
         positions are real. Pads skip the MoE experts and are left out of the router losses
         and statistics; no real position attends to one, so the result at real positions is
         the same. Each row must be real positions then pads.
+
+        With cfg.document_mask a token attends only to earlier tokens of its own document
+        (`document_starts`), positions staying those of the row; the first KVCache carries
+        where each row's current document began, so cached decoding keeps the mask.
         """
         B, T = idx_BT.shape
         start = caches[0].pos if caches else 0
@@ -190,11 +223,12 @@ class GPT(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         if real_BT is not None and not pads_at_end(real_BT):
             raise ValueError("real_BT must mark each row's real positions first, then pads")
+        mask = self._document_mask(idx_BT, caches)
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and caches is None:
-                x, a = checkpoint(block, x, None, real_BT, use_reentrant=False)
+                x, a = checkpoint(block, x, None, real_BT, mask, use_reentrant=False)
             else:
-                x, a = block(x, caches[i] if caches else None, real_BT)
+                x, a = block(x, caches[i] if caches else None, real_BT, mask)
             aux = aux + a
         x = self.ln_f(x)
         if targets_BT is None:
@@ -203,6 +237,18 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets_BT.reshape(-1),
                                ignore_index=IGNORE_INDEX)
         return Output(logits, loss, aux)
+
+    def _document_mask(self, idx_BT: torch.Tensor, caches: list[KVCache] | None
+                       ) -> torch.Tensor | None:
+        """The document mask of this forward (None: plain causal attention); records where
+        each row's current document began in the first cache."""
+        if not self.cfg.document_mask:
+            return None
+        start = caches[0].pos if caches else 0
+        first_BT = document_starts(idx_BT, start, caches[0].doc_start if caches else None)
+        if caches:
+            caches[0].doc_start = first_BT[:, -1]
+        return document_mask(first_BT, start)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)
