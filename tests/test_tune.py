@@ -84,6 +84,13 @@ def make_moe(E=4, K=2):
     return MoE(16, MoEConfig(n_experts=E, top_k=K, router="topk"), 32, "relu")
 
 
+def describe_decoding(moe, tokens: int = 4):
+    """The situation of a decoding call (no grad) of `moe` on `tokens` random tokens."""
+    x_TD = torch.randn(tokens, 16)
+    with torch.no_grad():
+        return describe(x_TD, moe.router(x_TD), moe.experts, None)
+
+
 @pytest.mark.parametrize("fastest,decode_path,train_path", [
     ("native", DispatchPath.DECODE, DispatchPath.NATIVE_AUTOGRAD),
     ("torch", DispatchPath.SMALL_COMBINE, DispatchPath.SLICED_AUTOGRAD),
@@ -125,10 +132,7 @@ def test_real_timing_leaves_random_state_and_gradients_alone():
 def test_measuring_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("SLMS_TUNE", "0")
     asked = inject(monkeypatch, {"torch": 0.1})
-    moe = make_moe()
-    x_TD = torch.randn(4, 16)
-    with torch.no_grad():
-        s = describe(x_TD, moe.router(x_TD), moe.experts, None)
+    s = describe_decoding(make_moe())
     assert s.measured is None and asked == []
 
 
@@ -137,10 +141,7 @@ def test_slms_native_1_uses_the_kernels_without_timing(monkeypatch):
         pytest.skip("the C++ MoE kernels cannot be built here")
     monkeypatch.setenv("SLMS_NATIVE", "1")
     asked = inject(monkeypatch, {"torch": 0.1})
-    moe = make_moe()
-    x_TD = torch.randn(4, 16)
-    with torch.no_grad():
-        s = describe(x_TD, moe.router(x_TD), moe.experts, None)
+    s = describe_decoding(make_moe())
     assert s.measured == "native" and choose_path(s) == DispatchPath.DECODE and asked == []
 
 

@@ -672,6 +672,12 @@ def _small(x_TD: torch.Tensor, r: Routing, experts: Experts, grouped: bool) -> D
     return y_TD, None, counts_E
 
 
+def _sliced_runner(autograd: bool, native_loop: bool) -> Runner:
+    """A sorted path by Experts.sliced: with or without autograd, the C++ or the Python loop."""
+    return lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, functools.partial(
+        ex.sliced, autograd=autograd, native_loop=native_loop))
+
+
 # The one table of how each path runs: (x_TD, r, experts, cap, real_T) -> Dispatched.
 PATHS: dict[DispatchPath, Runner] = {
     DispatchPath.DECODE:
@@ -684,18 +690,10 @@ PATHS: dict[DispatchPath, Runner] = {
         lambda x_TD, r, ex, cap, real_T: _small(x_TD, r, ex, grouped=True),
     DispatchPath.GROUPED_MM:
         lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, ex.grouped),
-    DispatchPath.NATIVE_AUTOGRAD:
-        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, functools.partial(
-            ex.sliced, autograd=True, native_loop=True)),
-    DispatchPath.NATIVE:
-        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, functools.partial(
-            ex.sliced, autograd=False, native_loop=True)),
-    DispatchPath.SLICED_AUTOGRAD:
-        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, functools.partial(
-            ex.sliced, autograd=True, native_loop=False)),
-    DispatchPath.SLICED:
-        lambda x_TD, r, ex, cap, real_T: _sorted(x_TD, r, ex, cap, real_T, functools.partial(
-            ex.sliced, autograd=False, native_loop=False)),
+    DispatchPath.NATIVE_AUTOGRAD: _sliced_runner(autograd=True, native_loop=True),
+    DispatchPath.NATIVE: _sliced_runner(autograd=False, native_loop=True),
+    DispatchPath.SLICED_AUTOGRAD: _sliced_runner(autograd=True, native_loop=False),
+    DispatchPath.SLICED: _sliced_runner(autograd=False, native_loop=False),
     DispatchPath.REFERENCE:
         lambda x_TD, r, ex, cap, real_T: (*reference_dispatch(x_TD, r, ex, cap, real_T), None),
 }
