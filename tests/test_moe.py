@@ -1,3 +1,4 @@
+import functools
 import math
 import os
 
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 
 import slms.model.moe as moe_module
 from slms.config import MoEConfig
-from slms.model import native
+from slms.model import activations, native
 from slms.model.moe import (
     PATHS,
     DispatchPath,
@@ -22,6 +23,7 @@ from slms.model.moe import (
     router_z_loss,
     sorted_dispatch,
 )
+from slms.model.moe_kernels import native_activation
 
 
 def make_moe(E: int, K: int, router: str = "topk", cf: float = 0.0, seed: int = 0,
@@ -100,8 +102,9 @@ def test_gelu_experts_equal_reference_loop(impl, T, small_n, monkeypatch):
 @pytest.mark.parametrize("T,small_n", [(1, 64), (37, 0), (37, 64)])
 def test_relu2_and_swiglu_experts_equal_reference_loop(activation, impl, cf, T, small_n,
                                                        monkeypatch):
-    """Outputs and every gradient (the hand-written backward of each activation); the C++
-    kernels know relu and gelu only, so these run the Python loop wherever "native" is asked."""
+    """Outputs and every gradient (the hand-written backward of each activation): relu2 by the
+    C++ kernels where "native" is asked, swiglu (which they do not implement) by the Python loop
+    there too."""
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not available")
     test_sorted_dispatch_equals_reference_loop(impl, "topk", 8, 2, cf, T, small_n,
@@ -314,11 +317,11 @@ def test_generation_leaves_expert_statistics_alone():
     assert all(layer.track_stats for layer in model.moe_layers())
 
 
-@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "relu2"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("T,K,H,skew", [(1, 2, 24, False), (8, 2, 96, False), (5, 3, 203, False),
                                         (40, 1, 40, True), (16, 4, 64, True)])
-def test_decode_kernel_equals_expert_by_expert(gelu, threads, T, K, H, skew):
+def test_decode_kernel_equals_expert_by_expert(activation, threads, T, K, H, skew):
     """The C++ decode kernel: any hidden width (64- and 8-column blocks and a scalar tail: 203),
     1-4-row groups and more rows per expert than a group (skew: most tokens on one expert),
     hidden chunks shared by threads, and a zero gate weight (a dropped slot) adding nothing."""
@@ -335,7 +338,7 @@ def test_decode_kernel_equals_expert_by_expert(gelu, threads, T, K, H, skew):
         scores[:, 2] += 10
     w_TK, experts_TK = scores.softmax(-1).topk(K)
     w_TK[0, -1] = 0.0
-    act = torch.nn.functional.gelu if gelu else torch.relu
+    act = functools.partial(activations.activate, activation)
     ref = torch.zeros(T, D)
     for t in range(T):
         for k in range(K):
@@ -344,7 +347,8 @@ def test_decode_kernel_equals_expert_by_expert(gelu, threads, T, K, H, skew):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = ops.experts_decode(x, experts_TK, w_TK.contiguous(), w1, b1, w2, b2, gelu)
+        out = ops.experts_decode(x, experts_TK, w_TK.contiguous(), w1, b1, w2, b2,
+                                 native_activation(activation))
     finally:
         torch.set_num_threads(old)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -352,9 +356,11 @@ def test_decode_kernel_equals_expert_by_expert(gelu, threads, T, K, H, skew):
 
 def test_decode_kernel_runs_for_few_tokens_without_autograd_only(monkeypatch):
     """Generation's steps (few tokens, no_grad, fp32) take the kernel; training, autocast and
-    inference-mode parameters behave."""
+    inference-mode parameters behave. The kernels are forced (SLMS_NATIVE=1): timing them at
+    first use would call decode too."""
     if native.ops() is None:
         pytest.skip("the C++ MoE kernels cannot be built here")
+    monkeypatch.setenv("SLMS_NATIVE", "1")
     calls = []
     decode = moe_module.Experts.decode
     monkeypatch.setattr(moe_module.Experts, "decode",
@@ -712,6 +718,15 @@ def test_describe_measures_the_call(monkeypatch):
         moe.experts.impl = "torch"
         s = describe(x_TD, r, moe.experts, None)
         assert not s.kernels and s.impl == "torch"
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "relu2", "swiglu"])
+def test_the_kernels_run_the_activations_they_implement(activation):
+    """relu, gelu and relu2 (the modern presets' experts) by the C++ kernels; swiglu in Python."""
+    moe = make_moe(4, 2, activation=activation)
+    x_TD = torch.randn(3, 16)
+    s = describe(x_TD, moe.router(x_TD), moe.experts, None)
+    assert s.kernels == (native.ops() is not None and activation != "swiglu")
 
 
 @pytest.mark.parametrize("path", list(DispatchPath))

@@ -330,7 +330,6 @@ class Experts(nn.Module):
         self.w2_EHD = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
         self.b2_ED = nn.Parameter(torch.zeros(n_experts, n_embd))
         self.activation = activation
-        self.gelu = activation == "gelu"  # for the C++ kernels (relu or gelu)
         self.impl = "auto"  # auto: the fastest measured; or one of KERNELS (tests, benchmarks)
         nn.init.normal_(self.w1_EDH, std=0.02)
         nn.init.normal_(self.w2_EHD, std=0.02)

@@ -14,6 +14,7 @@ import torch
 
 from slms.model import native
 from slms.model.activations import activate
+from slms.model.moe_kernels import native_activation
 
 if TYPE_CHECKING:
     from slms.model.moe import Experts, Routing
@@ -26,7 +27,7 @@ def native_decode(x_TD: torch.Tensor, r: Routing, experts: Experts) -> torch.Ten
                                                experts.b2_ED))
     return native.ops().experts_decode(x_TD.contiguous(), r.experts_TK,
                                        r.weights_TK.float().contiguous(), w1, b1, w2, b2,
-                                       experts.gelu)
+                                       native_activation(experts.activation))
 
 
 def one_token(x_TD: torch.Tensor, r: Routing, experts: Experts) -> torch.Tensor:

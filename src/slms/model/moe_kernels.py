@@ -14,7 +14,12 @@ import torch.nn.functional as F
 
 from slms.model import activations, native
 
-NATIVE_ACTIVATIONS = ("relu", "gelu")  # what the C++ kernels implement
+NATIVE_ACTIVATIONS = ("relu", "gelu", "relu2")  # what the C++ kernels implement, in their numbering
+
+
+def native_activation(activation: str) -> int:
+    """The C++ kernels' number for `activation` (one of NATIVE_ACTIVATIONS)."""
+    return NATIVE_ACTIVATIONS.index(activation)
 
 
 def sliced_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tensor,
@@ -81,7 +86,7 @@ def experts_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Ten
     if not native_loop:
         return sliced_forward(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts, activation)
     return native.ops().experts_fwd(x_TD, token_N, w1_EDH, b1_EH, w2_EHD, b2_ED, counts,
-                                    activation == "gelu")
+                                    native_activation(activation))
 
 
 def experts_backward(g_TD: torch.Tensor, x_TD: torch.Tensor, token_N: torch.Tensor,
@@ -97,7 +102,7 @@ def experts_backward(g_TD: torch.Tensor, x_TD: torch.Tensor, token_N: torch.Tens
     """
     if native_loop:
         return native.ops().experts_bwd(g_TD, x_TD, token_N, w_N, pre_NH, y_ND, w1_EDH, w2_EHD,
-                                        counts, activation == "gelu", need_gx)
+                                        counts, native_activation(activation), need_gx)
     gw_N = w_N.new_empty(w_N.shape)
     gw1, gb1 = torch.empty_like(w1_EDH), w1_EDH.new_empty(w1_EDH.shape[::2])
     gw2, gb2 = torch.empty_like(w2_EHD), w2_EHD.new_empty(w2_EHD.shape[::2])

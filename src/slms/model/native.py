@@ -152,14 +152,14 @@ def _register_fakes() -> None:
     from torch.library import register_fake
 
     @register_fake("slms::experts_fwd")
-    def _(x, token, w1, b1, w2, b2, counts, gelu):  # noqa: ANN001, ANN202
+    def _(x, token, w1, b1, w2, b2, counts, activation):  # noqa: ANN001, ANN202
         return x.new_empty(token.numel(), w1.size(2)), x.new_empty(token.numel(), w2.size(2))
 
     @register_fake("slms::experts_bwd")
-    def _(g, x, token, w_N, pre, y, w1, w2, counts, gelu, need_gx):  # noqa: ANN001, ANN202
+    def _(g, x, token, w_N, pre, y, w1, w2, counts, activation, need_gx):  # noqa: ANN001, ANN202
         return (torch.empty_like(w_N), torch.empty_like(w1), w1.new_empty(w1.shape[::2]),
                 torch.empty_like(w2), w2.new_empty(w2.shape[::2]))
 
     @register_fake("slms::experts_decode")
-    def _(x, experts, weights, w1, b1, w2, b2, gelu):  # noqa: ANN001, ANN202
+    def _(x, experts, weights, w1, b1, w2, b2, activation):  # noqa: ANN001, ANN202
         return torch.empty_like(x)

@@ -11,6 +11,14 @@ using at::Tensor;
 
 namespace {
 
+// The experts' activation, as slms.model.moe_kernels.NATIVE_ACTIVATIONS numbers it.
+enum Act : int64_t { RELU = 0, GELU = 1, RELU2 = 2 };
+
+void check_act(int64_t act) {
+  TORCH_CHECK(act == RELU || act == GELU || act == RELU2,
+              "slms MoE kernels: activation 0 (relu), 1 (gelu) or 2 (relu2) expected");
+}
+
 struct Group { int64_t e, a, b; };
 
 // Contiguous runs of experts per thread, balanced by estimated cost (rows + a per-expert
@@ -68,7 +76,8 @@ int64_t max_rows(const std::vector<Group>& gs) {
 
 std::tuple<Tensor, Tensor> experts_fwd(const Tensor& x, const Tensor& token, const Tensor& w1,
                                        const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                                       at::IntArrayRef counts, bool gelu) {
+                                       at::IntArrayRef counts, int64_t act_kind) {
+  check_act(act_kind);
   const int64_t N = token.numel(), H = w1.size(2), D = x.size(1), Do = w2.size(2);
   Tensor pre = at::empty({N, H}, x.options());
   Tensor y = at::empty({N, Do}, x.options());
@@ -77,15 +86,22 @@ std::tuple<Tensor, Tensor> experts_fwd(const Tensor& x, const Tensor& token, con
     int64_t rows = max_rows(parts[p]);
     if (!rows) return;
     Tensor xbuf = at::empty({rows, D}, x.options());
-    Tensor hbuf = gelu ? at::empty({rows, H}, x.options()) : Tensor();
+    Tensor hbuf = act_kind != RELU ? at::empty({rows, H}, x.options()) : Tensor();
     for (auto& g : parts[p]) {
       int64_t n = g.b - g.a;
       Tensor xs = xbuf.narrow(0, 0, n);
       at::index_select_out(xs, x, 0, token.narrow(0, g.a, n));
       Tensor h = pre.narrow(0, g.a, n);
       at::addmm_out(h, b1[g.e], xs, w1[g.e]);
+      // pre keeps what the backward needs: relu(h) for relu and relu2, h for gelu
       Tensor act = h;
-      if (gelu) { act = hbuf.narrow(0, 0, n); at::gelu_out(act, h); } else { h.relu_(); }
+      if (act_kind == GELU) {
+        act = hbuf.narrow(0, 0, n);
+        at::gelu_out(act, h);
+      } else {
+        h.relu_();
+        if (act_kind == RELU2) { act = hbuf.narrow(0, 0, n); at::mul_out(act, h, h); }
+      }
       Tensor ys = y.narrow(0, g.a, n);
       at::addmm_out(ys, b2[g.e], act, w2[g.e]);
     }
@@ -95,8 +111,9 @@ std::tuple<Tensor, Tensor> experts_fwd(const Tensor& x, const Tensor& token, con
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> experts_bwd(
     const Tensor& g, const Tensor& x, const Tensor& token, const Tensor& w_N, const Tensor& pre,
-    Tensor& y, const Tensor& w1, const Tensor& w2, at::IntArrayRef counts, bool gelu,
+    Tensor& y, const Tensor& w1, const Tensor& w2, at::IntArrayRef counts, int64_t act_kind,
     bool need_gx) {
+  check_act(act_kind);
   const int64_t D = x.size(1), H = w1.size(2), Do = w2.size(2);
   Tensor gw_N = at::empty_like(w_N);
   Tensor gw1 = at::empty_like(w1), gw2 = at::empty_like(w2);
@@ -113,7 +130,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> experts_bwd(
     Tensor xbuf = at::empty({rows, D}, x.options());
     Tensor abuf = at::empty({rows, H}, x.options());
     Tensor pbuf = at::empty({rows, H}, x.options());
-    Tensor actbuf = gelu ? at::empty({rows, H}, x.options()) : Tensor();
+    Tensor actbuf = act_kind != RELU ? at::empty({rows, H}, x.options()) : Tensor();
     for (auto& gr : parts[p]) {
       int64_t n = gr.b - gr.a, e = gr.e;
       Tensor ys = y.narrow(0, gr.a, n), pr = pre.narrow(0, gr.a, n);
@@ -127,10 +144,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> experts_bwd(
       Tensor ga = abuf.narrow(0, 0, n);
       at::mm_out(ga, gy, w2[e].t());
       Tensor gp = pbuf.narrow(0, 0, n), act = pr;
-      if (gelu) {
+      if (act_kind == GELU) {
         act = actbuf.narrow(0, 0, n);
         at::gelu_out(act, pr);
         at::gelu_backward_out(gp, ga, pr);
+      } else if (act_kind == RELU2) {  // pr = relu(h): act = pr^2, gp = ga * 2 * pr
+        act = actbuf.narrow(0, 0, n);
+        at::mul_out(act, pr, pr);
+        at::mul_out(gp, ga, pr);
+        gp.mul_(2);
       } else {
         at::threshold_backward_out(gp, ga, pr, 0);
       }
@@ -218,7 +240,8 @@ void gemm_rows_any(float* const* out, const float* const* a, int64_t M, const fl
 
 Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weights,
                       const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                      bool gelu) {
+                      int64_t act_kind) {
+  check_act(act_kind);
   for (const Tensor* t : {&x, &weights, &w1, &b1, &w2, &b2}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
                 "experts_decode: fp32 contiguous tensors expected");
@@ -259,7 +282,7 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
   float* accp = acc.data_ptr<float>();
   // gelu_ is the only ATen call in the workers: only it needs the caller's state (run_parts).
   const std::optional<at::ThreadLocalState> state =
-      gelu ? std::make_optional<at::ThreadLocalState>() : std::nullopt;
+      act_kind == GELU ? std::make_optional<at::ThreadLocalState>() : std::nullopt;
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     std::optional<at::ThreadLocalStateGuard> guard;
     if (state) guard.emplace(*state);
@@ -284,9 +307,14 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
         yout[m] = y + (sl[m] / K) * D;
       }
       gemm_rows_any(hout.data(), xs.data(), M, w1p + e * D * H + j0, H, D, n);
-      if (gelu) {
+      if (act_kind == GELU) {
         Tensor hb = at::from_blob(h, {M, n}, x.options());
         at::gelu_(hb);
+      } else if (act_kind == RELU2) {
+        for (int64_t j = 0; j < M * n; ++j) {
+          const float r = std::max(h[j], 0.0f);
+          h[j] = r * r;
+        }
       } else {
         for (int64_t j = 0; j < M * n; ++j) h[j] = std::max(h[j], 0.0f);
       }
@@ -306,12 +334,12 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
 
 TORCH_LIBRARY(slms, m) {
   m.def("experts_fwd(Tensor x, Tensor token, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
-        "int[] counts, bool gelu) -> (Tensor, Tensor)");
+        "int[] counts, int activation) -> (Tensor, Tensor)");
   m.def("experts_bwd(Tensor g, Tensor x, Tensor token, Tensor w_N, Tensor pre, Tensor(a!) y, "
-        "Tensor w1, Tensor w2, int[] counts, bool gelu, bool need_gx) -> "
+        "Tensor w1, Tensor w2, int[] counts, int activation, bool need_gx) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("experts_decode(Tensor x, Tensor experts, Tensor weights, Tensor w1, Tensor b1, "
-        "Tensor w2, Tensor b2, bool gelu) -> Tensor");
+        "Tensor w2, Tensor b2, int activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(slms, CPU, m) {
