@@ -290,3 +290,29 @@ def test_done_line_names_what_generate_will_load(tmp_path, data_dir, capsys):
     (out / "best").rename(tmp_path / "elsewhere")
     assert where_to_load(out) == ("no evaluation yet, so no best/; latest checkpoint in "
                                   f"{out / 'checkpoints' / 'step-2'}")
+
+
+def test_document_mask_on_data_whose_endoftext_is_not_id_0_is_one_line(tmp_path, stories,
+                                                                       capsys):
+    """Data prepared with a tokenizer that gives <|endoftext|> another id (an imported seed
+    tokenizer appends it last) cannot train a document_mask model; without the mask it trains."""
+    from tokenizers import AddedToken, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HF
+
+    from slms.data.prepare import prepare
+    from slms.tokenizer import EOT, Tokenizer
+
+    hf = HF(models.BPE(unk_token="<|unknown|>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator(stories, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|unknown|>"], show_progress=False))
+    hf.add_special_tokens([AddedToken(EOT, special=True)])
+    tok = Tokenizer(hf)
+    assert tok.eos_id == hf.get_vocab_size() - 1
+    prepare({"train": stories[20:], "val": stories[:20]}, tok, tmp_path / "data", source="test")
+    capsys.readouterr()  # prepare's progress
+    argv = ["train", "configs/tiny.toml", f"data.path={tmp_path / 'data'}", *TINY]
+    err = one_line_error([*argv, "model.document_mask=true", "--out", tmp_path / "masked"], capsys)
+    assert f"ends stories with id {tok.eos_id}" in err and "model.document_mask=false" in err
+    assert not (tmp_path / "masked").exists()
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0

@@ -24,17 +24,23 @@ def _model(moe: bool = True, **kw) -> GPT:
 
 @pytest.mark.parametrize("kw", [dict(moe=False), dict(moe=True),
                                 dict(moe=True, positions="rope", qk_norm=True, norm="rmsnorm",
-                                     logit_softcap=15.0)])
+                                     logit_softcap=15.0),
+                                dict(moe=False, positions="rope", document_mask=True)])
 def test_decode_step_equals_full_forward_for_rows_of_different_lengths(kw):
+    """Each row as the model alone computes it; with document_mask, documents (which begin at
+    <|endoftext|>, id 0) start inside prompts and inside the decoded tokens."""
     model = _model(**kw)
-    seqs = [torch.randint(0, 300, (n,)).tolist() for n in (5, 11, 2)]
-    nxt = torch.randint(0, 300, (3, 4))
+    torch.manual_seed(1)
+    seqs = [torch.randint(1, 300, (n,)).tolist() for n in (5, 11, 2)]
+    seqs[1][6] = 0  # a second document in a prompt
+    nxt = torch.randint(1, 300, (3, 4))
+    nxt[0, 1] = 0  # one begins while decoding
     cache = SlotCache(model, 4, 64)
     with torch.no_grad(), model.paused_stats():
         for row, s in enumerate(seqs):
-            logits, k, v = prefill(model, s)
+            logits, caches = prefill(model, s)
             torch.testing.assert_close(logits, model(torch.tensor([s])).logits[0, -1])
-            cache.load(row, k, v)
+            cache.load(row, caches)
         steps = [decode_step(model, cache, nxt[:, t]) for t in range(4)]
         cache.move(2, 0)  # a row moved into a gap decodes on as before
         moved = decode_step(model, cache, torch.tensor([7]))

@@ -4,7 +4,8 @@ The model's own KVCache keeps one position for the whole batch. A server decodes
 started at different times, so here each row has its own length. A prefill runs the model's
 forward unchanged (one request, its own KVCache) and its keys and values are copied into a row
 of `SlotCache`; a decode step then feeds one token per row through the model's own modules, at
-each row's position, attending over that row's cached keys only (a mask hides the rest).
+each row's position, attending over that row's cached keys only (a mask hides the rest; with
+`model.document_mask`, also the keys before the row's current document, as `GPT.forward` does).
 
 Shapes: B rows, nh heads, S cached positions, hs head size, C n_embd, V vocab.
 """
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from slms.model import GPT
-from slms.model.attention import CausalSelfAttention, apply_rope
+from slms.model.attention import CausalSelfAttention, KVCache, apply_rope
+from slms.model.gpt import DOCUMENT_START_ID
 
 
 class SlotCache:
@@ -31,14 +33,18 @@ class SlotCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.blocks]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.blocks]
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        # where each row's current document began (document_mask models; else stays 0)
+        self.doc_start = torch.zeros(rows, dtype=torch.long, device=device)
 
-    def load(self, row: int, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
-        """Row `row` := one sequence's keys and values, (1, nh, T, hs) per layer."""
-        n = k[0].size(2)
-        for layer in range(len(self.k)):
-            self.k[layer][row, :, :n] = k[layer][0]
-            self.v[layer][row, :, :n] = v[layer][0]
+    def load(self, row: int, caches: list[KVCache]) -> None:
+        """Row `row` := one sequence's keys and values, from the KV caches of its prefill."""
+        n = caches[0].pos
+        for layer, c in enumerate(caches):
+            self.k[layer][row, :, :n] = c.k[0, :, :n]
+            self.v[layer][row, :, :n] = c.v[0, :, :n]
         self.lengths[row] = n
+        doc_start = caches[0].doc_start
+        self.doc_start[row] = 0 if doc_start is None else doc_start[0]
 
     def move(self, src: int, dst: int) -> None:
         """Row `dst` := row `src` (to keep the live rows packed when one ends)."""
@@ -47,17 +53,17 @@ class SlotCache:
             self.k[layer][dst, :, :n] = self.k[layer][src, :, :n]
             self.v[layer][dst, :, :n] = self.v[layer][src, :, :n]
         self.lengths[dst] = n
+        self.doc_start[dst] = self.doc_start[src]
 
 
 @torch.no_grad()
-def prefill(model: GPT, ids: list[int]) -> tuple[torch.Tensor, list[torch.Tensor],
-                                                  list[torch.Tensor]]:
-    """(logits_V of the last prompt position, keys, values) of one prompt, by the model's own
-    forward and KV cache; keys/values are (1, nh, T, hs) per layer."""
+def prefill(model: GPT, ids: list[int]) -> tuple[torch.Tensor, list[KVCache]]:
+    """(logits_V of the last prompt position, its KV caches) of one prompt, by the model's own
+    forward and KV cache (for `SlotCache.load`)."""
     device = model.wte.weight.device
     caches = model.new_caches(1, len(ids))
     out = model(torch.tensor([ids], device=device), caches=caches, last_only=True)
-    return out.logits[0, -1], [c.k for c in caches], [c.v for c in caches]
+    return out.logits[0, -1], caches
 
 
 @torch.no_grad()
@@ -69,7 +75,12 @@ def decode_step(model: GPT, cache: SlotCache, tokens_B: torch.Tensor) -> torch.T
     pos_B = cache.lengths[:B]
     S = int(pos_B.max()) + 1
     keys_S = torch.arange(S, device=pos_B.device)
-    mask_B11S = (keys_S[None] <= pos_B[:, None])[:, None, None, :]  # each row's own keys
+    visible_BS = keys_S[None] <= pos_B[:, None]  # each row's own keys
+    if model.cfg.document_mask:  # and only those of its current document (`document_starts`)
+        start_B = torch.where(tokens_B == DOCUMENT_START_ID, pos_B, cache.doc_start[:B])
+        cache.doc_start[:B] = start_B
+        visible_BS &= keys_S[None] >= start_B[:, None]
+    mask_B11S = visible_BS[:, None, None, :]
     x = model.wte(tokens_B[:, None])  # (B, 1, C)
     if model.wpe is not None:
         x = x + model.wpe(pos_B)[:, None]

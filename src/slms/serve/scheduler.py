@@ -193,12 +193,12 @@ class Scheduler:
             if job.cancelled:
                 continue
             try:
-                logits_V, k, v = prefill(self.model, job.req.ids)
+                logits_V, caches = prefill(self.model, job.req.ids)
                 token = self._sample_row(job, logits_V[None])
             except Exception as e:  # noqa: BLE001 - this request fails, no other
                 self._finish(job, "error", f"generation failed: {e}")
                 continue
-            self.cache.load(len(self.active), k, v)
+            self.cache.load(len(self.active), caches)
             self.active.append(job)
             self.stats["requests"] += 1
             self._accept(job, token)

@@ -23,6 +23,7 @@ from slms.data.loader import PackedData
 from slms.data.pipeline import resolve_data
 from slms.memory import keep_freed_memory
 from slms.model import GPT, count_params, flops_per_token
+from slms.model.gpt import DOCUMENT_START_ID
 from slms.precision import DTYPES, auto_reason, resolve_precision
 from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
@@ -273,19 +274,26 @@ def seed_everything(seed: int) -> None:
 
 def fit_vocab(cfg: RunConfig, data: PackedData, tokenizer: Tokenizer) -> RunConfig:
     """The config with model.vocab_size taken from the data when unset; a mismatch between
-    data, tokenizer and model is an error."""
+    data, tokenizer and model (vocab, tokenizer file, the document mask's story boundary) is an
+    error."""
     if data.meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
         raise DataMismatchError(f"{data.dir}/tokenizer.json is not the tokenizer the data was "
                                 "prepared with; prepare the data again")
     mcfg = cfg.model
     if mcfg.vocab_size is None:
-        return dataclasses.replace(cfg, model=dataclasses.replace(mcfg,
-                                                                  vocab_size=data.vocab_size))
+        mcfg = dataclasses.replace(mcfg, vocab_size=data.vocab_size)
+        cfg = dataclasses.replace(cfg, model=mcfg)
     if data.vocab_size != mcfg.vocab_size:
         raise DataMismatchError(
             f"the data in {data.dir} was tokenized with a {data.vocab_size}-token vocab but "
             f"model.vocab_size is {mcfg.vocab_size}; set model.vocab_size={data.vocab_size} "
             "(or leave it out), or prepare the data with a matching tokenizer")
+    if mcfg.document_mask and tokenizer.eos_id != DOCUMENT_START_ID:
+        raise DataMismatchError(
+            f"model.document_mask splits stories at token id {DOCUMENT_START_ID}, but the data "
+            f"in {data.dir} ends stories with id {tokenizer.eos_id} (a tokenizer not trained by "
+            "`slms tokenizer`, e.g. an imported seed one); set model.document_mask=false, or "
+            "prepare the data with a tokenizer from `slms tokenizer`")
     return cfg
 
 
