@@ -33,6 +33,18 @@ def test_epochs_set_the_total_steps(epoch_run, data_dir):
     assert [r["step"] for r in read_metrics(epoch_run) if "loss" in r] == [1, 2, 3, 4, 5]
 
 
+def test_records_have_the_lr_each_step_used(epoch_run):
+    """Step s logs the learning rate its update was taken with (the schedule at index s - 1),
+    not the next step's: the last step of a schedule that decays to 0 still shows its own."""
+    from slms.config import run_config_from_dict
+    from slms.train.optim import lr_factor
+
+    tc = run_config_from_dict(json.loads((epoch_run / "run_config.json").read_text())).train
+    logged = [(r["step"], r["lr"]) for r in read_metrics(epoch_run) if "loss" in r]
+    assert logged == [(s, pytest.approx(tc.lr * lr_factor(s - 1, tc))) for s, _ in logged]
+    assert logged[-1][1] > tc.lr * lr_factor(tc.max_steps, tc)
+
+
 def test_records_have_throughput_and_memory(epoch_run):
     for r in (r for r in read_metrics(epoch_run) if "loss" in r):
         assert r["tokens_per_s"] > 0 and r["memory_gb"] > 0 and r["grad_norm"] > 0

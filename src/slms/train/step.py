@@ -37,6 +37,7 @@ class StepResult:
     grad_norm: float  # before clipping
     skipped: bool  # non-finite: the optimizer step was not taken
     tokens: int  # real (scored) target tokens in the global batch: pads excluded
+    lr: float  # train.lr as scheduled for this step (Muon's groups: muon_lr, same schedule)
 
 
 def micro_index(d: Dist, grad_accum: int, micro: int) -> int:
@@ -54,8 +55,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched: LRScheduler,
     total = global_targets(batches, data.padded, env)
     lm_sum, aux_sum = forward_backward(model, batches, total, env)
     lm, aux = env.dist.mean([float(lm_sum), float(aux_sum)], env.device)
+    # this step's point of the schedule (optimizer_step moves it on to the next step's)
+    lr = tc.lr * sched.get_last_lr()[0] / sched.base_lrs[0]
     grad_norm, skipped = optimizer_step(model, opt, sched, tc.grad_clip, lm, env)
-    return StepResult(lm, aux, grad_norm, skipped, round(total))
+    return StepResult(lm, aux, grad_norm, skipped, round(total), lr)
 
 
 @dataclass

@@ -380,7 +380,7 @@ def guard_non_finite(run: Run, result: StepResult, metrics: MetricsWriter, write
 def log_step(run: Run, result: StepResult, meter: Meter, metrics: MetricsWriter, bar) -> None:
     state = run.state
     record: dict[str, Any] = {"step": state.step, "loss": result.loss, "aux_loss": result.aux,
-                              "lr": run.sched.get_last_lr()[0], "grad_norm": result.grad_norm,
+                              "lr": result.lr, "grad_norm": result.grad_norm,
                               **meter.read(), "tokens": state.tokens_seen,
                               "skipped_steps": state.bad_steps}
     moe = unwrap(run.model).pop_moe_stats()
