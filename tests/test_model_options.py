@@ -132,3 +132,20 @@ def test_the_seed_presets_are_unchanged():
 def test_bad_option_values_are_refused(key, value):
     with pytest.raises(ConfigError, match=f"model.{key}"):
         ModelConfig(**BASE, **{key: value}).validate()
+
+
+def test_rmsnorm_weights_follow_the_input_dtype_under_autocast(monkeypatch):
+    """Under bf16 autocast q and k reach QK-norm in bf16: its weight is cast to match, so torch
+    runs its fused kernel (a float32 weight takes the unfused one, with a warning)."""
+    import torch.nn.functional as F
+
+    calls = []
+    rms_norm = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda x, shape, w=None, eps=None: (
+        calls.append((x.dtype, w.dtype)), rms_norm(x, shape, w, eps))[1])
+    model = GPT(ModelConfig(**BASE, norm="rmsnorm", qk_norm=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 128, (2, 8)))[0].float().sum().backward()
+    assert {x for x, _ in calls} == {torch.float32, torch.bfloat16}  # the stream, and q and k
+    assert all(x == w for x, w in calls)
+    assert model.blocks[0].attn.q_norm.weight.grad.dtype == torch.float32

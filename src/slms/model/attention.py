@@ -56,13 +56,25 @@ def apply_rope(x_BnTh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return out.to(x_BnTh.dtype)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm whose weight takes the input's dtype. Under bf16 autocast q and k arrive in
+    bf16 (autocast leaves rms_norm alone), and a float32 weight sends torch to its slower,
+    unfused kernel with a warning at every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w is not None and w.dtype != x.dtype:
+            w = w.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.rope_base = cfg.rope_base if cfg.positions == "rope" else None
-        self.q_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else None
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias and cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)

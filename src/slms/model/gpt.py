@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from slms.config import ModelConfig
 from slms.constants import IGNORE_INDEX
 from slms.model.activations import activate, ffn_hidden, first_width
-from slms.model.attention import CausalSelfAttention, KVCache
+from slms.model.attention import CausalSelfAttention, KVCache, RMSNorm
 from slms.model.moe import MoE
 from slms.model.moe_stats import MoEStats
 from slms.model.sampling import sample_next
@@ -75,7 +75,7 @@ class Output(NamedTuple):
 
 
 def norm(cfg: ModelConfig) -> nn.Module:
-    return nn.RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd)
+    return RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd)
 
 
 class MLP(nn.Module):
