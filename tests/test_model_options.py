@@ -65,7 +65,7 @@ def test_rope_has_no_position_embedding_and_sees_relative_positions():
     q = torch.randn(1, 1, 1, 8)
     scores = []
     for start in (0, 5, 17):
-        cos, sin = rope_tables(start, 1, 8, 10000.0, q.device)
+        cos, sin = rope_tables(torch.tensor([start]), 8, 10000.0)
         r = apply_rope(q, cos, sin)
         scores.append(float((r * r).sum()))
     assert scores == pytest.approx([float((q * q).sum())] * 3, rel=1e-5)

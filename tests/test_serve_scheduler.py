@@ -25,7 +25,10 @@ def _model(moe: bool = True, **kw) -> GPT:
 @pytest.mark.parametrize("kw", [dict(moe=False), dict(moe=True),
                                 dict(moe=True, positions="rope", qk_norm=True, norm="rmsnorm",
                                      logit_softcap=15.0),
-                                dict(moe=False, positions="rope", document_mask=True)])
+                                dict(moe=False, positions="rope", document_mask=True),
+                                dict(moe=True, positions="rope", qk_norm=True, norm="rmsnorm",
+                                     activation="relu2", document_mask=True),
+                                dict(moe=False, activation="swiglu", tie_weights=False)])
 def test_decode_step_equals_full_forward_for_rows_of_different_lengths(kw):
     """Each row as the model alone computes it; with document_mask, documents (which begin at
     <|endoftext|>, id 0) start inside prompts and inside the decoded tokens."""

@@ -39,12 +39,12 @@ class KVCache:
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
 
-def rope_tables(start: int, T: int, head_dim: int, base: float, device: torch.device
+def rope_tables(pos: torch.Tensor, head_dim: int, base: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (T, hs / 2), of positions start .. start + T - 1 (fp32)."""
-    inv_freq = base ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+    """(cos, sin), each pos.shape + (hs / 2,), of the positions `pos` (any shape, fp32)."""
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32)
                          / head_dim)
-    angles = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None] * inv_freq
+    angles = pos.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -89,12 +89,8 @@ class CausalSelfAttention(nn.Module):
         """mask_B1TS (bool, (B, 1, T, S) or broadcastable, True = may attend): which of the S
         cached + new keys each new token sees, causality included; None: causal."""
         B, T, C = x_BTC.shape
-        q, k, v = self.qkv(x_BTC).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         start = cache.pos if cache is not None else 0
-        q, k = self._position(q, k, start)
+        q, k, v = self._qkv(x_BTC, torch.arange(start, start + T, device=x_BTC.device))
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, S, hs); cached keys are already rotated
         if mask_B1TS is None and start > 0:
@@ -106,15 +102,38 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
-    def _position(self, q: torch.Tensor, k: torch.Tensor, start: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """QK-norm, then rotary positions (each where configured)."""
+    def step_rows(self, x_B1C: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  pos_B: torch.Tensor, mask_B11S: torch.Tensor) -> torch.Tensor:
+        """`forward` for one new token per row at its own position pos_B (rows that started
+        at different times, as a server decodes them; no autograd): its key and value are
+        written into row b of k_cache / v_cache (rows, nh, max_len, hs) at pos_B[b], and its
+        query attends over the S = mask_B11S.size(-1) first keys of its row where the mask
+        allows."""
+        B, _, C = x_B1C.shape
+        q, k, v = self._qkv(x_B1C, pos_B[:, None, None])  # positions (B, nh, T = 1)
+        rows = torch.arange(B, device=pos_B.device)
+        k_cache[rows, :, pos_B] = k[:, :, 0]
+        v_cache[rows, :, pos_B] = v[:, :, 0]
+        S = mask_B11S.size(-1)
+        y = F.scaled_dot_product_attention(q, k_cache[:B, :, :S], v_cache[:B, :, :S],
+                                           attn_mask=mask_B11S, scale=self.scale)
+        return self.proj(y.transpose(1, 2).reshape(B, 1, C))
+
+    def _qkv(self, x_BTC: torch.Tensor, pos: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, nh, T, hs) of x, with QK-norm, then rotary positions `pos` (broadcast
+        to (B, nh, T)), each where configured."""
+        B, T, C = x_BTC.shape
+        q, k, v = self.qkv(x_BTC).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_base is not None:
-            cos, sin = rope_tables(start, q.size(2), q.size(-1), self.rope_base, q.device)
+            cos, sin = rope_tables(pos, q.size(-1), self.rope_base)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k
+        return q, k, v
 
 
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:

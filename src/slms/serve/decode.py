@@ -13,10 +13,9 @@ Shapes: B rows, nh heads, S cached positions, hs head size, C n_embd, V vocab.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from slms.model import GPT
-from slms.model.attention import CausalSelfAttention, KVCache, apply_rope
+from slms.model.attention import KVCache
 from slms.model.gpt import DOCUMENT_START_ID
 
 
@@ -85,38 +84,10 @@ def decode_step(model: GPT, cache: SlotCache, tokens_B: torch.Tensor) -> torch.T
     if model.wpe is not None:
         x = x + model.wpe(pos_B)[:, None]
     for i, block in enumerate(model.blocks):
-        a = _attend(block.attn, block.ln1(x), cache.k[i], cache.v[i], pos_B, S, mask_B11S)
-        x = x + a
+        x = x + block.attn.step_rows(block.ln1(x), cache.k[i], cache.v[i], pos_B, mask_B11S)
         y, _ = block.ffn(block.ln2(x))
         x = x + y
     cache.lengths[:B] += 1
     # _logits: the model's head and its optional soft cap, the one place they are defined
     return model._logits(model.ln_f(x))[:, 0]
 
-
-def _attend(attn: CausalSelfAttention, x_B1C: torch.Tensor, k_cache: torch.Tensor,
-            v_cache: torch.Tensor, pos_B: torch.Tensor, S: int, mask_B11S: torch.Tensor
-            ) -> torch.Tensor:
-    """`CausalSelfAttention.forward` for one new token per row at positions pos_B: its key and
-    value are written at the row's position, its query attends over the row's keys."""
-    B, _, C = x_B1C.shape
-    nh = attn.n_head
-    q, k, v = attn.qkv(x_B1C).split(C, dim=2)
-    q = q.view(B, 1, nh, C // nh).transpose(1, 2)  # (B, nh, 1, hs)
-    k = k.view(B, 1, nh, C // nh).transpose(1, 2)
-    v = v.view(B, 1, nh, C // nh).transpose(1, 2)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.rope_base is not None:
-        hs = q.size(-1)
-        inv_freq = attn.rope_base ** -(torch.arange(0, hs, 2, device=q.device,
-                                                    dtype=torch.float32) / hs)
-        angles = pos_B.to(torch.float32)[:, None] * inv_freq  # as rope_tables, per row
-        cos, sin = angles.cos()[:, None, None], angles.sin()[:, None, None]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    rows = torch.arange(B, device=pos_B.device)
-    k_cache[rows, :, pos_B] = k[:, :, 0]
-    v_cache[rows, :, pos_B] = v[:, :, 0]
-    y = F.scaled_dot_product_attention(q, k_cache[:B, :, :S], v_cache[:B, :, :S],
-                                       attn_mask=mask_B11S, scale=attn.scale)
-    return attn.proj(y.transpose(1, 2).reshape(B, 1, C))
