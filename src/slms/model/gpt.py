@@ -11,7 +11,6 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -19,6 +18,7 @@ from slms.config import ModelConfig
 from slms.constants import IGNORE_INDEX
 from slms.model.activations import activate, ffn_hidden, first_width
 from slms.model.attention import CausalSelfAttention, KVCache, RMSNorm
+from slms.model.loss import cross_entropy
 from slms.model.moe import MoE
 from slms.model.moe_stats import MoEStats
 from slms.model.sampling import sample_next
@@ -234,8 +234,8 @@ class GPT(nn.Module):
         if targets_BT is None:
             return Output(self._logits(x[:, -1:] if last_only else x), None, aux)
         logits = self._logits(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets_BT.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        loss = cross_entropy(logits.view(-1, logits.size(-1)), targets_BT.reshape(-1),
+                             IGNORE_INDEX)
         return Output(logits, loss, aux)
 
     def _document_mask(self, idx_BT: torch.Tensor, caches: list[KVCache] | None
