@@ -1,27 +1,65 @@
 """train.max_minutes (a time budget fixed after a timed probe) and the validation watch
 (overfitting warnings, train.early_stop)."""
 
+import math
+
 import pytest
 
-from slms.train.budget import PROBE_STEPS, REFIT_STEPS, TimeBudget, ValidationWatch
+from slms.train.budget import (
+    PROBE_STEPS,
+    REFIT_SHARES,
+    REFIT_STEPS,
+    TimeBudget,
+    ValidationWatch,
+)
+
+
+def fit(b: TimeBudget, seconds: float) -> int | None:
+    """One step of one process: its proposal accepted as the trainer does with rank 0's."""
+    proposal = b.record(seconds)
+    return None if proposal is None else b.accept(proposal)
 
 
 def test_budget_fixes_the_steps_from_the_probe():
     b = TimeBudget(minutes=1.0)
     times = [3.0, 2.0] + [0.5] * (PROBE_STEPS - 2)  # slow warm-up steps, then 0.5 s each
-    got = [b.record(t) for t in times]
+    got = [fit(b, t) for t in times]
     assert got[:-1] == [None] * (PROBE_STEPS - 1)
     assert got[-1] == PROBE_STEPS + int((60 - sum(times)) / 0.5)
-    # refitted once after REFIT_STEPS from their second half: the steps got faster (0.4 s)
-    more = [b.record(0.4) for _ in range(REFIT_STEPS - PROBE_STEPS)]
+    # refitted after REFIT_STEPS from their second half: the steps got faster (0.4 s)
+    more = [fit(b, 0.4) for _ in range(REFIT_STEPS - PROBE_STEPS)]
     assert more[:-1] == [None] * (REFIT_STEPS - PROBE_STEPS - 1)
     spent = sum(times) + 0.4 * (REFIT_STEPS - PROBE_STEPS)
     assert more[-1] == REFIT_STEPS + int((60 - spent) / 0.4)
-    assert b.record(0.4) is None  # fitted for good
     assert TimeBudget(minutes=0).record(1.0) is None
     short = TimeBudget(minutes=0.05)  # 3 s: the first fit is final
-    assert [short.record(0.5) for _ in range(PROBE_STEPS)][-1] == PROBE_STEPS
+    assert [fit(short, 0.5) for _ in range(PROBE_STEPS)][-1] == PROBE_STEPS
     assert short.minutes == 0
+
+
+def test_budget_follows_a_machine_whose_speed_drifts():
+    """At a quarter, half and three quarters of the count the speed since the last fit
+    refits it; a change of at most MIN_CHANGE keeps the count; then it is fixed for good."""
+    b = TimeBudget(minutes=10.0)
+    for _ in range(REFIT_STEPS):
+        fit(b, 0.5)
+    assert b.steps == 1200  # 600 s at 0.5 s
+    quarter = math.ceil(REFIT_SHARES[0] * 1200)
+    got = {}
+    n = REFIT_STEPS
+    while b.minutes > 0:
+        n += 1
+        moved = fit(b, 0.5 if n <= 100 else 0.6)  # 20% slower from step 101 on
+        if moved is not None:
+            got[n] = moved
+    spent = 0.5 * 100 + 0.6 * (quarter - 100)
+    first = quarter + math.floor((600 - spent) / 0.6)
+    assert list(got)[0] == quarter and got[quarter] == first
+    assert len(got) <= len(REFIT_SHARES)  # the later fits at 0.6 s moved it by <= 1%, or once
+    assert b.record(0.6) is None  # fitted for good
+    steady = TimeBudget(minutes=10.0)
+    assert [fit(steady, 0.5) for _ in range(1200)].count(None) == 1200 - 1  # the probe only
+    assert steady.minutes == 0
 
 
 def test_validation_watch_warns_of_overfitting_and_counts_patience():
@@ -44,6 +82,7 @@ def test_a_time_budgeted_run_fixes_its_steps_and_resumes_with_them(tmp_path, dat
     from train_helpers import losses
 
     clock = iter(range(10**6))  # every perf_counter call advances 1 "second"
+    monkeypatch.setenv("SLMS_TUNE", "0")  # no kernel timing (it calls perf_counter too)
     monkeypatch.setattr(trainer.time, "perf_counter", lambda: float(next(clock)))
     out = tmp_path / "run"
     argv = ["train", "configs/tiny.toml", f"data.path={data_dir}", "model.n_layer=1",

@@ -5,9 +5,13 @@ max_minutes: the first PROBE_STEPS optimizer steps are timed (evaluation and che
 not counted), then max_steps is fixed so that training fits the budget, and the learning-rate
 schedule is computed from it (its warm-up steps do not depend on the total, so the probe's steps
 follow the same schedule; with the onecycle schedule they use the provisional total). The first
-steps of some models run slower than the rest, so the count is fitted once more after
-REFIT_STEPS steps, from their second half. The fixed max_steps is written to the run's config,
-so a resumed run does not probe again and reproduces the uninterrupted one.
+steps of some models run slower than the rest, so the count is fitted again after REFIT_STEPS
+steps, from their second half; and a machine's speed drifts (other work, clocks: a 10-minute run
+here sped up 15% after its first minute, another slowed 12%), so it is refitted once more from
+the speed of the steps since the last fit when a quarter, half and three quarters of the budget
+are spent, where the count moves by more than MIN_CHANGE (the schedule then continues over the
+new total from the same step: a small step in the learning rate). Each fitted max_steps is
+written to the run's config, so a resumed run does not probe again: it keeps the last count.
 """
 
 from __future__ import annotations
@@ -18,27 +22,62 @@ from dataclasses import dataclass, field
 
 PROBE_STEPS = 10
 REFIT_STEPS = 50
+REFIT_SHARES = (0.25, 0.5, 0.75)  # of the budget spent, where the count is refitted once more
+MIN_CHANGE = 0.01  # a refit that moves the count by at most this share keeps the old count
 
 
 @dataclass
 class TimeBudget:
-    minutes: float  # 0: no budget
-    times: list[float] = field(default_factory=list)  # seconds of the probe's steps
+    """Every process times its own steps and proposes a count at the same steps (`record`);
+    the trainer takes rank 0's proposal to all of them, and `accept` decides alike on each."""
+
+    minutes: float  # 0: no budget (or fitted for good)
+    times: list[float] = field(default_factory=list)  # seconds of each step so far
+    spent: float = 0.0  # their sum
+    steps: int | None = None  # the accepted count
+    mark: int = 0  # the step of the last fit: later fits time the steps since
+    shares_done: int = 0  # how many of REFIT_SHARES were fitted at
 
     def record(self, seconds: float) -> int | None:
-        """Add one step's time; returns the total number of steps when it is fitted (after
-        PROBE_STEPS and again after REFIT_STEPS steps, if the run gets that far), else None."""
+        """Add one step's time; at a fitting step (PROBE_STEPS, REFIT_STEPS, then REFIT_SHARES
+        of the accepted count) returns the count that would fill the budget, else None."""
         if self.minutes <= 0:
             return None
         self.times.append(seconds)
-        if len(self.times) not in (PROBE_STEPS, REFIT_STEPS):
+        self.spent += seconds
+        n = len(self.times)
+        if n in (PROBE_STEPS, REFIT_STEPS):
+            window = self.times[n // 2:]  # after warm-up
+        elif n > REFIT_STEPS and n == self._next_share():
+            self.shares_done += 1
+            window = self.times[self.mark:]  # the speed since the last fit
+        else:
             return None
-        per_step = statistics.median(self.times[len(self.times) // 2:])  # after warm-up
-        left = self.minutes * 60 - sum(self.times)
-        steps = len(self.times) + max(0, math.floor(left / per_step))
-        if len(self.times) == REFIT_STEPS or steps <= REFIT_STEPS:
+        self.mark = n
+        left = self.minutes * 60 - self.spent
+        return n + max(0, math.floor(left / statistics.median(window)))
+
+    def accept(self, proposal: int) -> int | None:
+        """The count to train for from now on (None: keep the current one, moved by at most
+        MIN_CHANGE); after the last fit the budget is done."""
+        moved = self.steps is None or abs(proposal - self.steps) > MIN_CHANGE * self.steps
+        if moved:
+            self.steps = proposal
+        n = len(self.times)
+        if self.steps <= REFIT_STEPS or (n >= REFIT_STEPS and self._next_share() is None):
             self.minutes = 0  # fitted for good
-        return steps
+        return proposal if moved else None
+
+    def _next_share(self) -> int | None:
+        """The step of the next REFIT_SHARES fit (None: no more), of the accepted count; one
+        that falls at or before the current step is skipped."""
+        n = len(self.times)
+        while self.shares_done < len(REFIT_SHARES):
+            step = math.ceil(REFIT_SHARES[self.shares_done] * (self.steps or 0))
+            if step >= n:
+                return step
+            self.shares_done += 1
+        return None
 
 
 @dataclass

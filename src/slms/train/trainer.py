@@ -113,9 +113,11 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
         state.step += 1
         dt = time.perf_counter() - t0
         trained_s += dt
-        fitted = budget.record(dt)
-        if fitted is not None:
-            fix_max_steps(run, env.dist.gather(fitted)[0], bar, log)  # rank 0's measurement
+        proposal = budget.record(dt)
+        if proposal is not None:  # the same steps on every rank; rank 0's measurement counts
+            fitted = budget.accept(env.dist.gather(proposal)[0])
+            if fitted is not None:
+                fix_max_steps(run, fitted, bar, log)
         tc = run.cfg.train
         state.tokens_seen += result.tokens
         meter.tokens += result.tokens
@@ -152,8 +154,8 @@ def watch_validation(watch: ValidationWatch, train_loss: float, val_loss: float,
 
 
 def fix_max_steps(run: Run, steps: int, bar, log) -> None:
-    """train.max_minutes, once the probe is timed: max_steps fixed, the schedule rebuilt over
-    it (at the same step), and the run's config rewritten so that a resumed run keeps it."""
+    """train.max_minutes, at each fit: max_steps set, the schedule rebuilt over it (at the same
+    step), and the run's config rewritten so that a resumed run keeps it."""
     tc = dataclasses.replace(run.cfg.train, max_steps=max(steps, run.state.step),
                              max_minutes=0.0)
     run.cfg = dataclasses.replace(run.cfg, train=tc)
@@ -166,7 +168,7 @@ def fix_max_steps(run: Run, steps: int, bar, log) -> None:
         run_dir.write_config(run.cfg.to_dict(), data_dir)
     bar.total = tc.max_steps
     bar.refresh()
-    log(f"time budget: {tc.max_steps} steps fit (timed over the first {run.state.step})")
+    log(f"time budget: {tc.max_steps} steps fit (fitted at step {run.state.step})")
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
@@ -329,8 +331,9 @@ def announce(run: Run, data: PackedData, log) -> None:
     log(f"data: {data.dir} ({tokens:,} training tokens); global batch {per_step:,} tokens per "
         f"step = {tc.batch_size} x {tc.grad_accum} accumulation{procs} x "
         f"{cfg.model.block_size} tokens; " + (
-            f"{tc.max_minutes:g} minutes of training (the step count is fixed after timing "
-            f"the first {PROBE_STEPS} steps)" if tc.max_minutes > 0 else
+            f"{tc.max_minutes:g} minutes of training (the step count is fitted after timing "
+            f"the first {PROBE_STEPS} steps, and refitted as the run goes)"
+            if tc.max_minutes > 0 else
             f"{tc.max_steps} steps = {tc.max_steps * units_per_step / size:.2f} epochs"))
     log(f"run directory: {run.run_dir}")
 
