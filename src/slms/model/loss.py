@@ -8,7 +8,7 @@ every step. Here each chunk of rows is taken to float32 while it is in cache: th
 one log-sum-exp per row, the backward recomputes the chunk's softmax and writes its gradient
 straight into one buffer of the logits' dtype. Same value and gradient (float rounding aside);
 measured on a 2-core AMD EPYC (bf16 logits, 4,096 x 2,048, the head's matmuls included): 17 ms
-against 34-44 ms per training step (docs/benchmarks.md).
+against 30-45 ms for the forward and backward (whole training steps: docs/benchmarks.md).
 
 Shapes: N rows (tokens), V vocabulary.
 """

@@ -7,10 +7,10 @@ schedule is computed from it (its warm-up steps do not depend on the total, so t
 follow the same schedule; with the onecycle schedule they use the provisional total). The first
 steps of some models run slower than the rest, so the count is fitted again after REFIT_STEPS
 steps, from their second half; and a machine's speed drifts (other work, clocks: a 10-minute run
-here sped up 15% after its first minute, another slowed 12%), so it is refitted once more from
-the speed of the steps since the last fit when a quarter, half and three quarters of the budget
-are spent, where the count moves by more than MIN_CHANGE (the schedule then continues over the
-new total from the same step: a small step in the learning rate). Each fitted max_steps is
+here sped up 15% after its first minute, another slowed 12%), so it is refitted from the speed
+of the steps since the last fit at a quarter, half and three quarters of the fitted count; a
+count is taken only where it moves by more than MIN_CHANGE (the schedule then continues over
+the new total from the same step: a small step in the learning rate). Each fitted max_steps is
 written to the run's config, so a resumed run does not probe again: it keeps the last count.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 PROBE_STEPS = 10
 REFIT_STEPS = 50
-REFIT_SHARES = (0.25, 0.5, 0.75)  # of the budget spent, where the count is refitted once more
+REFIT_SHARES = (0.25, 0.5, 0.75)  # of the fitted step count, where it is refitted once more
 MIN_CHANGE = 0.01  # a refit that moves the count by at most this share keeps the old count
 
 
@@ -69,8 +69,8 @@ class TimeBudget:
         return proposal if moved else None
 
     def _next_share(self) -> int | None:
-        """The step of the next REFIT_SHARES fit (None: no more), of the accepted count; one
-        that falls at or before the current step is skipped."""
+        """The step of the next REFIT_SHARES fit (None: no more), of the accepted count; shares
+        that fall before the current step are passed over (counted in shares_done)."""
         n = len(self.times)
         while self.shares_done < len(REFIT_SHARES):
             step = math.ceil(REFIT_SHARES[self.shares_done] * (self.steps or 0))
