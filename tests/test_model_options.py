@@ -149,3 +149,23 @@ def test_rmsnorm_weights_follow_the_input_dtype_under_autocast(monkeypatch):
     assert {x for x, _ in calls} == {torch.float32, torch.bfloat16}  # the stream, and q and k
     assert all(x == w for x, w in calls)
     assert model.blocks[0].attn.q_norm.weight.grad.dtype == torch.float32
+
+
+def test_rms_norm_passes_float32_eps_whatever_the_input_dtype(monkeypatch):
+    """eps=None is float32's eps passed explicitly (older torch took 2**-7 for bf16 q/k),
+    and equals the float32 formula on small bf16 inputs, where 2**-7 would not."""
+    import torch.nn.functional as F
+
+    from slms.model import attention
+
+    seen = []
+    rms_norm = F.rms_norm
+    monkeypatch.setattr(attention.F, "rms_norm",
+                        lambda x, shape, w, eps: seen.append(eps) or rms_norm(x, shape, w, eps))
+    norm = attention.RMSNorm(16)
+    x = (torch.randn(4, 16, generator=torch.Generator().manual_seed(0)) * 0.01).bfloat16()
+    got = norm(x).float()
+    assert seen == [torch.finfo(torch.float32).eps]
+    xf = x.float()
+    want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2)

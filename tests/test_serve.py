@@ -202,3 +202,22 @@ def test_cli_serves_a_checkpoint(tmp_path, model, tokenizer, monkeypatch, capsys
     assert f"slms: error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["serve", str(ckpt), "--port", "70000"]) == 2
     assert "--port must be in 0 .. 65535" in capsys.readouterr().err
+
+
+def test_serve_sets_its_threads_before_the_model_loads(monkeypatch):
+    """precision=auto measures bf16 while the model loads: with the threads that will serve."""
+    from slms.commands import options
+
+    seen = []
+
+    def load_model(args):
+        seen.append(torch.get_num_threads())
+        raise ValueError("stop here")
+    monkeypatch.setattr(options, "load_model", load_model)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["serve", "no/such/ckpt", "--threads", "1"]) == 2
+        assert torch.get_num_threads() == threads  # a model that fails changes nothing
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1]

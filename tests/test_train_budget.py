@@ -90,8 +90,95 @@ def test_a_time_budgeted_run_fixes_its_steps_and_resumes_with_them(tmp_path, dat
             "--out", str(out)]
     assert main(argv) == 0
     cfg = RunDir(out).read_config()["train"]
-    assert cfg["max_minutes"] == 0 and PROBE_STEPS < cfg["max_steps"] < 40
+    assert cfg["max_minutes"] == 0.5 and PROBE_STEPS < cfg["max_steps"] < 40
     assert losses(out)[-1][0] == cfg["max_steps"]
+
+
+def _train_with(monkeypatch, argv, interrupt_at=None, slow_from=None):
+    """`slms train ARGV` in this process on a fake clock (every perf_counter call is one
+    "second"; from step slow_from on, every other step takes two); SIGINT during step
+    interrupt_at (0-based), as a user's Ctrl-C."""
+    import os
+    import signal
+    import time
+
+    import slms.train.trainer as trainer
+    from slms.cli import main
+
+    clock = iter(range(10**7))
+    monkeypatch.setenv("SLMS_TUNE", "0")  # no kernel timing (it calls perf_counter too)
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    step_fn = trainer.train_step
+
+    def hooked(model, opt, sched, data, tc, block_size, step, env):
+        if step == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        if slow_from is not None and step >= slow_from and step % 2:
+            time.perf_counter()
+        return step_fn(model, opt, sched, data, tc, block_size, step, env)
+
+    monkeypatch.setattr(trainer, "train_step", hooked)
+    assert main(argv) == 0
+    monkeypatch.setattr(trainer, "train_step", step_fn)
+
+
+def _lrs(run_dir):
+    from slms.train.metrics import read_metrics
+
+    return [(r["step"], r["lr"], r["loss"]) for r in read_metrics(run_dir)
+            if "tokens_per_s" in r]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_a_budgeted_run_resumed_after_sigint_trains_as_the_uninterrupted_one(
+        tmp_path, data_dir, monkeypatch, schedule):
+    """2 minutes at 1 s a step, then 1.5 s from step 60: the budget fits 120 steps, refits to
+    100 at step 90. Interrupted at step 81 and resumed (the same command, train.resume=auto):
+    the same learning rates, losses and step count as without the interruption (the budget's
+    state and the schedule's refits come from the checkpoint, not the 10**9 placeholder)."""
+    argv = ["train", "configs/tiny.toml", f"data.path={data_dir}", "model.n_layer=1",
+            "model.n_embd=32", "model.n_head=2", "model.block_size=32",
+            "model.moe.expert_hidden=32", "train.batch_size=2", f"train.schedule=\"{schedule}\"",
+            "train.max_minutes=2", "train.eval_every=1000", "train.checkpoint_every=1000",
+            "train.log_every=1", "train.resume=\"auto\""]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _train_with(monkeypatch, [*argv, "--out", str(ref)], slow_from=60)
+    _train_with(monkeypatch, [*argv, "--out", str(run)], interrupt_at=80, slow_from=60)
+    assert _lrs(run)[-1][0] == 81
+    _train_with(monkeypatch, [*argv, "--out", str(run)], slow_from=60)
+    want = _lrs(ref)
+    assert want[-1][0] == 100
+    assert _lrs(run) == want
+
+
+def test_early_stopping_keeps_its_patience_across_a_resume(tmp_path, data_dir, monkeypatch):
+    """Interrupted between the evaluations after the best one, the resumed run stops where the
+    uninterrupted one does (a fresh watch took its first evaluation for the best)."""
+    from slms.rundir import RunDir
+
+    argv = ["train", "configs/tiny.toml", f"data.path={data_dir}", "model.n_layer=1",
+            "train.max_steps=60", "train.eval_every=2", "train.early_stop=2", "train.lr=0.3",
+            "train.warmup_steps=0", "train.grad_clip=0", "train.resume=\"auto\""]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _train_with(monkeypatch, [*argv, "--out", str(ref)])
+    stop = max(int(p.name.split("-")[1]) for p in RunDir(ref).checkpoints())
+    assert 6 < stop < 60
+    _train_with(monkeypatch, [*argv, "--out", str(run)], interrupt_at=stop - 4)
+    _train_with(monkeypatch, [*argv, "--out", str(run)])
+    assert max(int(p.name.split("-")[1]) for p in RunDir(run).checkpoints()) == stop
+
+
+def test_the_overfitting_warning_compares_mean_training_losses():
+    w = ValidationWatch(patience=0)
+    for loss in (3.0, 2.0, 1.0):
+        w.add_train(loss)
+    assert w.evaluated(2.5) is None and w.last == (2.0, 2.5)
+    for loss in (1.0, 3.5, float("nan")):  # the last step's loss alone fell; the mean rose
+        w.add_train(loss)
+    assert w.evaluated(2.6) is None and w.last == (2.25, 2.6)
+    for loss in (1.5, 2.0):
+        w.add_train(loss)
+    assert "mean training loss fell 2.2500 -> 1.7500" in w.evaluated(2.7)
 
 
 def test_early_stop_ends_the_run_with_its_best_checkpoint(tmp_path, data_dir, capsys):

@@ -124,3 +124,51 @@ def test_muon_on_two_gloo_processes_matches_one(tmp_path, data_dir, parallel):
     for name, w in ref.items():
         torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-5, msg=name)
     assert [s for s, _ in losses(out)] == [1, 2, 3]
+
+
+def _factors(sched, n):
+    out = []
+    for _ in range(n):
+        out.append(sched.get_last_lr()[0] / sched.base_lrs[0])
+        sched.optimizer.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_a_refit_keeps_the_learning_rate_continuous(schedule):
+    """Refit at step 750 of 1,000 to 1,150 or 870 steps: the factor of step 750 is what it
+    was (a rebuilt cosine jumped +81% / -68% there), the decay then ends at the new total."""
+    from slms.train.optim import Schedule, build_scheduler, refit_scheduler
+
+    cfg = TrainConfig(max_steps=1000, warmup_steps=50, schedule=schedule, min_lr_ratio=0.1)
+    for total in (1150, 870):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = build_scheduler(opt, cfg)
+        before = _factors(sched, 750)
+        plain = Schedule(cfg)
+        assert before == pytest.approx([plain(s) for s in range(750)], rel=1e-12)
+        assert sched.get_last_lr()[0] == pytest.approx(plain(750), rel=1e-12)
+        refit_scheduler(sched, 750, total)
+        after = _factors(sched, total - 750)
+        assert after[0] == pytest.approx(plain(750), rel=1e-12)  # continuous
+        steps = [b - a for a, b in zip(after, after[1:], strict=False)]
+        assert all(d < 0 for d in steps) and max(-d for d in steps) < 3 * (-steps[0] + 1e-9)
+        end = 0.1 if schedule == "cosine" else 1 / 25 / 1e4
+        assert after[-1] == pytest.approx(end, rel=1e-3)  # the last step is one before T
+
+
+def test_onecycle_equals_torch_onecyclelr():
+    from slms.train.optim import build_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    ref = torch.optim.lr_scheduler.OneCycleLR(torch.optim.SGD([p], lr=0.1), max_lr=0.1,
+                                              total_steps=200)
+    ours = build_scheduler(opt, TrainConfig(max_steps=200, schedule="onecycle"))
+    for _ in range(200):
+        assert ours.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0], rel=1e-9)
+        opt.step()
+        ref.optimizer.step()
+        ours.step()
+        ref.step()

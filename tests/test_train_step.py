@@ -243,3 +243,22 @@ def test_keep_freed_memory_stops_large_tensors_faulting_in_every_step():
     out = subprocess.run([sys.executable, "-c", KEEP_MEMORY_PROBE, "keep"], check=True,
                          capture_output=True, text=True).stdout.split()
     assert out[0] == "True" and int(out[1]) < 4096, out
+
+
+def test_fp16_step_skipped_by_the_scaler_leaves_the_bias_router_alone(data_dir):
+    """The grad scaler skips a step with inf gradients (routine under fp16): the bias router's
+    load of that step is discarded, as for any step whose weights did not move."""
+    model, opt, sched, data, cfg, env = _setup(data_dir, precision="fp16", router="bias")
+    block = cfg.model.block_size
+    router = model.blocks[0].ffn.router
+    assert not train_step(model, opt, sched, data, cfg.train, block, 0, env).skipped
+    bias = router.expert_bias.clone()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "expert_bias" not in k}
+    scale = env.scaler.get_scale()
+    hook = model.lm_head.weight.register_hook(lambda g: g * float("inf"))
+    result = train_step(model, opt, sched, data, cfg.train, block, 1, env)
+    hook.remove()
+    assert not result.skipped and not math.isfinite(result.grad_norm)  # routine, not an error
+    assert env.scaler.get_scale() < scale
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items() if k in weights)
+    assert torch.equal(router.expert_bias, bias) and router.load_E.sum() == 0

@@ -58,14 +58,21 @@ def test_a_choice_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path)
     assert entry == {"kernel": "native", "ms": {"torch": 2000.0, "native": 1000.0}}
 
 
-@pytest.mark.parametrize("change", ["torch", "cpu", "threads", "kernels"])
+@pytest.mark.parametrize("change", ["torch", "cpu", "gpu", "threads", "kernels", "in-process"])
 def test_the_cache_is_invalidated_by_a_new_torch_cpu_thread_count_or_kernel_build(
         change, monkeypatch):
+    """A choice is kept for its machine (CPU, GPU models, threads), torch and kernel build; in
+    this process too, where a thread count set later (slms serve) must measure again."""
     asked = inject(monkeypatch, {"torch": 2.0, "native": 1.0})
     timers = lambda: {"torch": lambda: None, "native": lambda: None}  # noqa: E731
     tune.fastest(("sorted",), timers)
-    tune.forget()
-    if change == "torch":
+    if change != "in-process":
+        tune.forget()
+    if change == "in-process":
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    elif change == "gpu":
+        monkeypatch.setattr(machine, "gpu_models", lambda: "NVIDIA H200")
+    elif change == "torch":
         monkeypatch.setattr(torch, "__version__", "9.9.9")
     elif change == "cpu":
         monkeypatch.setattr(machine, "cpu_model", lambda: "Another CPU")
@@ -156,6 +163,23 @@ def test_shape_classes_round_tokens_up_to_a_power_of_two():
     assert sizes == {1: "T1", 2: "T2", 3: "T4", 5: "T8", 8: "T8", 33: "T64"}
 
 
+def test_shape_classes_tell_capacity_pads_and_weight_dtype_apart():
+    moe = make_moe()
+    x_TD = torch.randn(8, 16)
+    r = moe.router(x_TD)
+    classes = {moe_module.shape_class(describe(x_TD, r, moe.experts, None), moe.experts),
+               moe_module.shape_class(describe(x_TD, r, moe.experts, 4), moe.experts),
+               moe_module.shape_class(describe(x_TD, r, moe.experts, None,
+                                               torch.ones(8, dtype=torch.bool)), moe.experts)}
+    moe.experts.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same compute dtype as below
+        classes.add(moe_module.shape_class(describe(x_TD, r, moe.experts, None), moe.experts))
+    moe.experts.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        classes.add(moe_module.shape_class(describe(x_TD, r, moe.experts, None), moe.experts))
+    assert len(classes) == 5
+
+
 def test_a_kernel_that_cannot_run_a_shape_is_left_out():
     def fails():
         raise RuntimeError("strides should be multiple of 16 bytes")
@@ -171,7 +195,7 @@ def test_slms_tune_measures_a_models_shapes_once(tmp_path, capsys, monkeypatch):
     argv = ["tune", "tiny", "--batch", "2", "--block", "64", "--precision", "fp32", "--json"]
     assert main(argv) == 0
     entries = json.loads(capsys.readouterr().out)
-    kinds = {cls.split("|")[0] + "|" + cls.split("|")[3] for cls in entries}
+    kinds = {cls.split("|")[0] + "|" + cls.split("|")[4] for cls in entries}
     assert kinds >= {"sorted|grad", "sorted|nograd", "decode|nograd"}
     assert all(e["kernel"] in e["ms"] and "torch" in e["ms"] for e in entries.values())
     tune.forget()

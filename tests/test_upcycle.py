@@ -104,7 +104,7 @@ def test_cli_upcycle_then_continue_training(tmp_path, data_dir, capsys):
     out = capsys.readouterr()
     overrides = out.out.strip().splitlines()[-1].split()
     assert overrides[-1] == f"train.init_from={ckpt}"
-    assert "do not separate" in out.err  # default router and no expert noise: warned
+    assert out.err == ""  # exact copies behind a new router separate: nothing to warn of
     assert main(["upcycle", str(tmp_path / "dense"), "--experts", "4", "--expert-noise", "0.01",
                  "--out", str(tmp_path / "noisy")]) == 0
     assert capsys.readouterr().err == ""
@@ -132,3 +132,29 @@ def test_cli_upcycle_then_continue_training(tmp_path, data_dir, capsys):
            "--out", str(tmp_path / "bad2")], "not found")
     # a refused init_from leaves no run directory behind
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
+
+
+@pytest.mark.parametrize("router", ["topk", "bias"])
+def test_upcycled_routers_spread_tokens_and_learn(router):
+    """The router starts as a new model's (not at zero, where every token tied and went to the
+    same K experts): tokens reach more than K experts, which all get gradients, and after one
+    optimizer step (the experts then differ) the LM loss has a gradient on the router."""
+    m = dense()
+    u = upcycle(m, 4, 2, router, seed=0).train()
+    start = u.blocks[0].ffn.router.gate.weight.clone()
+    assert start.abs().sum() > 0
+    assert torch.equal(upcycle(m, 4, 2, router, seed=0).blocks[0].ffn.router.gate.weight, start)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 300, (4, 24), generator=gen)
+    y = torch.randint(0, 300, (4, 24), generator=gen)
+    layer = u.blocks[0].ffn
+    h = torch.randn(96, u.cfg.n_embd, generator=gen)
+    assert layer.router(h).experts_TK.unique().numel() == 4  # not one tie for every token
+    opt = torch.optim.SGD(u.parameters(), lr=0.1)
+    u(x, y).loss.backward()
+    trained = sum(float(g.abs().sum()) > 0 for g in layer.experts.w1_EDH.grad)
+    assert trained > 2  # a zero router tied: the same K = 2 experts for every token
+    opt.step()
+    opt.zero_grad()
+    u(x, y).loss.backward()
+    assert float(layer.router.gate.weight.grad.abs().sum()) > 0

@@ -32,9 +32,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def gpu_models() -> str:
+    """The visible CUDA devices' names ("" without CUDA): a cache shared between machines (a
+    home directory on a cluster) must not carry one GPU type's choices to another."""
+    if not torch.cuda.is_available():
+        return ""
+    return ",".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+
+
 def machine_key() -> str:
-    """What every measurement here depends on: the CPU, the threads torch uses, torch."""
-    return f"{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    """What every measurement here depends on: the CPU, the GPUs, the threads torch uses,
+    torch."""
+    gpus = gpu_models()
+    return (f"{cpu_model()}{f'|gpu={gpus}' if gpus else ''}|threads={torch.get_num_threads()}"
+            f"|torch={torch.__version__}")
 
 
 def cache_file(kind: str) -> Path:

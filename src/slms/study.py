@@ -9,8 +9,8 @@ budget:
                token's expert matmuls cost what the dense FFN's do (the router's small matmul
                comes on top, and is counted)
   upcycled     the dense run's own checkpoint at about half the budget, upcycled
-               (slms.upcycle: experts copied from the dense FFN with a little noise, router at
-               zero) and trained on from there (train.init_from: a fresh optimizer state, the
+               (slms.upcycle: experts copied from the dense FFN with a little noise, a new
+               router) and trained on from there (train.init_from: a fresh optimizer state, the
                dense run's cosine schedule continued) to the same total budget
 
 The budget is training FLOPs (CONVENTION) or wall-clock minutes of optimizer steps per variant
@@ -63,11 +63,9 @@ class StudyOptions:
     top_ks: tuple[int, ...] = (1, 2)
     router: str = "bias"
     upcycle: tuple[int, int] | None = (8, 2)  # (experts, top_k); None: no upcycled variant
-    # slms.upcycle's expert_noise. Exact copies under a router at zero never separate with the
-    # topk or bias router: every token gets the same logits, so the tie (or the bias) sends all
-    # tokens to the same K identical experts, whose renormalised gate weights then get no
-    # gradient (the output does not depend on them). A little noise makes the chosen experts
-    # differ, so the router learns from the first step.
+    # slms.upcycle's expert_noise. The new router already spreads tokens over the experts, so
+    # exact copies drift apart from the first step; a little noise makes them differ at once,
+    # so the router's LM-loss gradient is not zero at step 0 either.
     upcycle_noise: float = 0.01
     evals: int = 10  # evaluations per run (FLOPs budget)
     eval_every: int = 50  # steps between evaluations (minutes budget)

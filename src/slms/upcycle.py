@@ -1,13 +1,16 @@
 """Sparse upcycling (Komatsuzaki et al. 2022): an MoE model whose experts start as copies of a
 dense model's feed-forward layers; attention, embeddings and norms are copied as they are.
 
-The new routers start at ZERO (weights and bias; noisy_topk's noise network too). Every expert
-then gets the same logit, top-k picks K of them and their renormalised gate weights sum to one;
-the K experts are identical copies of the dense MLP, so their weighted sum is exactly the dense
-MLP's output: the upcycled model computes the dense function at step 0. noisy_topk adds its
-noise (std softplus(0) = ln 2 at the start) in training only, where it changes which identical
-experts are chosen and their weights, but not the sum. `expert_noise` > 0 perturbs each expert
-so that they can drift apart (the output is then close to the dense one, not equal).
+The new routers start as any new model's do (`GPT`'s initialisation, seeded by `seed`): the
+router's choice and gate weights differ from token to token, but the chosen experts are
+identical copies of the dense MLP and their renormalised top-k weights sum to one, so their
+weighted sum is exactly the dense MLP's output: the upcycled model computes the dense function
+at step 0, whatever the router. Different tokens reach different experts, so the experts get
+different gradients from the first step and drift apart, and the router then learns. (A router
+at zero, as this module once had, sent every token to the same K experts: a tie that top-k breaks
+by index, so only those K experts were trained and the router's LM-loss gradient was exactly
+zero.) `expert_noise` > 0 also perturbs each expert (the output is then close to the dense
+one, not equal).
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ def upcycle(model: GPT, n_experts: int, top_k: int, router: str = "topk",
         raise ValueError(f"--expert-noise must be >= 0, got {expert_noise}")
     moe = MoEConfig(n_experts=n_experts, top_k=top_k, router=router,
                     expert_hidden=cfg.mlp_ratio * cfg.n_embd, every=every)
-    out = GPT(dataclasses.replace(cfg, moe=moe))  # validates the MoE settings
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the routers' initialisation, the same for the same seed
+        out = GPT(dataclasses.replace(cfg, moe=moe))  # validates the MoE settings
     fresh = out.state_dict()
     state = dict(model.state_dict())
     gen = torch.Generator().manual_seed(seed)
@@ -58,7 +63,7 @@ def upcycle(model: GPT, n_experts: int, top_k: int, router: str = "topk",
                                              n_experts, 0, gen)
         for name, t in fresh.items():
             if name.startswith(p + "router."):
-                state[name] = torch.zeros_like(t)
+                state[name] = t
     out.load_state_dict(state, strict=True)
     device = next(model.parameters()).device
     return out.to(device).train(model.training)

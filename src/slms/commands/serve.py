@@ -33,6 +33,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_precision(p)
 
 
+def load_with_threads(args: argparse.Namespace, threads: int | None):
+    """The model, loaded with the threads that will serve it (precision=auto measures bf16
+    while it loads); a model that fails to load leaves the thread count as it was."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return options.load_model(args)
+    except BaseException:
+        torch.set_num_threads(previous)
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0 .. 65535; got {args.port}")
@@ -46,18 +61,14 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"slms serve needs the serve extra ({e.name} is missing): "
                          "pip install 'slms[serve]'") from None
-    model, tok = options.load_model(args)  # first: a missing model changes nothing
     threads = args.threads
     if threads is None and args.device == "cpu":
         # Idle torch threads spin, and on a small CPU they starve the event loop that streams
         # the tokens: on 2 cores, 1 thread served the tiny model 1.5-2.5x faster than 2.
         threads = max(1, (os.cpu_count() or 2) - 1)
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1; got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {threads}")
+    model, tok = load_with_threads(args, threads)
     name = args.name or Path(args.checkpoint).resolve().name
     sock = listen(args.host, args.port)
     app = create_app(model, tok, name, args.max_batch, args.max_queue, args.api_key)

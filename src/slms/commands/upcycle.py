@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 HELP = "turn a dense checkpoint into an MoE one (experts copied from the MLPs)"
 DISK_FULL_NOTE = "nothing is left at --out: the checkpoint appears only when complete"
@@ -14,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     p.add_argument("--router", default="topk", choices=["topk", "noisy_topk", "bias"],
-                   help="router of the MoE layers (default topk); it starts at zero")
+                   help="router of the MoE layers (default topk), initialised as in a new model")
     p.add_argument("--expert-noise", type=float, default=0.0,
                    help="Gaussian noise on each expert's weights, relative to their std "
                         "(default 0: every expert an exact copy)")
@@ -35,10 +34,4 @@ def run(args: argparse.Namespace) -> int:
     assert model.cfg.moe is not None
     print("continue training with the dense run's config and overrides plus:\n  "
           + " ".join(train_overrides(model.cfg.moe, path)))
-    if args.expert_noise == 0 and args.router != "noisy_topk":
-        # docs/dense_vs_moe.md: identical experts behind a zero router get identical logits and
-        # no router gradient; that run trained worse than with noise 0.01
-        print("warning: identical experts with the zero-initialised " + args.router + " router "
-              "do not separate in training (docs/dense_vs_moe.md); pass --expert-noise 0.01 "
-              "or --router noisy_topk to train this model further", file=sys.stderr)
     return 0

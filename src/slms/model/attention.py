@@ -56,16 +56,23 @@ def apply_rope(x_BnTh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return out.to(x_BnTh.dtype)
 
 
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm whose weight takes the input's dtype. Under bf16 autocast q and k arrive in
     bf16 (autocast leaves rms_norm alone), and a float32 weight sends torch to its slower,
-    unfused kernel with a warning at every call."""
+    unfused kernel with a warning at every call. eps=None means float32's eps whatever the
+    input's dtype, passed explicitly: older torch releases inside our range took the input's
+    (2**-7 for bf16 q/k), torch 2.13 takes float32's (checked: equal outputs), so checkpoints
+    compute alike on every supported torch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if w is not None and w.dtype != x.dtype:
             w = w.to(x.dtype)
-        return F.rms_norm(x, self.normalized_shape, w, self.eps)
+        eps = FP32_EPS if self.eps is None else self.eps
+        return F.rms_norm(x, self.normalized_shape, w, eps)
 
 
 class CausalSelfAttention(nn.Module):

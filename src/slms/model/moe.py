@@ -560,13 +560,15 @@ def describe(x_TD: torch.Tensor, r: Routing, experts: Experts, cap: int | None,
 
 
 def shape_class(s: Situation, experts: Experts) -> tuple:
-    """What a kernel's speed depends on: decoding or not, device, dtype, gradients, the
-    experts' shape and activation, top-k and the tokens rounded up to a power of two."""
+    """What a kernel's speed depends on: decoding or not, device, compute and weight dtypes,
+    gradients, the experts' shape and activation, top-k, capacity and pads (they change which
+    kernels run and what they move) and the tokens rounded up to a power of two."""
     E, D, H = experts.w1_EDH.shape
     tokens = 1 << max(s.tokens - 1, 0).bit_length()
     return ("decode" if decoding(s) else "sorted", s.device, str(s.dtype)[6:],
-            "grad" if s.needs_grad else "nograd", f"E{E}", f"D{D}", f"H{H}",
-            f"K{s.assignments // s.tokens}", experts.activation, f"T{tokens}")
+            f"w{str(experts.w1_EDH.dtype)[6:]}", "grad" if s.needs_grad else "nograd",
+            f"E{E}", f"D{D}", f"H{H}", f"K{s.assignments // s.tokens}", experts.activation,
+            *(("cap",) if s.capacity else ()), *(("pads",) if s.pads else ()), f"T{tokens}")
 
 
 def _measured(s: Situation, experts: Experts, x_TD: torch.Tensor) -> str | None:

@@ -52,7 +52,8 @@ def fastest(shape_class: tuple, timers: Callable[[], dict[str, Callable[[], None
 
     Measured in a thread of its own, so that the caller's autograd state (gradient
     checkpointing's hooks, a graph being built) stays out of it."""
-    if (hit := _chosen.get(shape_class)) is not None:
+    local = (torch.get_num_threads(), shape_class)  # a choice holds for its thread count
+    if (hit := _chosen.get(local)) is not None:
         return hit
     key = "|".join([machine.machine_key(), build(), *map(str, shape_class)])
 
@@ -60,7 +61,7 @@ def fastest(shape_class: tuple, timers: Callable[[], dict[str, Callable[[], None
         with ThreadPoolExecutor(1) as pool:
             return pool.submit(_measure, shape_class, timers, context).result()
     entry = machine.measured("kernels", key, measure)
-    _chosen[shape_class] = entry["kernel"]
+    _chosen[local] = entry["kernel"]
     return entry["kernel"]
 
 
@@ -74,7 +75,7 @@ def machine_entries() -> dict[str, dict]:
 
 def known(shape_class: tuple) -> str | None:
     """The kernel chosen for `shape_class` in this process, if it was measured or read."""
-    return _chosen.get(shape_class)
+    return _chosen.get((torch.get_num_threads(), shape_class))
 
 
 def pick(seconds: dict[str, float]) -> str:

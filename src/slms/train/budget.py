@@ -9,9 +9,10 @@ steps of some models run slower than the rest, so the count is fitted again afte
 steps, from their second half; and a machine's speed drifts (other work, clocks: a 10-minute run
 here sped up 15% after its first minute, another slowed 12%), so it is refitted from the speed
 of the steps since the last fit at a quarter, half and three quarters of the fitted count; a
-count is taken only where it moves by more than MIN_CHANGE (the schedule then continues over
-the new total from the same step: a small step in the learning rate). Each fitted max_steps is
-written to the run's config, so a resumed run does not probe again: it keeps the last count.
+count is taken only where it moves by more than MIN_CHANGE (the schedule's remaining progress
+then spreads over the new total: the learning rate is continuous, `optim.Schedule.refit`). The
+budget's state (step times, time spent, the count, the fits done) is saved in every checkpoint,
+so a resumed run continues its budget instead of starting it over.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TimeBudget:
         n = len(self.times)
         if self.steps <= REFIT_STEPS or (n >= REFIT_STEPS and self._next_share() is None):
             self.minutes = 0  # fitted for good
+            self.times = []  # no window is timed again
         return proposal if moved else None
 
     def _next_share(self) -> int | None:
@@ -82,12 +84,29 @@ class TimeBudget:
 
 @dataclass
 class ValidationWatch:
-    """Evaluations since the best one, and the last (train loss, val loss) pair."""
+    """Evaluations since the best one, and the last (mean train loss, val loss) pair. The
+    training loss compared is the mean over the steps since the previous evaluation: one
+    step's loss is noisier than late-run changes of the validation loss. Its state is saved in
+    every checkpoint (a resumed run keeps its patience count)."""
 
     patience: int  # train.early_stop: stop after this many evaluations without a new best
     best: float = math.inf
     since_best: int = 0
     last: tuple[float, float] | None = None
+    window_sum: float = 0.0  # finite training losses since the previous evaluation
+    window_steps: int = 0
+
+    def add_train(self, loss: float) -> None:
+        """One optimizer step's training loss (non-finite ones are left out)."""
+        if math.isfinite(loss):
+            self.window_sum += loss
+            self.window_steps += 1
+
+    def evaluated(self, val_loss: float) -> str | None:
+        """`update` with the mean training loss of the window, which then starts again."""
+        train = self.window_sum / self.window_steps if self.window_steps else None
+        self.window_sum, self.window_steps = 0.0, 0
+        return self.update(train, val_loss)
 
     def update(self, train_loss: float | None, val_loss: float) -> str | None:
         """Record an evaluation; returns a warning when validation loss rose while training
@@ -97,7 +116,7 @@ class ValidationWatch:
             prev_train, prev_val = self.last
             if val_loss > prev_val and train_loss < prev_train:
                 warning = (f"validation loss rose {prev_val:.4f} -> {val_loss:.4f} while "
-                           f"training loss fell {prev_train:.4f} -> {train_loss:.4f}: "
+                           f"mean training loss fell {prev_train:.4f} -> {train_loss:.4f}: "
                            "overfitting; best/ keeps the best checkpoint (more data, dropout, "
                            "weight decay or train.early_stop help)")
         self.last = (train_loss, val_loss) if train_loss is not None else self.last

@@ -63,22 +63,61 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of cfg.lr at optimizer step `step` (0-based) of cfg.max_steps."""
-    total = cfg.max_steps
-    if cfg.schedule == "constant":
-        return min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    if cfg.schedule == "onecycle":
-        # torch's OneCycleLR defaults (the seed's): 30% cosine warm-up from lr/25, then cosine
-        # annealing to lr/(25 * 1e4).
-        up = max(1, int(0.3 * total) - 1)
-        start, end = 1 / 25, 1 / 25 / 1e4
-        if step <= up:
-            return _cos(start, 1.0, step / up)
-        return _cos(1.0, end, min(1.0, (step - up) / max(1, total - 1 - up)))
-    # cosine with linear warm-up, to min_lr_ratio at the last step
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return _cos(1.0, cfg.min_lr_ratio, min(1.0, progress))
+    return Schedule(cfg)(step)
+
+
+class Schedule:
+    """The learning-rate multiplier by optimizer step (0-based): `constant` (linear warm-up),
+    `cosine` (linear warm-up over train.warmup_steps, then cosine to min_lr_ratio at the last
+    step) or `onecycle` (torch's OneCycleLR defaults, the seed's: 30% cosine warm-up from
+    lr/25, then cosine annealing to lr/(25 * 1e4)).
+
+    The decay runs on a progress p in [0, 1] that `refit` can stretch or shrink to a new total
+    (the time budget's refits, a resumed run given another train.max_steps): from the refit
+    step s_f on, p(s) = p_f + (1 - p_f) (s - s_f) / (T_new - s_f), so the learning rate is
+    continuous at every refit. The knots (step, progress, total) are the whole state: a
+    LambdaLR saves a callable object's attributes, so a checkpoint keeps them.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.kind = cfg.schedule
+        self.warmup = cfg.warmup_steps if cfg.schedule != "onecycle" else 0
+        self.min_lr_ratio = cfg.min_lr_ratio
+        total = cfg.max_steps
+        # onecycle's warm-up ends at step int(0.3 T) - 1 of the last step T - 1, as torch's
+        self.up = max(1, int(0.3 * total) - 1) / max(1, total - 1)
+        self.knots: list[tuple[int, float, int]] = [(0, 0.0, total)]
+
+    @property
+    def total(self) -> int:
+        return self.knots[-1][2]
+
+    def progress(self, step: int) -> float:
+        """Where `step` is in the decay: 0 before it starts, 1 at the last step."""
+        s_k, p_k, total = next(k for k in reversed(self.knots) if k[0] <= step)
+        begin = max(s_k, self.warmup)
+        if step < begin:
+            return p_k
+        end = total - 1 if self.kind == "onecycle" else total
+        return min(1.0, p_k + (1 - p_k) * (step - begin) / max(1, end - begin))
+
+    def refit(self, step: int, total: int) -> None:
+        """From `step` on, the remaining progress spreads over the steps up to `total`."""
+        if total != self.total:
+            self.knots = [k for k in self.knots if k[0] < step]
+            self.knots.append((step, self.progress(step) if self.knots else 0.0, total))
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "onecycle":
+            p, up = self.progress(step), self.up
+            if p <= up:
+                return _cos(1 / 25, 1.0, p / up)
+            return _cos(1.0, 1 / 25 / 1e4, (p - up) / (1 - up))
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        return _cos(1.0, self.min_lr_ratio, self.progress(step))
 
 
 def _cos(start: float, end: float, t: float) -> float:
@@ -87,4 +126,17 @@ def _cos(start: float, end: float, t: float) -> float:
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig
                     ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
+    return torch.optim.lr_scheduler.LambdaLR(opt, Schedule(cfg))
+
+
+def schedule_of(sched: torch.optim.lr_scheduler.LambdaLR) -> Schedule:
+    return sched.lr_lambdas[0]
+
+
+def refit_scheduler(sched: torch.optim.lr_scheduler.LambdaLR, step: int, total: int) -> None:
+    """Continue the schedule from optimizer step `step` (the next to run) to `total` steps;
+    the optimizer's learning rates are those of `step` (unchanged: the schedule is continuous)."""
+    schedule_of(sched).refit(step, total)
+    for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
+        group["lr"] = base * schedule_of(sched)(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]

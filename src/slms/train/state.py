@@ -3,16 +3,18 @@ uninterrupted one bit for bit, and how a run directory is resumed.
 
 Saved: weights (bias-router state included: it is a model buffer), optimizer, scheduler, grad
 scaler, step, tokens seen, best validation loss, non-finite step counts, the MoE statistics of the
-unfinished log window, and every rank's RNG states (torch, CUDA, numpy, python). Training batches
+unfinished log window, the time budget's and the validation watch's state, and every rank's
+RNG states (torch, CUDA, numpy, python). Training batches
 are a pure function of (seed, step, rank, micro-step), so no loader state is needed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from slms.model import GPT
 from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
 from slms.train import distributed
+from slms.train.budget import TimeBudget, ValidationWatch
 from slms.train.distributed import Dist
 
 
@@ -41,6 +44,7 @@ class State:
     tokens_seen: int = 0
     bad_steps: int = 0  # non-finite steps skipped in the whole run
     bad_in_row: int = 0
+    train_seconds: float = 0.0  # optimizer steps only (evaluation and checkpoints excluded)
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,6 +76,8 @@ class Run:
     tokenizer: Tokenizer
     d: Dist
     state: State
+    budget: TimeBudget = field(default_factory=lambda: TimeBudget(0.0))
+    watch: ValidationWatch = field(default_factory=lambda: ValidationWatch(0))
 
 
 def save(run: Run, path: Path, val: dict[str, Any] | None = None) -> None:
@@ -97,7 +103,8 @@ def save(run: Run, path: Path, val: dict[str, Any] | None = None) -> None:
         "bad_steps": state.bad_steps, "bad_in_row": state.bad_in_row, "world": run.d.world,
         "optimizer": optim, "scheduler": run.sched.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler else {}, "rng": rngs,
-        "moe_stats": moe_stats,
+        "moe_stats": moe_stats, "train_seconds": state.train_seconds,
+        "budget": dataclasses.asdict(run.budget), "watch": dataclasses.asdict(run.watch),
     }
     ckpt.save_checkpoint(path, gpt, run.tokenizer, info, trainer_state)
 
@@ -151,10 +158,27 @@ def restore(run: Run, log=print) -> None:
              "random streams (dropout, router noise) restart from the seed")
     ckpt.unwrap(run.model).load_moe_stats_state(ts.get("moe_stats", []))
     run.state = State(step=ts["step"], best_val=ts["best_val"], tokens_seen=ts["tokens_seen"],
-                      bad_steps=ts.get("bad_steps", 0), bad_in_row=ts.get("bad_in_row", 0))
+                      bad_steps=ts.get("bad_steps", 0), bad_in_row=ts.get("bad_in_row", 0),
+                      train_seconds=ts.get("train_seconds", 0.0))
+    restore_watchers(run, ts)
     if d.main:
         tidy_run_dir(run.run_dir, run.state.step)
     warn(f"resumed from {path} (step {run.state.step})")
+
+
+def restore_watchers(run: Run, ts: dict[str, Any]) -> None:
+    """The time budget (when the run still has one: train.max_minutes) and the validation
+    watch as they were; train.early_stop is the run's own now (it may be changed on resume).
+    A checkpoint written before they were saved: the watch's best is the run's best."""
+    saved = ts.get("budget")
+    if saved and run.cfg.train.max_minutes > 0 and (saved["minutes"] > 0 or saved["steps"]):
+        run.budget = TimeBudget(**saved)
+    w = ts.get("watch")
+    if w is None:
+        run.watch = ValidationWatch(run.cfg.train.early_stop, best=run.state.best_val)
+    else:
+        last = tuple(w["last"]) if w["last"] is not None else None
+        run.watch = ValidationWatch(**{**w, "last": last, "patience": run.cfg.train.early_stop})
 
 
 def recover_run_dir(run_dir: Path) -> None:

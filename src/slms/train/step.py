@@ -134,14 +134,18 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, sched: LRSchedu
     # With fp16 loss scaling an inf gradient norm is routine (the scaler skips and lowers its
     # scale); a non-finite loss is not.
     skipped = not math.isfinite(loss) or (env.scaler is None and not math.isfinite(grad_norm))
+    scaler_skipped = False
     if env.scaler:
+        scale = env.scaler.get_scale()
         env.scaler.step(opt)  # skips by itself when a gradient is inf/NaN
         env.scaler.update()
+        scaler_skipped = env.scaler.get_scale() < scale  # the scale drops only on a skip
     elif not skipped:
         opt.step()
     opt.zero_grad(set_to_none=True)
     sched.step()
-    unwrap(model).after_optimizer_step(skipped)
+    # no bias-router update from a step whose weights did not move
+    unwrap(model).after_optimizer_step(skipped or scaler_skipped)
     return grad_norm, skipped
 
 

@@ -37,7 +37,7 @@ from slms.train.metrics import (
     moe_summary,
     peak_flops,
 )
-from slms.train.optim import build_optimizer, build_scheduler
+from slms.train.optim import build_optimizer, build_scheduler, refit_scheduler, schedule_of
 from slms.train.signals import StopRequest
 from slms.train.state import NonFiniteError, Run, State, find_resume, restore, save, save_step
 from slms.train.step import Env, StepResult, train_step
@@ -103,16 +103,14 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
     """The training steps of `loop`; returns why it ended early (None: max_steps reached)."""
     state = run.state
     meter = Meter(run.cfg, env)
-    budget = TimeBudget(run.cfg.train.max_minutes)
-    watch = ValidationWatch(run.cfg.train.early_stop)
-    trained_s = 0.0  # optimizer steps only, since this process started
+    budget, watch = run.budget, run.watch
     while state.step < run.cfg.train.max_steps:
         t0 = time.perf_counter()
         result = train_step(run.model, run.opt, run.sched, data, run.cfg.train,
                             run.cfg.model.block_size, state.step, env)
         state.step += 1
         dt = time.perf_counter() - t0
-        trained_s += dt
+        state.train_seconds += dt
         proposal = budget.record(dt)
         if proposal is not None:  # the same steps on every rank; rank 0's measurement counts
             fitted = budget.accept(env.dist.gather(proposal)[0])
@@ -121,6 +119,7 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
         tc = run.cfg.train
         state.tokens_seen += result.tokens
         meter.tokens += result.tokens
+        watch.add_train(result.loss)
         guard_non_finite(run, result, metrics, bar.write)
         last = state.step == tc.max_steps
         stopping = env.dist.any(stop.requested is not None, env.device)
@@ -128,9 +127,9 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
             log_step(run, result, meter, metrics, bar)
         early = False
         if state.step % tc.eval_every == 0 or last:
-            val = run_eval(run, data, env, metrics, bar.write, trained_s / 60)
+            val = run_eval(run, data, env, metrics, bar.write, state.train_seconds / 60)
             meter.restart()  # evaluation time is not training throughput
-            early = watch_validation(watch, result.loss, val["loss"], run, bar.write) and not last
+            early = watch_validation(watch, val["loss"], run, bar.write) and not last
         if state.step % tc.checkpoint_every == 0 or last or stopping or early:
             path = save_step(run)
         bar.update(1)
@@ -144,24 +143,21 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
     return None
 
 
-def watch_validation(watch: ValidationWatch, train_loss: float, val_loss: float, run: Run,
-                     write) -> bool:
+def watch_validation(watch: ValidationWatch, val_loss: float, run: Run, write) -> bool:
     """Record an evaluation; warn of overfitting; True when train.early_stop says stop."""
-    warning = watch.update(train_loss, val_loss)
+    warning = watch.evaluated(val_loss)
     if warning and run.d.main:
         write(f"step {run.state.step}: warning: {warning}")
     return watch.should_stop
 
 
 def fix_max_steps(run: Run, steps: int, bar, log) -> None:
-    """train.max_minutes, at each fit: max_steps set, the schedule rebuilt over it (at the same
-    step), and the run's config rewritten so that a resumed run keeps it."""
-    tc = dataclasses.replace(run.cfg.train, max_steps=max(steps, run.state.step),
-                             max_minutes=0.0)
+    """train.max_minutes, at each fit: max_steps set, the schedule continued over it from this
+    step (the lr stays continuous), and the count written to the run's config for the reader
+    (a resumed run takes it, and the budget's state, from its checkpoint)."""
+    tc = dataclasses.replace(run.cfg.train, max_steps=max(steps, run.state.step))
     run.cfg = dataclasses.replace(run.cfg, train=tc)
-    run.sched = build_scheduler(run.opt, tc)
-    run.sched.last_epoch = run.state.step - 1
-    run.sched.step()  # the lr of the next step under the fixed total
+    refit_scheduler(run.sched, run.state.step, tc.max_steps)
     if run.d.main:
         run_dir = RunDir(run.run_dir)
         data_dir = run_dir.data_dir()
@@ -250,10 +246,29 @@ def build_run(cfg: RunConfig, env: Env, tokenizer: Tokenizer, out_dir: str | Pat
     model = distributed.wrap(gpt, tc.parallel, d, env.device, tc.compile)
     opt = build_optimizer(model, tc, env.device)
     sched = build_scheduler(opt, tc)
-    run = Run(cfg, run_dir, model, opt, sched, env.scaler, tokenizer, d, State())
+    run = Run(cfg, run_dir, model, opt, sched, env.scaler, tokenizer, d, State(),
+              TimeBudget(tc.max_minutes), ValidationWatch(tc.early_stop))
     if resume_dir:
         restore(run, log)
+        continue_schedule(run, log)
     return run
+
+
+def continue_schedule(run: Run, log) -> None:
+    """A resumed run's step count and schedule: those of its checkpoint under a time budget
+    (never the provisional 10**9 of `resolve_steps`: the budget's restored state refits it);
+    otherwise train.max_steps, the schedule's remaining progress spread over it when it
+    changed (the lr continues from where the run was)."""
+    tc, schedule = run.cfg.train, schedule_of(run.sched)
+    if tc.max_minutes > 0:
+        if run.budget.steps is not None or run.budget.times:  # the checkpoint's budget
+            tc = dataclasses.replace(tc, max_steps=schedule.total)
+            run.cfg = dataclasses.replace(run.cfg, train=tc)
+        return
+    if tc.max_steps != schedule.total:
+        refit_scheduler(run.sched, run.state.step, tc.max_steps)
+        log(f"schedule: continues from step {run.state.step} to train.max_steps="
+            f"{tc.max_steps} (it was planned for {schedule.total})")
 
 
 def resolve_device(name: str) -> torch.device:
