@@ -139,7 +139,7 @@ def _factors(sched, n):
 def test_a_refit_keeps_the_learning_rate_continuous(schedule):
     """Refit at step 750 of 1,000 to 1,150 or 870 steps: the factor of step 750 is what it
     was (a rebuilt cosine jumped +81% / -68% there), the decay then ends at the new total."""
-    from slms.train.optim import Schedule, build_scheduler, refit_scheduler
+    from slms.train.optim import Schedule, build_scheduler, schedule_of
 
     cfg = TrainConfig(max_steps=1000, warmup_steps=50, schedule=schedule, min_lr_ratio=0.1)
     for total in (1150, 870):
@@ -149,7 +149,7 @@ def test_a_refit_keeps_the_learning_rate_continuous(schedule):
         plain = Schedule(cfg)
         assert before == pytest.approx([plain(s) for s in range(750)], rel=1e-12)
         assert sched.get_last_lr()[0] == pytest.approx(plain(750), rel=1e-12)
-        refit_scheduler(sched, 750, total)
+        schedule_of(sched).refit(750, total)
         after = _factors(sched, total - 750)
         assert after[0] == pytest.approx(plain(750), rel=1e-12)  # continuous
         steps = [b - a for a, b in zip(after, after[1:], strict=False)]

@@ -39,6 +39,11 @@ class TimeBudget:
     mark: int = 0  # the step of the last fit: later fits time the steps since
     shares_done: int = 0  # how many of REFIT_SHARES were fitted at
 
+    @property
+    def started(self) -> bool:
+        """Whether any step was timed or a count fitted (a run without a budget: never)."""
+        return bool(self.times) or self.steps is not None
+
     def record(self, seconds: float) -> int | None:
         """Add one step's time; at a fitting step (PROBE_STEPS, REFIT_STEPS, then REFIT_SHARES
         of the accepted count) returns the count that would fill the budget, else None."""

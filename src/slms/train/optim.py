@@ -130,13 +130,6 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig
 
 
 def schedule_of(sched: torch.optim.lr_scheduler.LambdaLR) -> Schedule:
+    """The `Schedule` of a `build_scheduler` scheduler. Refitting it at the next step to run
+    (sched.last_epoch) leaves that step's factor, and so the optimizer's lr, exactly as it is."""
     return sched.lr_lambdas[0]
-
-
-def refit_scheduler(sched: torch.optim.lr_scheduler.LambdaLR, step: int, total: int) -> None:
-    """Continue the schedule from optimizer step `step` (the next to run) to `total` steps;
-    the optimizer's learning rates are those of `step` (unchanged: the schedule is continuous)."""
-    schedule_of(sched).refit(step, total)
-    for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
-        group["lr"] = base * schedule_of(sched)(sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]

@@ -170,9 +170,9 @@ def restore_watchers(run: Run, ts: dict[str, Any]) -> None:
     """The time budget (when the run still has one: train.max_minutes) and the validation
     watch as they were; train.early_stop is the run's own now (it may be changed on resume).
     A checkpoint written before they were saved: the watch's best is the run's best."""
-    saved = ts.get("budget")
-    if saved and run.cfg.train.max_minutes > 0 and (saved["minutes"] > 0 or saved["steps"]):
-        run.budget = TimeBudget(**saved)
+    saved = TimeBudget(**ts["budget"]) if "budget" in ts else None
+    if saved is not None and saved.started and run.cfg.train.max_minutes > 0:
+        run.budget = saved
     w = ts.get("watch")
     if w is None:
         run.watch = ValidationWatch(run.cfg.train.early_stop, best=run.state.best_val)

@@ -37,7 +37,7 @@ from slms.train.metrics import (
     moe_summary,
     peak_flops,
 )
-from slms.train.optim import build_optimizer, build_scheduler, refit_scheduler, schedule_of
+from slms.train.optim import build_optimizer, build_scheduler, schedule_of
 from slms.train.signals import StopRequest
 from slms.train.state import NonFiniteError, Run, State, find_resume, restore, save, save_step
 from slms.train.step import Env, StepResult, train_step
@@ -157,7 +157,7 @@ def fix_max_steps(run: Run, steps: int, bar, log) -> None:
     (a resumed run takes it, and the budget's state, from its checkpoint)."""
     tc = dataclasses.replace(run.cfg.train, max_steps=max(steps, run.state.step))
     run.cfg = dataclasses.replace(run.cfg, train=tc)
-    refit_scheduler(run.sched, run.state.step, tc.max_steps)
+    schedule_of(run.sched).refit(run.state.step, tc.max_steps)
     if run.d.main:
         run_dir = RunDir(run.run_dir)
         data_dir = run_dir.data_dir()
@@ -261,12 +261,12 @@ def continue_schedule(run: Run, log) -> None:
     changed (the lr continues from where the run was)."""
     tc, schedule = run.cfg.train, schedule_of(run.sched)
     if tc.max_minutes > 0:
-        if run.budget.steps is not None or run.budget.times:  # the checkpoint's budget
+        if run.budget.started:  # the checkpoint's budget
             tc = dataclasses.replace(tc, max_steps=schedule.total)
             run.cfg = dataclasses.replace(run.cfg, train=tc)
         return
     if tc.max_steps != schedule.total:
-        refit_scheduler(run.sched, run.state.step, tc.max_steps)
+        schedule.refit(run.state.step, tc.max_steps)
         log(f"schedule: continues from step {run.state.step} to train.max_steps="
             f"{tc.max_steps} (it was planned for {schedule.total})")
 
