@@ -3,9 +3,11 @@ import json
 import pytest
 
 from slms.cli import main
-from slms.config import ModelConfig
+from slms.config import ModelConfig, run_config_from_dict
 from slms.model.info import ffn_matmul_params
 from slms.study import expert_width, moe_overrides
+from slms.train.metrics import read_metrics
+from slms.train.optim import Schedule
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -66,9 +68,16 @@ def test_the_upcycled_run_starts_from_the_dense_run_halfway(quick):
     dense_cfg, up_cfg = (json.loads((out / name / "run_config.json").read_text())["train"]
                          for name in ("dense", up["name"]))
     assert up_cfg["init_from"] == up["init"]
-    # the dense schedule continued: cosine from the dense run's learning rate at step 15 of 30
-    assert up_cfg["lr"] < dense_cfg["lr"] and up_cfg["muon_lr"] < dense_cfg["muon_lr"]
-    assert up_cfg["warmup_steps"] == 1
+    # the dense run continued at step 15 of its 30: its batches and its schedule from there
+    assert (up_cfg["init_step"], up_cfg["init_total"]) == (15, dense_cfg["max_steps"]) == (15, 30)
+    lrs = {name: {r["step"]: r["lr"] for r in read_metrics(out / name) if "lr" in r}
+           for name in ("dense", up["name"])}
+    # its lr: the dense cosine, refitted at step 15 to the upcycled run's (fewer) steps
+    schedule = Schedule(run_config_from_dict({"train": dense_cfg}).train)
+    schedule.refit(half, up["steps"])
+    assert min(lrs[up["name"]]) > half and up["steps"] < 30
+    assert lrs[up["name"]] == {s: pytest.approx(dense_cfg["lr"] * schedule(s - 1))
+                               for s in lrs[up["name"]]}
 
 
 def test_minutes_budget(tmp_path):

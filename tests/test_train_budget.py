@@ -203,3 +203,26 @@ def test_bad_budget_values_are_refused(key, value):
 
     with pytest.raises(ConfigError, match=f"train.{key}"):
         load_config(None, [f"train.{key}={value}"])
+
+
+def test_a_budgeted_run_continuing_another_fits_its_steps_after_init_step(tmp_path, data_dir,
+                                                                         monkeypatch):
+    """train.init_step with train.max_minutes: the budget's count comes after the start step
+    (1 "second" a step, 30 seconds: about 10 + 30 steps), and the timed steps run at the
+    continued schedule's lr (not a fresh one, nor one planned over the 10**9 placeholder)."""
+    from slms.rundir import RunDir
+
+    argv = ["train", "configs/tiny.toml", f"data.path={data_dir}", "model.n_layer=1",
+            "model.n_embd=32", "model.n_head=2", "model.block_size=32",
+            "model.moe.expert_hidden=32", "train.batch_size=2", "train.warmup_steps=4",
+            "train.eval_every=1000", "train.log_every=1", "train.checkpoint_every=10"]
+    src, run = tmp_path / "src", tmp_path / "run"
+    _train_with(monkeypatch, [*argv, "train.max_steps=40", "train.keep_checkpoints=5",
+                              "--out", str(src)])
+    _train_with(monkeypatch, [*argv, "train.max_minutes=0.5", "train.init_step=10",
+                              "train.init_total=40",
+                              f"train.init_from={RunDir(src).step_dir(10)}", "--out", str(run)])
+    max_steps = RunDir(run).read_config()["train"]["max_steps"]
+    got, want = _lrs(run), _lrs(src)
+    assert got[0][0] == 11 and got[-1][0] == max_steps and 10 + PROBE_STEPS < max_steps < 45
+    assert got[0][1] == want[10][1]  # step 11: the source run's lr there

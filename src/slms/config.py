@@ -193,6 +193,12 @@ class TrainConfig:
     # a checkpoint (or run directory) whose weights a NEW run starts from, e.g. one written by
     # `slms upcycle`; its model config must equal this run's (training-only settings aside)
     init_from: str | None = None
+    # with init_from: the step of the source run its weights are from. The run continues that
+    # run there: the batches of steps init_step.. (batches are a function of seed and step) and
+    # its learning-rate schedule, planned over init_total steps (0 = train.max_steps) and
+    # continued from init_step over the steps up to train.max_steps (optim.Schedule.refit)
+    init_step: int = 0
+    init_total: int = 0
 
     def validate(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every",
@@ -216,6 +222,10 @@ class TrainConfig:
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
                "must be auto, fp32, bf16 or fp16")
         _check(self.threads >= 0, "train.threads", "must be >= 0")
+        _check(self.init_step >= 0, "train.init_step", "must be >= 0")
+        _check(self.init_total >= 0, "train.init_total", "must be >= 0 (0 = train.max_steps)")
+        _check(not self.init_step or bool(self.init_from), "train.init_step",
+               "continues the run train.init_from names: set train.init_from too")
 
 
 @dataclass(frozen=True)

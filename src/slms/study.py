@@ -10,8 +10,9 @@ budget:
                comes on top, and is counted)
   upcycled     the dense run's own checkpoint at about half the budget, upcycled
                (slms.upcycle: experts copied from the dense FFN with a little noise, a new
-               router) and trained on from there (train.init_from: a fresh optimizer state, the
-               dense run's cosine schedule continued) to the same total budget
+               router) and trained on from there to the same total budget (train.init_from
+               with train.init_step: a fresh optimizer state; the dense run's batches from
+               that step on and its learning-rate schedule continued)
 
 The budget is training FLOPs (CONVENTION) or wall-clock minutes of optimizer steps per variant
 (train.max_minutes). With FLOPs, a variant trains round(budget / (FLOPs per token x tokens per
@@ -222,9 +223,11 @@ def train_run(study: Study, variant: Variant, extra: list[str], run_dir: Path, l
 
 def curve(evals: list[dict[str, Any]], fpt: int, tokens_per_step: int, step0: int = 0,
           flops0: float = 0.0, seconds0: float = 0.0) -> list[dict[str, Any]]:
-    """Evaluation points with cumulative step, training FLOPs and training seconds (the
-    optimizer steps' time, evaluation excluded), offset by a previous segment's."""
-    return [{"step": step0 + r["step"], "flops": flops0 + r["step"] * tokens_per_step * fpt,
+    """Evaluation points with cumulative training FLOPs and training seconds (the optimizer
+    steps' time, evaluation excluded), of a run whose steps began at `step0` (train.init_step)
+    after a previous segment's flops0 and seconds0."""
+    return [{"step": r["step"],
+             "flops": flops0 + (r["step"] - step0) * tokens_per_step * fpt,
              "train_seconds": seconds0 + 60 * r.get("train_minutes", 0.0),
              "val_bpb": r["val_bits_per_byte"], "val_loss": r["val_loss"]} for r in evals]
 
@@ -314,13 +317,16 @@ def run_upcycled(study: Study, variant: Variant, dense: dict[str, Any], half: in
     fpt = flops_per_token(model.cfg)
     if study.flops:
         steps = steps_for(study, study.flops - start["flops"], fpt)
-        extra = train_overrides(steps, math.ceil(steps / (opts.evals / 2)), 10**9)
+        extra = train_overrides(half + steps, math.ceil(steps / (opts.evals / 2)), 10**9)
         more = f"{steps} more steps of {fpt * study.tokens_per_step:.3g} FLOPs"
     else:
-        steps, left = half, max(opts.minutes - start["train_seconds"] / 60, 1e-3)
+        left = max(opts.minutes - start["train_seconds"] / 60, 1e-3)
         extra = train_overrides(1, opts.eval_every, 10**9, left)
         more = f"{left:.2f} more minutes"
-    extra += schedule_overrides(Path(dense["run_dir"]), half, steps)
+    # the dense run continued: its batches from step `half` on and its schedule (planned over
+    # its own steps) carried on from there over the upcycled run's
+    dense_steps = cfg_as_trained(Path(dense["run_dir"]))["train"]["max_steps"]
+    extra += [f"train.init_step={half}", f"train.init_total={dense_steps}"]
     log(f"== {variant.name}: from the dense checkpoint at step {half}, {more}")
     run_dir = opts.out / variant.name
     cfg, evals, seconds = train_run(study, variant, extra, run_dir, log)
@@ -329,21 +335,6 @@ def run_upcycled(study: Study, variant: Variant, dense: dict[str, Any], half: in
                             start["train_seconds"])
     out = summary(study, variant, cfg, points, seconds, run_dir)
     return out | {"upcycled_at_step": half, "init": str(ckpt), "expert_noise": opts.upcycle_noise}
-
-
-def schedule_overrides(dense_dir: Path, half: int, steps: int) -> list[str]:
-    """With the cosine schedule, the upcycled run continues the dense run's: its peak is the
-    dense learning rate at step `half`, it decays to the same floor, and it warms up over a
-    tenth of its `steps` (at most the recipe's warm-up) since its optimizer state is new."""
-    from slms.train.optim import lr_factor
-
-    tc = run_config_from_dict(cfg_as_trained(dense_dir)).train  # max_steps as trained
-    if tc.schedule != "cosine":
-        return []
-    f = lr_factor(half, tc)
-    out = [f"train.lr={tc.lr * f}", f"train.min_lr_ratio={min(1.0, tc.min_lr_ratio / f)}",
-           f"train.warmup_steps={min(tc.warmup_steps, max(1, steps // 10))}"]
-    return out + ([f"train.muon_lr={tc.muon_lr * f}"] if tc.muon_lr else [])
 
 
 def run_study(opts: StudyOptions, log=print) -> dict[str, Any]:

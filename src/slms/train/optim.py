@@ -3,6 +3,7 @@ matmul and embedding weights only, and learning-rate schedules from the true ste
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -126,7 +127,16 @@ def _cos(start: float, end: float, t: float) -> float:
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig
                     ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, Schedule(cfg))
+    """The schedule from step 0; or, continuing another run at train.init_step, its schedule
+    (planned over train.init_total steps) refitted there to train.max_steps, at that step."""
+    if not cfg.init_step:
+        return torch.optim.lr_scheduler.LambdaLR(opt, Schedule(cfg))
+    schedule = Schedule(dataclasses.replace(cfg, max_steps=cfg.init_total or cfg.max_steps))
+    schedule.refit(cfg.init_step, cfg.max_steps)
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    # last_epoch = the step before: the constructor's first step lands on init_step
+    return torch.optim.lr_scheduler.LambdaLR(opt, schedule, last_epoch=cfg.init_step - 1)
 
 
 def schedule_of(sched: torch.optim.lr_scheduler.LambdaLR) -> Schedule:

@@ -114,8 +114,8 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
         proposal = budget.record(dt)
         if proposal is not None:  # the same steps on every rank; rank 0's measurement counts
             fitted = budget.accept(env.dist.gather(proposal)[0])
-            if fitted is not None:
-                fix_max_steps(run, fitted, bar, log)
+            if fitted is not None:  # the budget counts its own steps: after train.init_step
+                fix_max_steps(run, run.cfg.train.init_step + fitted, bar, log)
         tc = run.cfg.train
         state.tokens_seen += result.tokens
         meter.tokens += result.tokens
@@ -246,11 +246,16 @@ def build_run(cfg: RunConfig, env: Env, tokenizer: Tokenizer, out_dir: str | Pat
     model = distributed.wrap(gpt, tc.parallel, d, env.device, tc.compile)
     opt = build_optimizer(model, tc, env.device)
     sched = build_scheduler(opt, tc)
-    run = Run(cfg, run_dir, model, opt, sched, env.scaler, tokenizer, d, State(),
+    state = State(step=tc.init_step)  # 0 unless it continues another run (train.init_step)
+    run = Run(cfg, run_dir, model, opt, sched, env.scaler, tokenizer, d, state,
               TimeBudget(tc.max_minutes), ValidationWatch(tc.early_stop))
     if resume_dir:
         restore(run, log)
         continue_schedule(run, log)
+    elif tc.init_step:
+        planned = tc.init_total or tc.max_steps
+        log(f"continues that run at step {tc.init_step}: its batches from there, its schedule "
+            f"(planned over {planned} steps) at lr x {schedule_of(sched)(tc.init_step):.4f}")
     return run
 
 
