@@ -60,6 +60,33 @@ def test_newton_schulz_orthogonalises_each_expert():
     torch.testing.assert_close(tall, o.mT, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_muon_split_orthogonalises_each_block_of_a_fused_matrix(moe):
+    """With train.muon_split the first update of the fused qkv is Q's, K's and V's own
+    orthogonalised gradients side by side, each scaled by its own shape, and SwiGLU's gate and
+    up likewise (rows of an MLP's fc, columns of the experts' w1); without it, the whole's."""
+    from slms.train.muon import newton_schulz
+
+    lr = 1e-2
+    for split in (True, False):
+        torch.manual_seed(0)
+        model = GPT(tiny_config(moe=moe, activation="swiglu"))
+        cfg = TrainConfig(optimizer="muon", lr=lr, weight_decay=0.0, muon_split=split)
+        opt = build_optimizer(model, cfg, torch.device("cpu"))
+        x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+        model(x, x).loss.backward()
+        fc = model.blocks[0].ffn.experts.w1_EDH if moe else model.blocks[0].ffn.fc.weight
+        cases = [(model.blocks[0].attn.qkv.weight, (-2, 3)), (fc, (-1, 2) if moe else (-2, 2))]
+        m = cfg.muon_momentum  # the first Nesterov step: g lerped to the buffer (1 - m) g
+        before = [(w.detach().clone(), w.grad.lerp((1 - m) * w.grad, m)) for w, _ in cases]
+        opt.step()
+        for (w, (dim, n)), (w0, g) in zip(cases, before, strict=True):
+            parts = g.chunk(n, dim) if split else (g,)
+            want = torch.cat([newton_schulz(b) * 0.2 * max(b.shape[-2:]) ** 0.5 for b in parts],
+                             dim)
+            torch.testing.assert_close(w0 - w.detach(), lr * want, rtol=1e-4, atol=1e-7)
+
+
 def test_the_adamw_part_equals_torch_adamw():
     torch.manual_seed(0)
     ref, ours = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
@@ -172,3 +199,30 @@ def test_onecycle_equals_torch_onecyclelr():
         ref.optimizer.step()
         ours.step()
         ref.step()
+
+
+def test_a_muon_run_resumes_with_its_own_split(tmp_path, data_dir, capsys):
+    import json
+
+    from slms.cli import main
+    from slms.rundir import RunDir
+    from train_helpers import TINY
+
+    run = tmp_path / "run"
+    args = ["train", "configs/tiny.toml", f"data.path={data_dir}", *TINY,
+            "train.optimizer=\"muon\"", "train.muon_split=false", "--out", str(run)]
+    assert main([*args, "train.max_steps=3"]) == 0
+    # a run written before train.muon_split existed took the fused matrices whole
+    config = json.loads(RunDir(run).config_file.read_text())
+    del config["train"]["muon_split"]
+    RunDir(run).config_file.write_text(json.dumps(config))
+    assert RunDir(run).read_config()["train"]["muon_split"] is False
+    # other groups than the checkpoint's: one line that says so, and the checkpoint is kept
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.max_steps=6",
+                 "train.muon_split=true"]) != 0
+    err = capsys.readouterr().err
+    assert "optimizer settings changed" in err and "muon_split" in err, err
+    assert [p.name for p in RunDir(run).checkpoints()] == ["step-3"]
+    assert main(["train", "--resume", str(run), "train.max_steps=6"]) == 0
+    assert [p.name for p in RunDir(run).checkpoints()][-1] == "step-6"

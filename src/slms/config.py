@@ -162,6 +162,9 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
     muon_lr: float = 0.0  # the Muon groups' peak lr; 0 = train.lr (updates are RMS-matched)
     muon_momentum: float = 0.95
+    # orthogonalise fused matrices (qkv; SwiGLU's gate and up) per block, as separate matrices
+    # (docs/quality.md "Muon on fused matrices": better at equal steps; false = whole)
+    muon_split: bool = True
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off

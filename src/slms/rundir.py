@@ -76,6 +76,9 @@ class RunDir:
         if not isinstance(config, dict):
             raise ValueError(f"{self.config_file} is not a run config: the run cannot be "
                              "resumed (its checkpoints still load)")
+        train = config.get("train")
+        if isinstance(train, dict):  # from before train.muon_split: Muon took fused ones whole
+            train.setdefault("muon_split", False)
         return config
 
     def data_dir(self) -> Path | None:

@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="experts and top-k of the upcycled variant (default 8,2; none: skip it)")
     p.add_argument("--upcycle-noise", type=float, default=0.01,
                    help="expert noise of the upcycled variant, relative to the weights' std "
-                   "(default 0.01; identical experts under a zero topk/bias router never "
-                   "separate)")
+                   "(default 0.01, as in the study of docs/dense_vs_moe.md; the new router "
+                   "separates exact copies too)")
     p.add_argument("--data", help="a .txt file (its last --val-stories stories held out), a "
                    "prepared data directory or any source `slms prepare` reads (default: the "
                    "base config's data.path, else the embedded corpus)")

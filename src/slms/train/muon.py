@@ -5,7 +5,10 @@ A parameter group with `"muon": True` holds matrices (2-D weights, or stacked ex
 orthogonalised per expert); its update is the Nesterov momentum of the gradient, orthogonalised
 by five Newton-Schulz steps (Jordan et al., the nanoGPT speedrun) and scaled by
 0.2 * sqrt(max(rows, cols)) so that its RMS matches AdamW's (Liu et al., "Muon is scalable",
-2025): one learning rate then suits both kinds of group. Other groups take AdamW's update.
+2025): one learning rate then suits both kinds of group. A group's `"split": (dim, n)` cuts
+each of its matrices into n equal blocks along dim, orthogonalised and scaled each on its own:
+the fused qkv's Q, K and V, SwiGLU's gate and up (as the nanoGPT speedrun does, with separate
+matrices). Other groups take AdamW's update.
 Weight decay is decoupled in both. Under FSDP2 a sharded matrix is gathered, orthogonalised
 whole and sharded again.
 """
@@ -36,13 +39,29 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return (x.mT if wide else x).to(g.dtype)
 
 
-def orthogonalise(g: torch.Tensor, steps: int) -> torch.Tensor:
-    """newton_schulz, on the whole matrix when g is an FSDP2 shard (DTensor)."""
+def orthogonalise(g: torch.Tensor, steps: int, split: tuple[int, int] | None = None
+                  ) -> torch.Tensor:
+    """newton_schulz of g, or of each of its n blocks along dim for split = (dim, n) (in one
+    batched call); on the whole matrix when g is an FSDP2 shard (DTensor)."""
+    full = g.full_tensor() if hasattr(g, "full_tensor") else g
+    if split is None:
+        u = newton_schulz(full, steps)
+    else:
+        dim, n = split
+        u = torch.cat(newton_schulz(torch.stack(full.chunk(n, dim)), steps).unbind(0), dim)
     if not hasattr(g, "full_tensor"):
-        return newton_schulz(g, steps)
+        return u
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(newton_schulz(g.full_tensor(), steps), g.device_mesh, g.placements)
+    return distribute_tensor(u, g.device_mesh, g.placements)
+
+
+def block_shape(shape: torch.Size, split: tuple[int, int] | None) -> list[int]:
+    """The shape of one block of a matrix of `shape` under `split` (the whole one for None)."""
+    out = list(shape)
+    if split is not None:
+        out[split[0]] //= split[1]
+    return out
 
 
 class Muon(torch.optim.Optimizer):
@@ -51,11 +70,15 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, groups: Iterable[dict[str, Any]], lr: float, betas: tuple[float, float],
                  momentum: float = 0.95, ns_steps: int = 5, eps: float = 1e-8):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "muon": False,
-                    "momentum": momentum, "ns_steps": ns_steps}
+                    "momentum": momentum, "ns_steps": ns_steps, "split": None}
         super().__init__(list(groups), defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.dim() < 2 for p in group["params"]):
                 raise ValueError("Muon groups hold matrices only (2-D or stacked 3-D)")
+            if group["split"] is not None:
+                dim, n = group["split"]
+                if any(p.shape[dim] % n for p in group["params"]):
+                    raise ValueError(f"split {group['split']} does not divide every matrix")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -77,8 +100,9 @@ class Muon(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p)
         buf, m = state["momentum_buffer"], group["momentum"]
         buf.lerp_(p.grad, 1 - m)
-        u = orthogonalise(p.grad.lerp(buf, m), group["ns_steps"])  # Nesterov
-        scale = 0.2 * math.sqrt(max(p.shape[-2], p.shape[-1]))
+        u = orthogonalise(p.grad.lerp(buf, m), group["ns_steps"], group["split"])  # Nesterov
+        rows, cols = block_shape(p.shape, group["split"])[-2:]
+        scale = 0.2 * math.sqrt(max(rows, cols))
         p.add_(u, alpha=-group["lr"] * scale)
 
     def _adamw(self, p: torch.Tensor, group: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from slms.config import TrainConfig
-from slms.model.gpt import Block
+from slms.model.attention import CausalSelfAttention
+from slms.model.gpt import MLP, Block
 from slms.model.moe import Experts, Router
 from slms.train.muon import Muon
 
@@ -42,24 +43,51 @@ def muon_parameters(model: nn.Module) -> set[int]:
     return ids
 
 
+def fused_blocks(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """ids of the fused matrices, each with its (dim, n): n equal blocks along dim, each a
+    matrix of its own. The attention's qkv weight is Q, K and V stacked along its rows (3, -2);
+    SwiGLU's first weight is gate and up side by side, along the rows of an MLP's fc (2, -2)
+    and along the columns of the experts' w1 (2, -1)."""
+    blocks = {}
+    for m in model.modules():
+        if isinstance(m, CausalSelfAttention):
+            blocks[id(m.qkv.weight)] = (-2, 3)
+        elif isinstance(m, MLP) and m.activation == "swiglu":
+            blocks[id(m.fc.weight)] = (-2, 2)
+        elif isinstance(m, Experts) and m.activation == "swiglu":
+            blocks[id(m.w1_EDH)] = (-1, 2)
+    return blocks
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
                     ) -> torch.optim.Optimizer:
     """AdamW, or with train.optimizer=muon `Muon` (Muon on `muon_parameters`, AdamW on the
-    rest); weight decay on `decayed_parameters` only."""
+    rest; with train.muon_split each of the `fused_blocks` orthogonalised per block); weight
+    decay on `decayed_parameters` only."""
     decay_ids = decayed_parameters(model)
     muon_ids = muon_parameters(model) if cfg.optimizer == "muon" else set()
-    groups: dict[tuple[bool, bool], list[torch.Tensor]] = {}
+    splits = fused_blocks(model) if cfg.muon_split else {}
+    groups: dict[tuple[bool, bool, tuple[int, int] | None], list[torch.Tensor]] = {}
     for p in model.parameters():  # parameters() yields a tied weight once
         if p.requires_grad:
-            groups.setdefault((id(p) in muon_ids, id(p) in decay_ids), []).append(p)
+            muon = id(p) in muon_ids
+            key = (muon, id(p) in decay_ids, splits.get(id(p)) if muon else None)
+            groups.setdefault(key, []).append(p)
     param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
-                     **({"muon": True, "lr": cfg.muon_lr or cfg.lr} if muon else {})}
-                    for (muon, decay), ps in sorted(groups.items(), reverse=True)]
+                     **({"muon": True, "lr": cfg.muon_lr or cfg.lr, "split": split}
+                        if muon else {})}
+                    for (muon, decay, split), ps in sorted(groups.items(), key=_group_order)]
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
         return Muon(param_groups, lr=cfg.lr, betas=betas, momentum=cfg.muon_momentum)
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, **extra)
+
+
+def _group_order(item: tuple) -> tuple:
+    """Muon groups first, decayed first, unsplit first: a stable order for the state dict."""
+    muon, decay, split = item[0]
+    return (not muon, not decay, split is not None, split or ())
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -137,6 +137,20 @@ def newest_intact(run_dir: Path, log=print) -> tuple[Path, dict[str, Any], dict[
                                f"(all {len(ckpts)} are damaged); start a new run")
 
 
+def check_groups(opt: torch.optim.Optimizer, saved: dict[str, Any], path: Path) -> None:
+    """Raise CheckpointError when the checkpoint's optimizer has other parameter groups than
+    this run's (the optimizer settings changed between the runs)."""
+    if "param_groups" not in saved:  # FSDP's full state dict: checked by torch when it loads
+        return
+    ours = [len(g["params"]) for g in opt.param_groups]
+    theirs = [len(g["params"]) for g in saved["param_groups"]]
+    if ours != theirs:
+        raise ckpt.CheckpointError(
+            f"{path} has optimizer groups of {theirs} tensors, this run {ours}: the optimizer "
+            "settings changed (train.optimizer, train.muon_split); resume "
+            "with the run's own settings (slms train --resume RUN_DIR)")
+
+
 def restore(run: Run, log=print) -> None:
     """Load the newest intact checkpoint of run.run_dir into the model, optimizer, scheduler,
     scaler, RNGs and run.state."""
@@ -146,6 +160,7 @@ def restore(run: Run, log=print) -> None:
         recover_run_dir(run.run_dir)  # a checkpoint torn out mid-replace is back before we look
     d.barrier()
     path, weights, ts = newest_intact(run.run_dir, warn)
+    check_groups(run.opt, ts["optimizer"], path)
     distributed.load_full_state(run.model, run.opt, weights, ts["optimizer"])
     run.sched.load_state_dict(ts["scheduler"])
     if run.scaler is not None and ts["scaler"]:
