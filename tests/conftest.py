@@ -66,3 +66,33 @@ def assert_cached_decoding_equals_full_forward(model, seq: torch.Tensor, prefix:
     prompt = seq[:, :prefix]
     assert torch.equal(model.generate(prompt, 8, temperature=0),
                        model.generate(prompt, 8, temperature=0, use_cache=False))
+
+
+def assert_rows_decode_as_each_alone(model, vocab: int, max_len: int = 24) -> None:
+    """The server's path (`slms.serve.decode`: a prefill per prompt, copied into a row of the
+    batch's caches, then `GPT.forward` on one token per row, each row at its own position)
+    gives each row the logits of that row's full forward, also after a row moved; documents
+    (which begin at <|endoftext|>, id 0) start inside a prompt and while decoding."""
+    from slms.serve.decode import SlotCache, decode_step, prefill
+
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (5, 11, 2)]
+    seqs[1][6] = 0  # a second document in a prompt
+    nxt = torch.randint(1, vocab, (3, 4), generator=g)
+    nxt[0, 1] = 0  # one begins while decoding
+    cache = SlotCache(model, 4, max_len)
+    with torch.no_grad(), model.paused_stats():
+        for row, s in enumerate(seqs):
+            logits, caches = prefill(model, s)
+            torch.testing.assert_close(logits, model(torch.tensor([s])).logits[0, -1])
+            cache.load(row, caches)
+        steps = [decode_step(model, cache, nxt[:, t]) for t in range(4)]
+        cache.move(2, 0)  # a row moved into a gap decodes on as before
+        moved = decode_step(model, cache, torch.tensor([7]))
+        for row, s in enumerate(seqs):
+            ref = model(torch.tensor([s + nxt[row].tolist()])).logits[0, len(s):]
+            got = torch.stack([step[row] for step in steps])
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        ref = model(torch.tensor([seqs[2] + nxt[2].tolist() + [7]])).logits[0, -1]
+    torch.testing.assert_close(moved[0], ref, rtol=1e-4, atol=1e-5)
+    assert cache.lengths[:3] == [len(seqs[2]) + 5, 15, 6]

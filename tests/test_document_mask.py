@@ -95,10 +95,15 @@ def test_without_the_mask_the_stories_see_each_other():
 
 def test_document_starts_and_the_mask():
     idx = torch.tensor([[5, EOT, 7, 8, EOT, 9], [EOT, 1, 2, 3, 4, 5]])
-    assert document_starts(idx, 0, None).tolist() == [[0, 1, 1, 1, 4, 4], [0] * 6]
+    assert document_starts(idx, torch.arange(6), None).tolist() == [[0, 1, 1, 1, 4, 4], [0] * 6]
     # a cache: positions 10.., the row's last document began at 8 (row 0) and 0 (row 1)
     prev = torch.tensor([8, 0])
-    assert document_starts(idx, 10, prev).tolist() == [[8, 11, 11, 11, 14, 14], [10] * 6]
+    pos = torch.arange(10, 16)
+    assert document_starts(idx, pos, prev).tolist() == [[8, 11, 11, 11, 14, 14], [10] * 6]
+    # rows at their own positions (a server's slots): row 1 is at 3.., its document began at 2
+    pos_BT = torch.stack([pos, torch.arange(3, 9)])
+    assert document_starts(idx, pos_BT, torch.tensor([8, 2])).tolist() == [
+        [8, 11, 11, 11, 14, 14], [3] * 6]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -67,3 +67,20 @@ def test_no_function_longer_than_60_lines():
                 if n > 60:
                     long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({n})")
     assert long == []
+
+
+MODEL_INSIDES = {"wte", "wpe", "blocks", "attn", "mlp", "ln_1", "ln_2", "ln_f", "lm_head",
+                 "_logits", "rotary", "scaled_dot_product_attention", "layer_norm", "rms_norm",
+                 "document_mask", "document_starts", "softmax"}
+
+
+def test_the_server_has_no_model_arithmetic():
+    """serve/ decodes through GPT.forward: it names none of the model's layers or maths."""
+    used = {}
+    for path in (SRC / "serve").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = (node.attr if isinstance(node, ast.Attribute)
+                    else node.id if isinstance(node, ast.Name) else None)
+            if name in MODEL_INSIDES:
+                used.setdefault(f"{path.relative_to(SRC)}:{node.lineno}", name)
+    assert used == {}

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import assert_cached_decoding_equals_full_forward
+from conftest import assert_cached_decoding_equals_full_forward, assert_rows_decode_as_each_alone
 from slms.config import ConfigError, ModelConfig, MoEConfig, load_config
 from slms.model import GPT, count_params, flops_per_token
 from test_model import counted_flops
@@ -47,6 +47,12 @@ def test_cached_decoding_equals_the_full_forward(options):
     seq = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
     assert model(seq).logits.shape == (2, 20, 128)
     assert_cached_decoding_equals_full_forward(model, seq, 7)
+
+
+@pytest.mark.parametrize("options", [*OPTIONS, {"positions": "rope", "document_mask": True}],
+                         ids=lambda o: option_id(o))
+def test_rows_at_their_own_positions_decode_through_the_one_forward(options):
+    assert_rows_decode_as_each_alone(model_with(**options), 128)
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: option_id(o))

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import slms.serve.scheduler as scheduler_module
-from conftest import tiny_config
+from conftest import assert_rows_decode_as_each_alone, tiny_config
 from slms.analysis.routing import route_tokens
 from slms.infer.generate import Sampling, generate_text
 from slms.model import GPT
-from slms.serve.decode import SlotCache, decode_step, prefill
 from slms.serve.protocol import GenRequest
 from slms.serve.scheduler import Busy, Scheduler, TextStream
 
@@ -30,30 +29,7 @@ def _model(moe: bool = True, **kw) -> GPT:
                                      activation="relu2", document_mask=True),
                                 dict(moe=False, activation="swiglu", tie_weights=False)])
 def test_decode_step_equals_full_forward_for_rows_of_different_lengths(kw):
-    """Each row as the model alone computes it; with document_mask, documents (which begin at
-    <|endoftext|>, id 0) start inside prompts and inside the decoded tokens."""
-    model = _model(**kw)
-    torch.manual_seed(1)
-    seqs = [torch.randint(1, 300, (n,)).tolist() for n in (5, 11, 2)]
-    seqs[1][6] = 0  # a second document in a prompt
-    nxt = torch.randint(1, 300, (3, 4))
-    nxt[0, 1] = 0  # one begins while decoding
-    cache = SlotCache(model, 4, 64)
-    with torch.no_grad(), model.paused_stats():
-        for row, s in enumerate(seqs):
-            logits, caches = prefill(model, s)
-            torch.testing.assert_close(logits, model(torch.tensor([s])).logits[0, -1])
-            cache.load(row, caches)
-        steps = [decode_step(model, cache, nxt[:, t]) for t in range(4)]
-        cache.move(2, 0)  # a row moved into a gap decodes on as before
-        moved = decode_step(model, cache, torch.tensor([7]))
-        for row, s in enumerate(seqs):
-            ref = model(torch.tensor([s + nxt[row].tolist()])).logits[0, len(s):]
-            got = torch.stack([step[row] for step in steps])
-            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-        ref = model(torch.tensor([seqs[2] + nxt[2].tolist() + [7]])).logits[0, -1]
-    torch.testing.assert_close(moved[0], ref, rtol=1e-4, atol=1e-5)
-    assert cache.lengths[:3].tolist() == [len(seqs[2]) + 5, 15, 6]
+    assert_rows_decode_as_each_alone(_model(**kw), 300, max_len=64)
 
 
 def _req(tok, prompt: str, n: int = 12, stop=(), routing=False, **s) -> GenRequest:

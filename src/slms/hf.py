@@ -76,7 +76,8 @@ class SlmsConfig(PretrainedConfig):
 
 class _LayerCache:
     """One layer's view of a transformers `Cache`, shaped like `slms.model.attention.KVCache`
-    (`pos` and `append`), so slms attention runs unchanged on generate()'s cache."""
+    (`starts` and `append`; its rows are in step), so slms attention runs unchanged on
+    generate()'s cache."""
 
     # document_mask: a transformers cache keeps no document state; forward lets one hold a
     # single document only (`_cache_keeps_one_document`), so every row's begins at 0
@@ -86,11 +87,11 @@ class _LayerCache:
         self.cache = cache
         self.layer_idx = layer_idx
 
-    @property
-    def pos(self) -> int:
-        return self.cache.get_seq_length(self.layer_idx)
+    def starts(self, rows: int) -> list[int]:
+        return [self.cache.get_seq_length(self.layer_idx)] * rows
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.update(k, v, self.layer_idx)
 
 

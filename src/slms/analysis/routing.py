@@ -12,14 +12,13 @@ from contextlib import contextmanager
 import torch
 
 from slms.model import GPT, eval_mode
-from slms.model.moe import MoE
 
 
 class RoutingCapture:
     """Expert ids chosen per token, per MoE layer, for every forward while active."""
 
     def __init__(self, model: GPT):
-        self.layers = [i for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)]
+        self.layers = model.moe_block_indices()
         self.calls: list[list[torch.Tensor]] = [[] for _ in self.layers]  # per layer: (N, K)
 
     def experts(self, layer: int) -> torch.Tensor:

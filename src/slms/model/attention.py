@@ -17,26 +17,60 @@ from slms.config import ModelConfig
 
 
 class KVCache:
-    """Preallocated keys and values for one layer, sized to the request (B, nh, max_len, hs)."""
+    """Preallocated keys and values for one layer, (rows, nh, max_len, hs), with a length per
+    row. A forward of B <= rows rows appends to rows 0 .. B-1, each at its own length: one
+    slice when they are in step (prefill, `GPT.generate`), else one scatter (a server's rows,
+    which started at different times)."""
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
         self.k = torch.zeros(batch, n_head, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.pos = 0  # number of positions filled
-        # document_mask models: (B,) first position of each row's current document, kept by
-        # GPT.forward in the first layer's cache (None: every row's starts at 0)
-        self.doc_start: torch.Tensor | None = None
+        self.lengths = [0] * batch  # positions filled per row (host ints: reading them is free)
+        # document_mask models: where each row's current document began, kept by GPT.forward
+        # in the first layer's cache
+        self.doc_start = torch.zeros(batch, dtype=torch.long, device=device)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = k.size(2)
-        if self.pos + t > self.k.size(2):
-            raise ValueError(f"KV cache holds {self.k.size(2)} positions; "
-                             f"{self.pos + t} requested")
-        self.k[:, :, self.pos:self.pos + t] = k
-        self.v[:, :, self.pos:self.pos + t] = v
-        self.pos += t
-        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
+    def starts(self, rows: int) -> list[int]:
+        """Where the next tokens of rows 0 .. rows-1 go."""
+        return self.lengths[:rows]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values (B, nh, T, hs) of rows 0 .. B-1 at positions `pos`
+        ((T,) shared, or (B, T) per row, as `positions` gives them); returns every row's
+        keys and values up to the longest row, (B, nh, S, hs)."""
+        B, _, T, _ = k.shape
+        lengths = self.lengths[:B]
+        end = max(lengths) + T
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; {end} requested")
+        if pos.dim() == 1:
+            self.k[:B, :, lengths[0]:end] = k
+            self.v[:B, :, lengths[0]:end] = v
+        else:
+            rows_B1 = torch.arange(B, device=k.device)[:, None]
+            self.k[rows_B1, :, pos] = k.transpose(1, 2)  # indexed (B, T, nh, hs)
+            self.v[rows_B1, :, pos] = v.transpose(1, 2)
+        self.lengths[:B] = [n + T for n in lengths]
+        return self.k[:B, :, :end], self.v[:B, :, :end]
+
+    def copy_row(self, row: int, src: KVCache, src_row: int = 0) -> None:
+        """Row `row` := row `src_row` of `src` (keys, values, length, document start)."""
+        n = src.lengths[src_row]
+        self.k[row, :, :n] = src.k[src_row, :, :n]
+        self.v[row, :, :n] = src.v[src_row, :, :n]
+        self.lengths[row] = n
+        self.doc_start[row] = src.doc_start[src_row]
+
+
+def positions(starts: list[int], T: int, device: torch.device) -> torch.Tensor:
+    """The positions of T new tokens after rows that hold `starts` tokens: (T,) when every row
+    holds the same number, else (B, T)."""
+    first = starts[0]
+    if all(n == first for n in starts):
+        return torch.arange(first, first + T, device=device)
+    return torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
 
 
 def rope_tables(pos: torch.Tensor, head_dim: int, base: float
@@ -92,44 +126,31 @@ class CausalSelfAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(width)
 
     def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None,
-                mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
-        """mask_B1TS (bool, (B, 1, T, S) or broadcastable, True = may attend): which of the S
-        cached + new keys each new token sees, causality included; None: causal."""
+                mask_B1TS: torch.Tensor | None = None, pos: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """pos: the new tokens' positions, (T,) or (B, T) (`positions`; None: 0 .. T-1).
+        mask_B1TS (bool, (B, 1, T, S) or broadcastable, True = may attend): which of the S
+        cached + new keys each new token sees, causality included; None: causal (rows in
+        step)."""
         B, T, C = x_BTC.shape
-        start = cache.pos if cache is not None else 0
-        q, k, v = self._qkv(x_BTC, torch.arange(start, start + T, device=x_BTC.device))
+        if pos is None:
+            pos = torch.arange(T, device=x_BTC.device)
+        q, k, v = self._qkv(x_BTC, pos if pos.dim() == 1 else pos[:, None])
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, nh, S, hs); cached keys are already rotated
-        if mask_B1TS is None and start > 0:
-            mask_B1TS = causal_mask(T, k.size(2), x_BTC.device)
-        is_causal = mask_B1TS is None and start == 0
+            k, v = cache.append(k, v, pos)  # (B, nh, S, hs); cached keys are already rotated
+        S = k.size(2)
+        if mask_B1TS is None and S > T:
+            mask_B1TS = causal_mask(T, S, x_BTC.device)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask_B1TS, is_causal=is_causal,
+            q, k, v, attn_mask=mask_B1TS, is_causal=mask_B1TS is None and S == T,
             dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
-    def step_rows(self, x_B1C: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  pos_B: torch.Tensor, mask_B11S: torch.Tensor) -> torch.Tensor:
-        """`forward` for one new token per row at its own position pos_B (rows that started
-        at different times, as a server decodes them; no autograd): its key and value are
-        written into row b of k_cache / v_cache (rows, nh, max_len, hs) at pos_B[b], and its
-        query attends over the S = mask_B11S.size(-1) first keys of its row where the mask
-        allows."""
-        B, _, C = x_B1C.shape
-        q, k, v = self._qkv(x_B1C, pos_B[:, None, None])  # positions (B, nh, T = 1)
-        rows = torch.arange(B, device=pos_B.device)
-        k_cache[rows, :, pos_B] = k[:, :, 0]
-        v_cache[rows, :, pos_B] = v[:, :, 0]
-        S = mask_B11S.size(-1)
-        y = F.scaled_dot_product_attention(q, k_cache[:B, :, :S], v_cache[:B, :, :S],
-                                           attn_mask=mask_B11S, scale=self.scale)
-        return self.proj(y.transpose(1, 2).reshape(B, 1, C))
-
     def _qkv(self, x_BTC: torch.Tensor, pos: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (B, nh, T, hs) of x, with QK-norm, then rotary positions `pos` (broadcast
-        to (B, nh, T)), each where configured."""
+        to (B, nh, T): (T,) or (B, 1, T)), each where configured."""
         B, T, C = x_BTC.shape
         q, k, v = self.qkv(x_BTC).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)

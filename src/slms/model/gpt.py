@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from slms.config import ModelConfig
 from slms.constants import IGNORE_INDEX
 from slms.model.activations import activate, ffn_hidden, first_width
-from slms.model.attention import CausalSelfAttention, KVCache, RMSNorm
+from slms.model.attention import CausalSelfAttention, KVCache, RMSNorm, positions
 from slms.model.loss import cross_entropy
 from slms.model.moe import MoE
 from slms.model.moe_stats import MoEStats
@@ -42,25 +42,27 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 DOCUMENT_START_ID = 0
 
 
-def document_starts(idx_BT: torch.Tensor, start: int, prev_B: torch.Tensor | None
+def document_starts(idx_BT: torch.Tensor, pos: torch.Tensor, prev_B: torch.Tensor | None
                     ) -> torch.Tensor:
     """(B, T) long: the position at which the document of each token begins, for tokens at
-    positions start .. start + T - 1. A document begins at each <|endoftext|> (it is the story
+    positions `pos` ((T,) or (B, T)). A document begins at each <|endoftext|> (it is the story
     that follows it: generation prompts start with it) or, for the first, at position 0; prev_B
     is where the last cached token's document began (None: no cache, or 0)."""
-    pos_T = torch.arange(start, start + idx_BT.size(1), device=idx_BT.device)
-    first_BT = torch.where(idx_BT == DOCUMENT_START_ID, pos_T, 0).cummax(dim=1).values
+    first_BT = torch.where(idx_BT == DOCUMENT_START_ID, pos, 0).cummax(dim=1).values
     return first_BT if prev_B is None else torch.maximum(first_BT, prev_B[:, None])
 
 
-def document_mask(first_BT: torch.Tensor, start: int) -> torch.Tensor:
-    """(B, 1, T, S) bool, S = start + T: query i sees key j when j is in its document and
-    j <= i (block-diagonal causal)."""
-    T = first_BT.size(1)
-    keys_S = torch.arange(start + T, device=first_BT.device)
-    pos_T = keys_S[start:]
-    mask_BTS = (keys_S[None, None] >= first_BT[:, :, None]) & (keys_S[None] <= pos_T[:, None])
+def document_mask(first_BT: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:
+    """(B, 1, T, S) bool: the query at position i (`pos`, (T,) or (B, T)) sees key j < S
+    when j is in its document and j <= i (block-diagonal causal)."""
+    keys_S = torch.arange(S, device=first_BT.device)
+    mask_BTS = (keys_S >= first_BT[..., None]) & (keys_S <= pos[..., None])
     return mask_BTS[:, None]
+
+
+def row_causal_mask(pos_BT: torch.Tensor, S: int) -> torch.Tensor:
+    """(B, 1, T, S) bool: the query at position pos_BT[b, t] sees its row's keys up to it."""
+    return (torch.arange(S, device=pos_BT.device) <= pos_BT[..., None])[:, None]
 
 
 def pads_at_end(real_BT: torch.Tensor) -> bool:
@@ -107,9 +109,9 @@ class Block(nn.Module):
             self.ffn = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                real_BT: torch.Tensor | None = None, mask_B1TS: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.ln1(x), cache, mask_B1TS)
+                real_BT: torch.Tensor | None = None, mask_B1TS: torch.Tensor | None = None,
+                pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.ln1(x), cache, mask_B1TS, pos)
         y, aux = self.ffn(self.ln2(x), real_BT)
         return x + y, aux
 
@@ -150,6 +152,14 @@ class GPT(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def moe_block_indices(self) -> list[int]:
+        """The blocks (0-based) whose feed-forward is an MoE layer, in `moe_layers` order."""
+        return [i for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
 
     # MoE statistics and routers' state between steps: the verbs the trainer, the checkpoint
     # code, generation and the transformers wrapper use (nothing outside model/ reaches in).
@@ -207,28 +217,33 @@ class GPT(nn.Module):
         and statistics; no real position attends to one, so the result at real positions is
         the same. Each row must be real positions then pads.
 
-        With cfg.document_mask a token attends only to earlier tokens of its own document
-        (`document_starts`), positions staying those of the row; the first KVCache carries
-        where each row's current document began, so cached decoding keeps the mask.
+        With caches, each row's new tokens follow what its cache holds: rows may hold
+        different numbers of tokens (a server's rows; T = 1 then, as a rule), each attending
+        to its own keys only. With cfg.document_mask a token attends only to earlier tokens of
+        its own document (`document_starts`), positions staying those of the row; the first
+        KVCache carries where each row's current document began, so cached decoding keeps the
+        mask.
         """
         B, T = idx_BT.shape
-        start = caches[0].pos if caches else 0
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
+        starts = caches[0].starts(B) if caches else [0]
+        S = max(starts) + T
+        if S > self.cfg.block_size:
+            raise ValueError(f"sequence of {S} tokens is longer than the model's context "
                              f"(block_size {self.cfg.block_size})")
+        pos = positions(starts, T, idx_BT.device)  # (T,), or (B, T) for rows out of step
         x = self.wte(idx_BT)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx_BT.device))
+            x = x + self.wpe(pos)
         x = self.drop(x)
         aux = x.new_zeros((), dtype=torch.float32)
         if real_BT is not None and not pads_at_end(real_BT):
             raise ValueError("real_BT must mark each row's real positions first, then pads")
-        mask = self._document_mask(idx_BT, caches)
+        mask = self._attention_mask(idx_BT, pos, S, caches)
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and caches is None:
-                x, a = checkpoint(block, x, None, real_BT, mask, use_reentrant=False)
+                x, a = checkpoint(block, x, None, real_BT, mask, pos, use_reentrant=False)
             else:
-                x, a = block(x, caches[i] if caches else None, real_BT, mask)
+                x, a = block(x, caches[i] if caches else None, real_BT, mask, pos)
             aux = aux + a
         x = self.ln_f(x)
         if targets_BT is None:
@@ -238,17 +253,20 @@ class GPT(nn.Module):
                              IGNORE_INDEX)
         return Output(logits, loss, aux)
 
-    def _document_mask(self, idx_BT: torch.Tensor, caches: list[KVCache] | None
-                       ) -> torch.Tensor | None:
-        """The document mask of this forward (None: plain causal attention); records where
-        each row's current document began in the first cache."""
-        if not self.cfg.document_mask:
-            return None
-        start = caches[0].pos if caches else 0
-        first_BT = document_starts(idx_BT, start, caches[0].doc_start if caches else None)
-        if caches:
-            caches[0].doc_start = first_BT[:, -1]
-        return document_mask(first_BT, start)
+    def _attention_mask(self, idx_BT: torch.Tensor, pos: torch.Tensor, S: int,
+                        caches: list[KVCache] | None) -> torch.Tensor | None:
+        """The attention mask of this forward over S keys (None: causal, rows in step): the
+        document mask, recording where each row's current document began in the first cache;
+        or each row's own keys for rows out of step."""
+        if self.cfg.document_mask:
+            doc_start = caches[0].doc_start if caches else None
+            B = idx_BT.size(0)
+            first_BT = document_starts(idx_BT, pos, None if doc_start is None
+                                       else doc_start[:B])
+            if doc_start is not None:
+                doc_start[:B] = first_BT[:, -1]
+            return document_mask(first_BT, pos, S)
+        return row_causal_mask(pos, S) if pos.dim() == 2 else None
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)

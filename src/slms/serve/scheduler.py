@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from slms.model import GPT
-from slms.model.moe import MoE
 from slms.model.sampling import sample_next
 from slms.serve.decode import SlotCache, decode_step, prefill
 from slms.serve.protocol import GenRequest
@@ -115,9 +114,9 @@ class Scheduler:
             raise ValueError(f"--max-batch and --max-queue must be >= 1; got "
                              f"{max_batch} and {max_queue}")
         self.model, self.tok, self.deliver = model.eval(), tok, deliver
-        self.device = model.wte.weight.device
+        self.device = model.device
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.layers = [i for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)]
+        self.layers = model.moe_block_indices()
         self.active: list[Job] = []
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.stats = {"steps": 0, "tokens": 0, "requests": 0, "rows": 0}
