@@ -1,15 +1,21 @@
 """Mixture-of-Experts feed-forward: the router, the balancing losses, and the layer.
 
+The layer routes (`Router` -> `Routing`), hands the routing to the dispatch engine, which
+runs the experts the way measured fastest, and records the statistics. Its modules
+(slms.model), each importing only those below it:
+    moe           this module: Router, the balancing losses, MoE; re-exports Routing, Experts
+    moe_dispatch  the engine: a call's Situation, `choose_path` (the one decision), PATHS (the
+                  one table of the ways to run), and the timers slms.model.tune measures with
+    moe_decode    the decode-only paths (a few tokens, no autograd)
+    moe_experts   Routing, Experts (stacked weights and the ways to run them), compute_dtype
+    moe_kernels   the experts' loops over row groups, with hand-written autograd
+and moe_stats, the statistics between two log lines.
+
 Shape legend (tensor names end with their shape):
     T  tokens in the layer (batch and time flattened)     D  model width (n_embd)
     E  experts                                            H  expert hidden width
     K  experts chosen per token (top-k)                   N  kept (token, expert) assignments
 Router maths (logits, softmax, top-k) runs in fp32 whatever the autocast dtype.
-
-The layer routes (`Router` -> `Routing`), hands the routing to the dispatch engine
-(slms.model.moe_dispatch: which way the experts run, measured per machine) and records the
-statistics. The experts' weights live in slms.model.moe_experts (whose docstring gives the
-layout of the MoE modules); Routing and Experts are re-exported here.
 """
 
 from __future__ import annotations

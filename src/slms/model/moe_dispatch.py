@@ -9,8 +9,8 @@ paths (moe_decode) serve a few tokens without autograd; `reference_dispatch`, th
 loop, is what every other path is tested against. Where kernels compete (the C++ kernels, the
 plain torch loop, torch._grouped_mm), `_timers` gives slms.model.tune a call of each on
 synthetic inputs of the call's shape class, and the fastest is cached per machine.
-Layout of the MoE modules: slms.model.moe_experts. Shape legend as in slms.model.moe (T
-tokens, D width, E experts, K top-k, N kept assignments; S the T*K slots, token-major).
+The layout of the MoE modules and the shape legend are in slms.model.moe (T tokens, D width,
+E experts, K top-k, N kept assignments; here also S, the T*K slots, token-major).
 """
 
 from __future__ import annotations

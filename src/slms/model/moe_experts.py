@@ -1,17 +1,10 @@
 """What the MoE layer routes and runs: a routing decision (`Routing`) and the experts it picks
 (`Experts`), with the one rule for the dtype they compute in (`compute_dtype`).
 
-The MoE layer is five modules (slms.model), each importing only those below it:
-    moe           the layer: Router, the balancing losses, MoE (route -> dispatch -> statistics)
-    moe_dispatch  the engine: a call's Situation, `choose_path`, the table PATHS of the ways to
-                  run, and the timers that let slms.model.tune measure the kernels
-    moe_decode    the decode-only paths (a few tokens, no autograd)
-    moe_experts   this module: Routing and Experts
-    moe_kernels   the experts' loops over row groups, with hand-written autograd
-(moe_stats holds the statistics between two log lines.) Experts has no forward: the engine
-picks how they run and calls their methods.
-Shape legend as in slms.model.moe (T tokens, D width, E experts, H expert hidden, K top-k,
-N kept (token, expert) assignments, sorted by expert).
+Experts has no forward: the dispatch engine (slms.model.moe_dispatch) picks how they run and
+calls their methods. The layout of the MoE modules is in slms.model.moe's docstring; shape
+legend as there (T tokens, D width, E experts, H expert hidden, K top-k, N kept (token,
+expert) assignments, sorted by expert).
 """
 
 from __future__ import annotations
