@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import slms.model.gpt as gpt_module
-import slms.model.moe as moe_module
+import slms.model.moe_dispatch as moe_dispatch
 from conftest import assert_cached_decoding_equals_full_forward, tiny_config
 from slms.infer.generate import Sampling, generate_text, prompt_ids, stream_text
 from slms.model import GPT, native
@@ -37,9 +37,9 @@ def test_cached_logits_equal_recomputation_at_every_step(moe, monkeypatch):
     x = torch.randint(0, 300, (2, 6))
     monkeypatch.setenv("SLMS_NATIVE", "1")  # the kernels without timing them (timing calls decode)
     decoded = []
-    decode = moe_module.Experts.decode
-    monkeypatch.setattr(moe_module.Experts, "decode",
-                        lambda self, *a: (decoded.append(a[0].shape[0]), decode(self, *a))[1])
+    decode = moe_dispatch.native_decode
+    monkeypatch.setattr(moe_dispatch, "native_decode",
+                        lambda *a: (decoded.append(a[0].shape[0]), decode(*a))[1])
     gen = torch.Generator().manual_seed(1)
     a, cached = _step_logits(model, x, 20, monkeypatch, temperature=1.0, generator=gen,
                              use_cache=True)

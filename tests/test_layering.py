@@ -1,5 +1,6 @@
 """The package's layers, read from its source with `ast`: model/ imports nothing above it,
-data/ does not import model/, analysis/ does not import train/."""
+data/ does not import model/, analysis/ does not import train/, and no slms modules import
+each other in a cycle."""
 
 import ast
 from pathlib import Path
@@ -14,8 +15,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def is_module(name: str) -> bool:
+    path = SRC.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def imports_of(path: Path) -> set[str]:
-    """Every slms module `path` imports, at the top or inside a function."""
+    """Every slms module `path` imports, at the top or inside a function, and the names it
+    takes from them (`slms.model.moe.MoE`); `from pkg import mod` imports mod, not pkg."""
     out = set()
     package = module_name(path).rsplit(".", 1)[0]
     for node in ast.walk(ast.parse(path.read_text())):
@@ -26,7 +33,8 @@ def imports_of(path: Path) -> set[str]:
             if node.level:  # relative import
                 base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
                                 + ([base] if base else []))
-            out |= {base} | {f"{base}.{a.name}" for a in node.names}
+            names = {f"{base}.{a.name}" for a in node.names}
+            out |= names | ({base} if not all(map(is_module, names)) else set())
     return {m for m in out if m == "slms" or m.startswith("slms.")}
 
 
@@ -56,6 +64,56 @@ def test_the_graph_is_read():
     assert "slms.model.gpt" in GRAPH["slms.model"] or "slms.model.gpt.GPT" in GRAPH["slms.model"]
     # imports inside functions (a command imports its work inside run())
     assert any(inside(d, "slms.train") for d in GRAPH["slms.commands.train"])
+
+
+def module_of(name: str, graph: dict[str, set[str]]) -> str:
+    """The module of `graph` an imported name belongs to: `slms.model.moe.MoE` ->
+    `slms.model.moe`."""
+    while name not in graph and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or not (the strongly connected
+    components of more than one module, by Tarjan's algorithm), each sorted."""
+    edges = {m: {module_of(d, graph) for d in deps} - {m} for m, deps in graph.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(m: str) -> None:
+        index[m] = low[m] = len(index)
+        stack.append(m)
+        for d in edges[m]:
+            if d not in index:
+                visit(d)
+                low[m] = min(low[m], low[d])
+            elif d in stack:
+                low[m] = min(low[m], index[d])
+        if low[m] == index[m]:
+            group = stack[stack.index(m):]
+            del stack[stack.index(m):]
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for m in sorted(edges):
+        if m not in index:
+            visit(m)
+    return sorted(cycles)
+
+
+def test_no_import_cycle():
+    """A module that imports another (at the top, inside a function or for type checking only)
+    is never imported back by it, directly or through others."""
+    assert import_cycles(GRAPH) == []
+
+
+def test_import_cycles_are_found():
+    graph = {"slms.a": {"slms.b.f"}, "slms.b": {"slms.c"}, "slms.c": {"slms.a", "slms.d"},
+             "slms.d": set(), "slms.e": {"slms.e.g"}}
+    assert import_cycles(graph) == [["slms.a", "slms.b", "slms.c"]]
 
 
 def test_no_function_longer_than_60_lines():

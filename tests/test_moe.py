@@ -6,31 +6,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import slms.model.moe as moe_module
+import slms.model.moe_dispatch as dispatch_module
 from slms.config import MoEConfig
 from slms.model import activations, native
-from slms.model.moe import (
+from slms.model.moe import MoE, Routing, capacity, load_balancing_loss, router_z_loss
+from slms.model.moe_dispatch import (
     PATHS,
     DispatchPath,
-    MoE,
-    Routing,
     Situation,
-    capacity,
     choose_path,
     describe,
-    load_balancing_loss,
     reference_dispatch,
-    router_z_loss,
     sorted_dispatch,
 )
 from slms.model.moe_kernels import native_activation
 
 
 def make_moe(E: int, K: int, router: str = "topk", cf: float = 0.0, seed: int = 0,
-             activation: str = "relu") -> MoE:
+             activation: str = "relu", **switches: object) -> MoE:
+    """switches: MoE's test switches (impl, reference, small_n)."""
     torch.manual_seed(seed)
     cfg = MoEConfig(n_experts=E, top_k=K, router=router, capacity_factor=cf)
-    moe = MoE(16, cfg, hidden=24, activation=activation)
+    moe = MoE(16, cfg, hidden=24, activation=activation, **switches)
     with torch.no_grad():  # non-zero biases so that bias gradients are compared too
         for p in moe.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -71,12 +68,10 @@ def test_sorted_dispatch_equals_reference_loop(impl, router, E, K, cf, T, small_
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not available")
     use_kernels("native" if impl == "native" else "python", monkeypatch)
-    monkeypatch.setattr(moe_module, "SMALL_N", small_n)
     results = []
     for reference in (True, False):
-        moe = make_moe(E, K, router, cf, activation=activation)
-        moe.experts.impl = impl
-        moe.reference = reference
+        moe = make_moe(E, K, router, cf, activation=activation, impl=impl, reference=reference,
+                       small_n=small_n)
         train_without_noise(moe)
         x = torch.randn(1, T, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
         y, _ = moe(x)
@@ -117,8 +112,7 @@ def test_relu2_and_swiglu_inference_paths_equal_reference_loop(activation, T):
     x = torch.randn(T, 1, 16, generator=torch.Generator().manual_seed(2))
     outs = []
     for reference in (True, False):
-        moe = make_moe(8, 2, "topk", activation=activation).eval()
-        moe.reference = reference
+        moe = make_moe(8, 2, "topk", activation=activation, reference=reference).eval()
         with torch.no_grad():
             outs.append(moe(x)[0])
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
@@ -140,8 +134,7 @@ def test_inference_paths_equal_reference_loop(router, E, K, T, kernels, monkeypa
     x = torch.randn(T, 1, 16, generator=torch.Generator().manual_seed(2))
     outs = []
     for reference in (True, False):
-        moe = make_moe(E, K, router).eval()
-        moe.reference = reference
+        moe = make_moe(E, K, router, reference=reference).eval()
         with torch.no_grad():
             outs.append((moe(x)[0], moe.pop_stats()))
     (y_ref, s_ref), (y_fast, s_fast) = outs
@@ -362,9 +355,9 @@ def test_decode_kernel_runs_for_few_tokens_without_autograd_only(monkeypatch):
         pytest.skip("the C++ MoE kernels cannot be built here")
     monkeypatch.setenv("SLMS_NATIVE", "1")
     calls = []
-    decode = moe_module.Experts.decode
-    monkeypatch.setattr(moe_module.Experts, "decode",
-                        lambda self, *a: (calls.append(a[0].shape[0]), decode(self, *a))[1])
+    decode = dispatch_module.native_decode
+    monkeypatch.setattr(dispatch_module, "native_decode",
+                        lambda *a: (calls.append(a[0].shape[0]), decode(*a))[1])
     moe = make_moe(8, 2).eval()
     x = torch.randn(8, 1, 16)
     with torch.no_grad():
@@ -442,8 +435,7 @@ def test_pads_skip_the_experts_as_in_the_reference_loop(router, E, K, cf):
     real = torch.rand(1, 37, generator=torch.Generator().manual_seed(6)) < 0.6
     results = []
     for reference in (True, False):
-        moe = make_moe(E, K, router, cf)
-        moe.reference = reference
+        moe = make_moe(E, K, router, cf, reference=reference)
         train_without_noise(moe)
         x = torch.randn(1, 37, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
         y, _ = moe(x, real)
@@ -523,8 +515,7 @@ def test_router_losses_do_not_reach_the_noise_network():
 def test_capacity_keeps_first_choices_before_second_choices(reference):
     """Choice-major priority (GShard, Switch): token 0's second choice does not take the slot
     of token 1's first choice, and row 0 of a batch does not always win."""
-    moe = make_moe(2, 2).train()
-    moe.reference = reference
+    moe = make_moe(2, 2, reference=reference).train()
     x_TD = torch.randn(2, 16)
     # token 0: experts (1, 0); token 1: experts (0, 1); capacity 1 per expert
     r = Routing(torch.tensor([[1, 0], [0, 1]]), torch.full((2, 2), 0.5), torch.zeros(2, 2))
@@ -561,7 +552,8 @@ def test_bias_router_has_no_balancing_loss_unless_asked():
 def test_grouped_matmul_is_chosen_for_training_under_autocast():
     """On Hopper GPUs the experts run as torch._grouped_mm in bf16; under training's autocast the
     residual stream is fp32, and the choice must follow the autocast dtype, not x's."""
-    from slms.model.moe import compute_dtype, grouped_mm_pays
+    from slms.model.moe_dispatch import grouped_mm_pays
+    from slms.model.moe_experts import compute_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     if hasattr(torch, "_grouped_mm"):
@@ -589,8 +581,7 @@ def test_grouped_path_under_autocast_computes_in_the_autocast_dtype(monkeypatch)
     monkeypatch.setattr(torch, "_grouped_mm", spy)
     outs = []
     for autocast in (False, True):
-        moe = make_moe(4, 2)
-        moe.experts.impl = "grouped_mm"
+        moe = make_moe(4, 2, impl="grouped_mm")
         train_without_noise(moe)
         x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -692,12 +683,12 @@ def test_choose_path_for_each_situation(kw, expected):
     assert choose_path(s) == expected
 
 
-def test_choose_path_reads_small_n_when_called(monkeypatch):
-    """Tests move the decode paths' threshold by patching slms.model.moe.SMALL_N."""
+def test_choose_path_reads_the_situations_small_n():
+    """Tests move the decode paths' threshold by the layer's small_n (MoE(small_n=...)), which
+    the situation carries."""
     s = situation(**FEW, kernels=False)
     assert choose_path(s) == P.SMALL_COMBINE
-    monkeypatch.setattr(moe_module, "SMALL_N", 15)
-    assert choose_path(s) == P.SLICED
+    assert choose_path(s._replace(small_n=15)) == P.SLICED
 
 
 def test_describe_measures_the_call(monkeypatch):
@@ -713,9 +704,9 @@ def test_describe_measures_the_call(monkeypatch):
         assert not (s.grad_mode or s.needs_grad) and s.capacity and s.pads and s.reference
         with torch.autocast("cpu", dtype=BF16):  # the decode kernel is fp32 only
             s = describe(x_TD, r, moe.experts, None)
-            assert s.dtype == BF16 and "native" not in moe_module.candidates(s)
+            assert s.dtype == BF16 and "native" not in dispatch_module.candidates(s)
         monkeypatch.setattr(native, "ops", lambda: None)
-        moe.experts.impl = "torch"
+        moe = make_moe(4, 2, impl="torch")
         s = describe(x_TD, r, moe.experts, None)
         assert not s.kernels and s.impl == "torch"
 
@@ -758,8 +749,7 @@ def test_one_token_with_a_pad_mask_takes_no_decode_path(real):
     mask = torch.full((1, 1), real)
     outs = []
     for reference in (True, False):
-        moe = make_moe(4, 2).eval()
-        moe.reference = reference
+        moe = make_moe(4, 2, reference=reference).eval()
         with torch.no_grad():
             outs.append(moe(x, mask)[0])
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)

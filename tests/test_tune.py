@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from slms import machine
-from slms.model import moe as moe_module
-from slms.model import native, tune
-from slms.model.moe import DispatchPath, choose_path, describe
+from slms.model import moe_dispatch, native, tune
+from slms.model.moe_dispatch import DispatchPath, choose_path, describe
 
 
 @pytest.fixture(autouse=True)
@@ -159,7 +158,7 @@ def test_shape_classes_round_tokens_up_to_a_power_of_two():
         x_TD = torch.randn(T, 16)
         with torch.no_grad():
             s = describe(x_TD, moe.router(x_TD), moe.experts, None)
-        sizes[T] = moe_module.shape_class(s, moe.experts)[-1]
+        sizes[T] = moe_dispatch.shape_class(s, moe.experts)[-1]
     assert sizes == {1: "T1", 2: "T2", 3: "T4", 5: "T8", 8: "T8", 33: "T64"}
 
 
@@ -167,16 +166,16 @@ def test_shape_classes_tell_capacity_pads_and_weight_dtype_apart():
     moe = make_moe()
     x_TD = torch.randn(8, 16)
     r = moe.router(x_TD)
-    classes = {moe_module.shape_class(describe(x_TD, r, moe.experts, None), moe.experts),
-               moe_module.shape_class(describe(x_TD, r, moe.experts, 4), moe.experts),
-               moe_module.shape_class(describe(x_TD, r, moe.experts, None,
+    classes = {moe_dispatch.shape_class(describe(x_TD, r, moe.experts, None), moe.experts),
+               moe_dispatch.shape_class(describe(x_TD, r, moe.experts, 4), moe.experts),
+               moe_dispatch.shape_class(describe(x_TD, r, moe.experts, None,
                                                torch.ones(8, dtype=torch.bool)), moe.experts)}
     moe.experts.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the same compute dtype as below
-        classes.add(moe_module.shape_class(describe(x_TD, r, moe.experts, None), moe.experts))
+        classes.add(moe_dispatch.shape_class(describe(x_TD, r, moe.experts, None), moe.experts))
     moe.experts.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        classes.add(moe_module.shape_class(describe(x_TD, r, moe.experts, None), moe.experts))
+        classes.add(moe_dispatch.shape_class(describe(x_TD, r, moe.experts, None), moe.experts))
     assert len(classes) == 5
 
 

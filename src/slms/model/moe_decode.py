@@ -1,8 +1,8 @@
 """The MoE layer's decode-only paths: a few tokens, no autograd, no capacity, no pads.
 
 Generation's steps route a handful of tokens; sorting them, building the inverse permutation
-and scattering back would cost more than the experts themselves. `slms.model.moe.choose_path`
-decides when these run; each returns y_TD in x_TD's dtype.
+and scattering back would cost more than the experts themselves.
+`slms.model.moe_dispatch.choose_path` decides when these run; each returns y_TD in x_TD's dtype.
 Shape legend as in slms.model.moe (T tokens, D width, E experts, K top-k, N assignments).
 """
 
@@ -17,7 +17,7 @@ from slms.model.activations import activate
 from slms.model.moe_kernels import native_activation
 
 if TYPE_CHECKING:
-    from slms.model.moe import Experts, Routing
+    from slms.model.moe_experts import Experts, Routing
 
 
 def native_decode(x_TD: torch.Tensor, r: Routing, experts: Experts) -> torch.Tensor:

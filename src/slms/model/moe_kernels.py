@@ -1,7 +1,7 @@
 """The MoE layer's kernels: experts on contiguous row groups, with hand-written autograd.
 
 The expert loops run in C++ (`slms.model.native`) where the layer chose that kernel
-(`slms.model.moe.choose_path`), else in Python here (`sliced_forward`, `experts_backward`):
+(`slms.model.moe_dispatch.choose_path`), else in Python here (`sliced_forward`, `experts_backward`):
 the same ATen calls either way.
 Shape legend as in slms.model.moe (T tokens, D width, E experts, H expert hidden, K top-k,
 N kept (token, expert) assignments, sorted by expert).

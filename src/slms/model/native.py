@@ -11,8 +11,8 @@ Compiled once by torch's extension builder (about 10-20 s) the first time a MoE 
 the CPU, and cached in TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), one build per
 source, flags, CPU, torch and Python. On by default on Linux (where it is tested; it needs
 OpenMP to use the threads); SLMS_NATIVE=1 turns it on elsewhere, SLMS_NATIVE=0 off. Without a
-C++ compiler (one warning), or off, the Python paths of `moe` and `moe_kernels` run instead: the
-same maths (rounding aside), slower (docs/benchmarks.md).
+C++ compiler (one warning), or off, the Python paths of `moe_dispatch` and `moe_kernels` run
+instead: the same maths (rounding aside), slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -1,18 +1,19 @@
 """Kernels chosen by measurement: where a fast path has alternatives, each is timed once per
 machine and shape class, and the fastest runs.
 
-The MoE layer (slms.model.moe) asks `fastest` for its kernel: the C++ kernels, the plain torch
-loop or torch._grouped_mm, for decoding (a few tokens) and for the sorted paths (training,
-evaluation, prefill). The first call of a shape class times every candidate on synthetic
-inputs of that shape (a few milliseconds for decoding shapes, up to a second for large
-training shapes) and caches the winner in ~/.cache/slms/kernels.json, keyed by the CPU model,
-torch's thread count and version (`slms.machine`), and the build of the C++ kernels (its name
-hashes their source, flags and the CPU's features): a new torch, CPU or kernel source measures
-again. `slms tune CONFIG` measures a model's shapes ahead of time.
+The MoE layer's dispatch engine (slms.model.moe_dispatch) asks `fastest` for its kernel: the
+C++ kernels, the plain torch loop or torch._grouped_mm, for decoding (a few tokens) and for the
+sorted paths (training, evaluation, prefill). The first call of a shape class times every
+candidate on synthetic inputs of that shape (a few milliseconds for decoding shapes, up to a
+second for large training shapes) and caches the winner in ~/.cache/slms/kernels.json, keyed by
+the CPU model, torch's thread count and version (`slms.machine`), and the build of the C++
+kernels (its name hashes their source, flags and the CPU's features): a new torch, CPU or kernel
+source measures again. `slms tune CONFIG` measures a model's shapes ahead of time.
 
 The plain torch path wins ties (it must be beaten by TIE); SLMS_NATIVE=1 uses the C++ kernels
 wherever they can run without timing them, SLMS_NATIVE=0 never builds them, and SLMS_TUNE=0
-turns measuring off (each situation's rule decides, as `slms.model.moe.choose_path` says).
+turns measuring off (each situation's rule decides, as `slms.model.moe_dispatch.choose_path`
+says).
 """
 
 from __future__ import annotations
