@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-import slms  # noqa: E402,F401  (registers model_type slms)
+import slms.hf  # noqa: E402,F401  (registers model_type slms)
 from conftest import tiny_config  # noqa: E402
 from slms.checkpoint import save_checkpoint  # noqa: E402
 from slms.cli import main  # noqa: E402
@@ -180,10 +180,11 @@ def test_auto_tokenizer_round_trips_text(tmp_path, tokenizer):
     assert tok.eos_token_id == tokenizer.eos_id
 
 
-def test_import_slms_registers_without_importing_transformers(tmp_path, tokenizer):
+def test_import_slms_hf_registers_the_model_type(tmp_path, tokenizer):
     export(tmp_path, tokenizer)
     code = ("import sys, slms\n"
             "assert 'transformers' not in sys.modules\n"
+            "import slms.hf\n"
             "from transformers import AutoConfig\n"
             f"print(type(AutoConfig.from_pretrained({str(tmp_path / 'hf')!r})).__name__)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -107,8 +107,7 @@ def test_the_transformers_wrapper_gives_the_same_logits(options, tmp_path, token
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
-    import slms  # noqa: F401  (registers the model type)
-    from slms.hf import export_hf
+    from slms.hf import export_hf  # importing slms.hf registers the model type
 
     cfg = dataclasses.replace(ModelConfig(**BASE, **options), vocab_size=tokenizer.vocab_size)
     torch.manual_seed(0)

@@ -4,7 +4,8 @@ trainer.pt when it can resume training).
 Written through `slms.fsutil.atomic_dir`, so a crash never leaves a half-written checkpoint and
 never damages the previous one. Loading needs only the directory; nothing is unpickled except
 `trainer.pt`, with `weights_only=True`. Every reader (slms.load, analysis, seed import, the
-trainer) uses this module; run directories are `slms.rundir`.
+trainer) uses this module. It knows the format only: run directories are `slms.rundir`, what a
+run may take from a checkpoint is `slms.train.state`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
-from slms import __version__
-from slms.config import ModelConfig, model_config_diff, model_config_from_dict, override_text
+from slms.config import ModelConfig, model_config_from_dict
 from slms.fsutil import atomic_dir, read_json
 from slms.model import GPT
 from slms.tokenizer import Tokenizer
+from slms.version import slms_version
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -36,26 +37,16 @@ class CheckpointError(ValueError):
     """A missing, truncated or corrupted checkpoint; the message names the file."""
 
 
-def unwrap(model: torch.nn.Module) -> GPT:
-    """The GPT inside DDP / torch.compile wrappers (so saved keys have no `_orig_mod.`)."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model  # type: ignore[return-value]
-
-
-def save_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Tokenizer,
+def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer,
                     info: dict[str, Any] | None = None,
                     trainer_state: dict[str, Any] | None = None) -> Path:
-    """Atomically write a checkpoint directory at `path` (replacing an existing one)."""
-    gpt = unwrap(model)
+    """Atomically write a checkpoint directory at `path` (replacing an existing one). `model` is
+    the plain GPT (the trainer unwraps DDP / torch.compile: `slms.train.distributed.unwrap`),
+    so the saved keys have no `_orig_mod.`."""
     with atomic_dir(path) as tmp:
-        save_model(gpt, str(tmp / MODEL_FILE))
+        save_model(model, str(tmp / MODEL_FILE))
         # the tokenizer's hash: a tokenizer.json swapped in later is refused on load
-        meta = {"model": dataclasses.asdict(gpt.cfg), "slms_version": __version__,
+        meta = {"model": dataclasses.asdict(model.cfg), "slms_version": slms_version(),
                 "torch_version": torch.__version__, **(info or {}),
                 "tokenizer_sha256": tokenizer.sha256}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -177,27 +168,4 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
                               "tensors and plain data; use a checkpoint written by slms") from None
     except Exception as e:
         raise CheckpointError(f"{f} is truncated or corrupted ({type(e).__name__})") from None
-
-
-# settings a run may change when it starts from a checkpoint's weights: they change neither the
-# parameters nor the function the model computes
-TRAINING_ONLY = ("model.dropout", "model.moe.aux_loss_coef", "model.moe.z_loss_coef",
-                 "model.moe.capacity_factor", "model.moe.bias_update_rate")
-
-
-def load_weights_into(model: GPT, path: str | Path) -> Path:
-    """Copy the weights of the checkpoint (or run directory) `path` into `model`, whose config
-    must equal the checkpoint's but for TRAINING_ONLY settings; returns the checkpoint used."""
-    from slms.rundir import resolve
-
-    ckpt = resolve(path)
-    source, _, _ = load_checkpoint(ckpt)
-    differ = model_config_diff(model.cfg, source.cfg, ignore=TRAINING_ONLY)
-    if differ:
-        shown = ", ".join(f"{k}={override_text(mine)} (checkpoint: {override_text(theirs)})"
-                          for k, mine, theirs in differ)
-        raise CheckpointError(f"train.init_from={path}: the run's model config differs from the "
-                              f"checkpoint's: {shown}")
-    model.load_state_dict(source.state_dict())
-    return ckpt
 

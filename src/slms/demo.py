@@ -52,7 +52,7 @@ def run_demo(config: str | Path, overrides: list[str], out: str | None = None) -
             print(f"layer {i}: {expert_usage_line(layer)}")
     plots = plot_run(run_dir)
     print(f"\n== done in {time.perf_counter() - t0:.0f} s. Run directory: {run_dir}")
-    print(f"   metrics: {run_dir / 'metrics.jsonl'}")
+    print(f"   metrics: {RunDir(run_dir).metrics_file}")
     print(f"   plots:   {', '.join(str(p) for p in plots)}")
     print(f"   more stories: .venv/bin/slms generate {run_dir} --prompt \"One day, a little\"")
     return run_dir

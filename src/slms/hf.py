@@ -1,8 +1,9 @@
 """Hugging Face `transformers` integration: `SlmsConfig`, `SlmsForCausalLM`, export.
 
-`import slms` registers these with `AutoConfig` / `AutoModelForCausalLM` (see
-`slms._install_hf_hook`), so a directory written by `export_hf` loads with
-`AutoModelForCausalLM.from_pretrained(OUT)` and generates with `generate()` and its KV cache.
+Importing this module registers them with `AutoConfig` / `AutoModelForCausalLM` (`register`,
+the way transformers documents for a custom model), so after `import slms.hf` a directory written
+by `export_hf` loads with `AutoModelForCausalLM.from_pretrained(OUT)` and generates with
+`generate()` and its KV cache.
 The wrapped module is a plain `slms.model.GPT` under `model.`; nothing is reimplemented here.
 
 Supports transformers 4.40+ and 5.x: the cache keyword is `cache` in 5.x and
@@ -272,6 +273,5 @@ def export_hf(gpt: GPT, tok: Tokenizer, out: str | Path) -> Path:
     return out
 
 
-# Importing this module registers too: it may be what first imported transformers, while the
-# import hook of `slms/__init__.py` found it half-initialised.
+# `import slms.hf` is the documented way to make model_type `slms` loadable by the Auto classes.
 register()

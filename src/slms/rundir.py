@@ -5,6 +5,8 @@
     best/                the checkpoint with the best validation loss so far
     latest               a pointer (text) to the newest step checkpoint
     metrics.jsonl        one JSON record per log line / evaluation
+    tensorboard/         TensorBoard events (with train.tensorboard = true)
+    loss.png, expert_load.png   the figures of `slms plot`
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ class RunDir:
     @property
     def metrics_file(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.path / "loss.png"
+
+    @property
+    def expert_load_plot(self) -> Path:
+        return self.path / "expert_load.png"
 
     @property
     def best(self) -> Path:
@@ -89,8 +103,14 @@ class RunDir:
             return None
         return Path(d) if d else None
 
+    @property
+    def latest_file(self) -> Path:
+        return self.path / "latest"
+
     def point_latest(self, step: int) -> None:
-        atomic_write_text(self.path / "latest", f"checkpoints/step-{step}\n")
+        """Point `latest` at checkpoints/step-`step` (a path relative to the run directory)."""
+        target = self.step_dir(step).relative_to(self.path).as_posix()
+        atomic_write_text(self.latest_file, target + "\n")
 
     def prune(self, keep: int) -> None:
         """Keep the newest `keep` step checkpoints."""

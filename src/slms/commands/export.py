@@ -25,6 +25,6 @@ def run(args: argparse.Namespace) -> int:
 
     model, tok = slms.load(args.checkpoint)
     out = export_hf(model, tok, args.hf)
-    print(f"wrote {out} (load with `import slms` then "
+    print(f"wrote {out} (load with `import slms.hf` then "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0

@@ -1,4 +1,5 @@
-"""Data parallelism under torchrun: process group, DDP / FSDP2 wrapping, cross-rank agreement.
+"""Data parallelism under torchrun: process group, DDP / FSDP2 wrapping (and `unwrap`, the model
+inside), cross-rank agreement.
 
 `slms train` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK). Without it, or with
 WORLD_SIZE=1, every helper here is a no-op and the model is not wrapped.
@@ -71,6 +72,17 @@ def wrap(model: GPT, parallel: str, d: Dist, device: torch.device, compile: bool
                if "forward_sync_buffers" in inspect.signature(DDP).parameters
                else {"broadcast_buffers": False})
     return DDP(inner, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+def unwrap(model: nn.Module) -> GPT:
+    """The GPT inside DDP / torch.compile wrappers (so saved keys have no `_orig_mod.`)."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model  # type: ignore[return-value]
 
 
 def is_fsdp(model: nn.Module) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from slms.memory import peak_memory
+from slms.rundir import RunDir
 
 # Dense peak FLOP/s per device (bf16/fp16 tensor cores, and fp32 without TF32), from the vendors'
 # data sheets. More specific names first ("H100 PCIe" before "H100").
@@ -42,7 +43,10 @@ class TensorBoardMissingError(ValueError):
 
 
 class MetricsWriter:
-    """metrics.jsonl (always) and TensorBoard events (optional); disabled on ranks > 0."""
+    """metrics.jsonl (always) and TensorBoard events (optional); disabled on ranks > 0.
+
+    `path` is a run's metrics file (`RunDir.metrics_file`); the events go to that run
+    directory's `RunDir.tensorboard_dir`."""
 
     def __init__(self, path: str | Path, enabled: bool = True, tensorboard: bool = False):
         self.path = Path(path)
@@ -55,7 +59,7 @@ class MetricsWriter:
                 raise TensorBoardMissingError(
                     "train.tensorboard = true needs the tensorboard package: "
                     "pip install tensorboard (or set train.tensorboard=false)") from None
-            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+            self.tb = SummaryWriter(str(RunDir(self.path.parent).tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -108,9 +112,10 @@ def console_line(r: dict[str, Any], max_steps: int) -> str:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics file, or of a run directory's."""
     path = Path(path)
     if path.is_dir():
-        path = path / "metrics.jsonl"
+        path = RunDir(path).metrics_file
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slms.rundir import RunDir
 from slms.train.metrics import read_metrics
 
 
@@ -14,21 +15,21 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
+    run = RunDir(run_dir)
+    metrics = run.metrics_file
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} not found: give a run directory of `slms train`")
     records = read_metrics(metrics)
     train = [r for r in records if "tokens_per_s" in r]
     if not train:
         raise ValueError(f"{metrics} holds no training steps yet; nothing to plot")
-    written = [_loss_figure(run_dir, train, [r for r in records if "val_loss" in r])]
+    written = [_loss_figure(run, train, [r for r in records if "val_loss" in r])]
     if any(r.get("moe") for r in train):
-        written.append(_load_figure(run_dir, [r for r in train if r.get("moe")]))
+        written.append(_load_figure(run, [r for r in train if r.get("moe")]))
     return written
 
 
-def _loss_figure(run_dir: Path, train: list[dict[str, Any]], val: list[dict[str, Any]]) -> Path:
+def _loss_figure(run: RunDir, train: list[dict[str, Any]], val: list[dict[str, Any]]) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter
 
@@ -48,17 +49,17 @@ def _loss_figure(run_dir: Path, train: list[dict[str, Any]], val: list[dict[str,
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     best = min(val, key=lambda r: r["val_loss"]) if val else None
-    title = f"{run_dir.name}: final train loss {train[-1]['loss']:.3f}"
+    title = f"{run.path.name}: final train loss {train[-1]['loss']:.3f}"
     if best:
         title += f", best validation loss {best['val_loss']:.3f} at step {best['step']}"
     fig.suptitle(title)
-    path = run_dir / "loss.png"
+    path = run.loss_plot
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _load_figure(run_dir: Path, train: list[dict[str, Any]]) -> Path:
+def _load_figure(run: RunDir, train: list[dict[str, Any]]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
@@ -68,10 +69,10 @@ def _load_figure(run_dir: Path, train: list[dict[str, Any]]) -> Path:
     ax.axhline(1.0, color="gray", ls="--", lw=1, label="perfect balance")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("expert load: max / mean tokens per expert")
-    ax.set_title(f"{run_dir.name}: expert load balance (1.0 = every expert equally loaded)")
+    ax.set_title(f"{run.path.name}: expert load balance (1.0 = every expert equally loaded)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    path = run_dir / "expert_load.png"
+    path = run.expert_load_plot
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

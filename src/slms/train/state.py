@@ -1,5 +1,6 @@
 """Training state on disk: what a checkpoint must hold for a resumed run to reproduce the
-uninterrupted one bit for bit, and how a run directory is resumed.
+uninterrupted one bit for bit, how a run directory is resumed, and what a new run may take from
+another's checkpoint (train.init_from).
 
 Saved: weights (bias-router state included: it is a model buffer), optimizer, scheduler, grad
 scaler, step, tokens seen, best validation loss, non-finite step counts, the MoE statistics of the
@@ -26,7 +27,7 @@ from slms import checkpoint as ckpt
 from slms import fsutil
 from slms.config import RunConfig, model_config_diff, override_text
 from slms.model import GPT
-from slms.rundir import RunDir
+from slms.rundir import RunDir, resolve
 from slms.tokenizer import Tokenizer
 from slms.train import distributed
 from slms.train.budget import TimeBudget, ValidationWatch
@@ -84,7 +85,7 @@ def save(run: Run, path: Path, val: dict[str, Any] | None = None) -> None:
     """Write a checkpoint (a collective: every rank calls it; rank 0 writes)."""
     weights, optim = distributed.full_state(run.model, run.opt)
     rngs = run.d.gather(rng_state())
-    gpt = ckpt.unwrap(run.model)
+    gpt = distributed.unwrap(run.model)
     moe_stats = gpt.moe_stats_state()
     if not run.d.main:
         return
@@ -111,10 +112,10 @@ def save(run: Run, path: Path, val: dict[str, Any] | None = None) -> None:
 
 def save_step(run: Run) -> Path:
     """Save checkpoints/step-N, point `latest` at it, keep the newest train.keep_checkpoints."""
-    path = run.run_dir / "checkpoints" / f"step-{run.state.step}"
+    run_dir = RunDir(run.run_dir)
+    path = run_dir.step_dir(run.state.step)
     save(run, path)
     if run.d.main:
-        run_dir = RunDir(run.run_dir)
         run_dir.point_latest(run.state.step)
         run_dir.prune(keep=run.cfg.train.keep_checkpoints)
     return path
@@ -123,7 +124,8 @@ def save_step(run: Run) -> Path:
 def newest_intact(run_dir: Path, log=print) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """(checkpoint dir, its weights, its trainer state): the newest checkpoint that loads; a
     damaged one is skipped with a one-line warning."""
-    ckpts = RunDir(run_dir).checkpoints()
+    layout = RunDir(run_dir)
+    ckpts = layout.checkpoints()
     if not ckpts:
         raise ckpt.CheckpointError(f"{run_dir} has no checkpoints to resume from")
     for path in reversed(ckpts):
@@ -133,7 +135,7 @@ def newest_intact(run_dir: Path, log=print) -> tuple[Path, dict[str, Any], dict[
             return path, model.state_dict(), ts
         except ckpt.CheckpointError as e:
             log(f"warning: {e}; trying an older checkpoint")
-    raise ckpt.CheckpointError(f"no intact checkpoint in {run_dir / 'checkpoints'} "
+    raise ckpt.CheckpointError(f"no intact checkpoint in {layout.checkpoints_dir} "
                                f"(all {len(ckpts)} are damaged); start a new run")
 
 
@@ -171,7 +173,7 @@ def restore(run: Run, log=print) -> None:
     else:
         warn(f"warning: {path} was written by {len(rngs)} processes, this run has {d.world}; "
              "random streams (dropout, router noise) restart from the seed")
-    ckpt.unwrap(run.model).load_moe_stats_state(ts.get("moe_stats", []))
+    distributed.unwrap(run.model).load_moe_stats_state(ts.get("moe_stats", []))
     run.state = State(step=ts["step"], best_val=ts["best_val"], tokens_seen=ts["tokens_seen"],
                       bad_steps=ts.get("bad_steps", 0), bad_in_row=ts.get("bad_in_row", 0),
                       train_seconds=ts.get("train_seconds", 0.0))
@@ -207,7 +209,7 @@ def tidy_run_dir(run_dir: Path, step: int) -> None:
     """After a crash: repair and tidy the checkpoints (`recover_run_dir`) and drop the metrics
     logged after `step` (the resumed run logs those steps again)."""
     recover_run_dir(run_dir)
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunDir(run_dir).metrics_file
     if metrics.is_file():
         keep = []
         for line in metrics.read_text().splitlines():
@@ -252,3 +254,25 @@ def check_same_model(cfg: RunConfig, run_dir: Path) -> None:
             + ": the run was trained with "
             + ", ".join(f"{k}={override_text(then)}" for k, _, then in differ)
             + " (model keys cannot change on resume; start a new run with --out)")
+
+
+# settings a run may change when it starts from a checkpoint's weights: they change neither the
+# parameters nor the function the model computes
+TRAINING_ONLY = ("model.dropout", "model.moe.aux_loss_coef", "model.moe.z_loss_coef",
+                 "model.moe.capacity_factor", "model.moe.bias_update_rate")
+
+
+def load_weights_into(model: GPT, path: str | Path) -> Path:
+    """train.init_from: copy the weights of the checkpoint (or run directory) `path` into
+    `model`, whose config must equal the checkpoint's but for TRAINING_ONLY settings; returns
+    the checkpoint used."""
+    path_used = resolve(path)
+    source, _, _ = ckpt.load_checkpoint(path_used)
+    differ = model_config_diff(model.cfg, source.cfg, ignore=TRAINING_ONLY)
+    if differ:
+        shown = ", ".join(f"{k}={override_text(mine)} (checkpoint: {override_text(theirs)})"
+                          for k, mine, theirs in differ)
+        raise ckpt.CheckpointError(f"train.init_from={path}: the run's model config differs "
+                                   f"from the checkpoint's: {shown}")
+    model.load_state_dict(source.state_dict())
+    return path_used

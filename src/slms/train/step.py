@@ -12,12 +12,11 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from slms.checkpoint import unwrap
 from slms.config import TrainConfig
 from slms.constants import IGNORE_INDEX
 from slms.data.loader import PackedData
 from slms.train import distributed
-from slms.train.distributed import Dist
+from slms.train.distributed import Dist, unwrap
 
 
 @dataclass

@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 
 from slms.analysis.evaluate import evaluate
-from slms.checkpoint import load_weights_into, unwrap
 from slms.config import RunConfig, TrainConfig
 from slms.data.loader import PackedData
 from slms.data.pipeline import resolve_data
@@ -29,7 +28,7 @@ from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
 from slms.train import distributed
 from slms.train.budget import PROBE_STEPS, TimeBudget, ValidationWatch
-from slms.train.distributed import Dist
+from slms.train.distributed import Dist, unwrap
 from slms.train.metrics import (
     MetricsWriter,
     console_line,
@@ -39,7 +38,16 @@ from slms.train.metrics import (
 )
 from slms.train.optim import build_optimizer, build_scheduler, schedule_of
 from slms.train.signals import StopRequest
-from slms.train.state import NonFiniteError, Run, State, find_resume, restore, save, save_step
+from slms.train.state import (
+    NonFiniteError,
+    Run,
+    State,
+    find_resume,
+    load_weights_into,
+    restore,
+    save,
+    save_step,
+)
 from slms.train.step import Env, StepResult, train_step
 
 
@@ -68,7 +76,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
         run = build_run(cfg, env, tokenizer, out_dir, resume, log)
         if env.dist.main:
             write_run_config(run.run_dir, cfg, data)
-        metrics = MetricsWriter(run.run_dir / "metrics.jsonl", enabled=env.dist.main,
+        metrics = MetricsWriter(RunDir(run.run_dir).metrics_file, enabled=env.dist.main,
                                 tensorboard=cfg.train.tensorboard)
         announce(run, data, log)
         with StopRequest(verbose=env.dist.main) as stop:
@@ -397,7 +405,7 @@ def guard_non_finite(run: Run, result: StepResult, metrics: MetricsWriter, write
         raise NonFiniteError(
             f"{state.bad_in_row} non-finite steps in a row (up to step {state.step}); stopping. "
             "Lower train.lr, use train.precision=bf16 or fp32, or resume from the last "
-            f"checkpoint in {run.run_dir / 'checkpoints'}")
+            f"checkpoint in {RunDir(run.run_dir).checkpoints_dir}")
 
 
 def log_step(run: Run, result: StepResult, meter: Meter, metrics: MetricsWriter, bar) -> None:
@@ -434,5 +442,5 @@ def run_eval(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, write
               f"{val['bits_per_byte']:.3f} bits/byte)")
     if val["loss"] < state.best_val:
         state.best_val = val["loss"]
-        save(run, run.run_dir / "best", val)
+        save(run, RunDir(run.run_dir).best, val)
     return val
