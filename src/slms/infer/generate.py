@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slms.infer.detokenize import TextStream
 from slms.model import GPT
 from slms.tokenizer import Tokenizer
 
@@ -101,22 +102,18 @@ def stream_text(model: GPT, tokenizer: Tokenizer, ids: list[int], s: Sampling
     if s.seed is not None:
         gen = torch.Generator(device=device).manual_seed(s.seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    new: list[int] = []
-    shown = ""
+    stream = TextStream(tokenizer)
     for tok in model.iter_tokens(idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
                                  s.repetition_penalty, tokenizer.eos_id, gen):
         t = int(tok[0])
         if t == tokenizer.eos_id:
             break
-        new.append(t)
-        text = tokenizer.decode(new)
-        # A byte-level token can end inside a UTF-8 character; wait for the rest of it.
-        if not text.endswith("\ufffd") and len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    text = tokenizer.decode(new)
-    if len(text) > len(shown):
-        yield text[len(shown):]
+        piece, _ = stream.push(t)
+        if piece:
+            yield piece
+    piece, _ = stream.flush()
+    if piece:
+        yield piece
 
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, s: Sampling,
