@@ -154,3 +154,11 @@ def test_the_queue_is_bounded(tokenizer):
         sched.submit(_req(tokenizer, "c"))
     with pytest.raises(ValueError, match="max-queue must be >= 1"):
         Scheduler(_model(), tokenizer, lambda items: None, max_queue=0)
+
+
+def test_serve_checks_its_sizes_before_the_model_loads(tmp_path, capsys):
+    from slms.cli import main
+
+    assert main(["serve", str(tmp_path / "no-such-run"), "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-batch and --max-queue must be >= 1; got 0 and 64" in err

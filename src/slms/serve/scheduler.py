@@ -30,6 +30,13 @@ class Busy(Exception):
     """The queue of waiting requests is full."""
 
 
+def check_capacity(max_batch: int, max_queue: int) -> None:
+    """The scheduler's sizes (`slms serve --max-batch/--max-queue`): each at least 1."""
+    if max_batch < 1 or max_queue < 1:
+        raise ValueError(f"--max-batch and --max-queue must be >= 1; got "
+                         f"{max_batch} and {max_queue}")
+
+
 @dataclass
 class Event:
     """What a request gets back: a text delta (maybe empty) with its token's record, or the
@@ -65,9 +72,7 @@ class Scheduler:
 
     def __init__(self, model: GPT, tok: Tokenizer, deliver: Deliver, max_batch: int = 16,
                  max_queue: int = 64):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"--max-batch and --max-queue must be >= 1; got "
-                             f"{max_batch} and {max_queue}")
+        check_capacity(max_batch, max_queue)
         self.model, self.tok, self.deliver = model.eval(), tok, deliver
         self.device = model.device
         self.max_batch, self.max_queue = max_batch, max_queue
