@@ -15,6 +15,8 @@ from slms.infer.detokenize import TextStream
 from slms.model import GPT
 from slms.tokenizer import Tokenizer
 
+LENGTH_RULE = "an integer >= 1"  # what a generation length must be
+
 
 class SamplingError(ValueError):
     """A `Sampling` value outside its rule; `field` names it (the server reports it under its
@@ -46,7 +48,7 @@ class Sampling:
         n, t, k, p = self.max_new_tokens, self.temperature, self.top_k, self.top_p
         rp, seed = self.repetition_penalty, self.seed
         rules = [  # (field, holds, rule)
-            ("max_new_tokens", is_int(n) and n >= 1, "an integer >= 1"),
+            ("max_new_tokens", is_int(n) and n >= 1, LENGTH_RULE),
             ("temperature", _is_real(t) and t >= 0, "a number >= 0 (0 is greedy)"),
             ("top_k", k is None or (is_int(k) and k >= 0), "an integer >= 0 (0 is off)"),
             ("top_p", p is None or (_is_real(p) and 0 < p <= 1), "in (0, 1] (1 is off)"),
@@ -72,7 +74,7 @@ def check_room(max_new_tokens: int, context: int) -> None:
     """The one check of a generation length against a model's context: the prompt needs at
     least one position (its start token)."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+        raise SamplingError("max_new_tokens", LENGTH_RULE, max_new_tokens)
     if max_new_tokens >= context:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in the "
                          f"model's context of {context} tokens; use at most {context - 1}")
