@@ -2,9 +2,9 @@
 
 The one streaming decoder of `slms generate`, chat and the server. Each token costs a decode of
 a bounded tail of ids, not of everything generated so far (that was quadratic in the length):
-the ids since the last whole character, after one id of context, since some decoders (a
-tokenizer without a decoder joins tokens with spaces, SentencePiece drops a leading space)
-decode a token differently at the start of a text.
+the ids since the last whole character, after the ids of the piece before them as context,
+since some decoders (a tokenizer without a decoder joins tokens with spaces, SentencePiece drops
+a leading space) decode a token differently at the start of a text.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class TextStream:
 
     def __init__(self, tok: Tokenizer, stops: tuple[str, ...] = ()):
         self.tok, self.stops = tok, stops
-        self.window: list[int] = []  # the ids since the last decoded one kept as context
+        self.window: list[int] = []  # the last decoded piece's ids (context), then newer ones
         self.read = 0  # window[:read] is decoded already (the context for the rest)
         self.pending = ""  # decoded text not yet sent (it may start a stop string)
         self.stopped = False  # a stop string was reached: nothing more is sent
