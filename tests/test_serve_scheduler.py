@@ -1,6 +1,6 @@
 """The serve scheduler without HTTP: the per-row decode step against the model's forward,
-batched requests against the same requests alone, stop strings, cancellation and a failing
-row that leaves the others untouched."""
+batched requests against the same requests alone, cancellation and a failing row that leaves
+the others untouched (stop strings: test_infer_detokenize.py)."""
 
 import time
 
@@ -13,7 +13,7 @@ from slms.analysis.routing import route_tokens
 from slms.infer.generate import Sampling, generate_text
 from slms.model import GPT
 from slms.serve.protocol import GenRequest
-from slms.serve.scheduler import Busy, Scheduler, TextStream
+from slms.serve.scheduler import Busy, Scheduler
 
 
 def _model(moe: bool = True, **kw) -> GPT:
@@ -156,27 +156,9 @@ def test_the_queue_is_bounded(tokenizer):
         Scheduler(_model(), tokenizer, lambda items: None, max_queue=0)
 
 
-def _stream(tok, text: str, stops) -> tuple[str, bool, list[str]]:
-    s = TextStream(tok, tuple(stops))
-    pieces, stopped = [], False
-    for t in tok.encode(text):
-        piece, stopped = s.push(t)
-        pieces.append(piece)
-        if stopped:
-            break
-    if not stopped:
-        piece, stopped = s.flush()
-        pieces.append(piece)
-    return "".join(pieces), stopped, pieces
+def test_serve_checks_its_sizes_before_the_model_loads(tmp_path, capsys):
+    from slms.cli import main
 
-
-def test_text_stream_holds_back_what_may_start_a_stop_string(tokenizer):
-    text = "Tom saw a dog. The dog ran. The end."
-    assert _stream(tokenizer, text, [])[:2] == (text, False)
-    out, stopped, pieces = _stream(tokenizer, text, ["dog ran", "zzz"])
-    assert (out, stopped) == ("Tom saw a dog. The ", True)
-    assert "dog" not in "".join(pieces[:-1]) or pieces[-1] == ""  # "dog" held, then cut
-    assert _stream(tokenizer, text, ["The end"])[:2] == ("Tom saw a dog. The dog ran. ", True)
-    emoji = "a \u00e9\u4e2d\U0001f600 b"  # multi-byte characters split across tokens
-    out, _, pieces = _stream(tokenizer, emoji, [])
-    assert out == emoji and not any("\ufffd" in p for p in pieces)
+    assert main(["serve", str(tmp_path / "no-such-run"), "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-batch and --max-queue must be >= 1; got 0 and 64" in err

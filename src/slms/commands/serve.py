@@ -51,9 +51,9 @@ def load_with_threads(args: argparse.Namespace, threads: int | None):
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0 .. 65535; got {args.port}")
-    if args.max_batch < 1 or args.max_queue < 1:
-        raise ValueError(f"--max-batch and --max-queue must be >= 1; got {args.max_batch} "
-                         f"and {args.max_queue}")
+    from slms.serve.scheduler import check_capacity
+
+    check_capacity(args.max_batch, args.max_queue)  # before the model loads
     try:
         import uvicorn
 

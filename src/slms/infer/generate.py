@@ -1,4 +1,5 @@
-"""Text generation from a prompt: context checks, seeding, streaming decoded text."""
+"""Text generation from a prompt: the sampling options and the prompt and length checks (of the
+CLI, chat and the server alike), seeding, streaming decoded text."""
 
 from __future__ import annotations
 
@@ -10,14 +11,31 @@ from dataclasses import dataclass
 
 import torch
 
+from slms.infer.detokenize import TextStream
 from slms.model import GPT
 from slms.tokenizer import Tokenizer
+
+LENGTH_RULE = "an integer >= 1"  # what a generation length must be
+
+
+class SamplingError(ValueError):
+    """A `Sampling` value outside its rule; `field` names it (the server reports it under its
+    own name for the field)."""
+
+    def __init__(self, field: str, rule: str, value: object):
+        self.field, self.rule, self.value = field, rule, value
+        super().__init__(self.message(field))
+
+    def message(self, name: str) -> str:
+        """The error's line, the field called `name`."""
+        return f"{name} must be {self.rule}; got {self.value!r}"
 
 
 @dataclass
 class Sampling:
     """How to sample. Checked when made (and by `dataclasses.replace`), so `slms generate`, chat's
-    :settings, bench and the Python API accept and refuse the same values, in the same words."""
+    :settings, bench, the server and the Python API accept and refuse the same values, in the
+    same words (a `SamplingError` naming the field)."""
 
     max_new_tokens: int = 200
     temperature: float = 0.8  # 0 = greedy
@@ -30,20 +48,21 @@ class Sampling:
         n, t, k, p = self.max_new_tokens, self.temperature, self.top_k, self.top_p
         rp, seed = self.repetition_penalty, self.seed
         rules = [  # (field, holds, rule)
-            ("max_new_tokens", _is_int(n) and n >= 1, "an integer >= 1"),
+            ("max_new_tokens", is_int(n) and n >= 1, LENGTH_RULE),
             ("temperature", _is_real(t) and t >= 0, "a number >= 0 (0 is greedy)"),
-            ("top_k", k is None or (_is_int(k) and k >= 0), "an integer >= 0 (0 is off)"),
+            ("top_k", k is None or (is_int(k) and k >= 0), "an integer >= 0 (0 is off)"),
             ("top_p", p is None or (_is_real(p) and 0 < p <= 1), "in (0, 1] (1 is off)"),
             ("repetition_penalty", _is_real(rp) and rp > 0, "a number > 0 (1 is off)"),
-            ("seed", seed is None or (_is_int(seed) and -2**63 <= seed < 2**64),
+            ("seed", seed is None or (is_int(seed) and -2**63 <= seed < 2**64),
              "an integer in [-2**63, 2**64)"),  # what torch.Generator.manual_seed takes
         ]
         for name, holds, rule in rules:
             if not holds:
-                raise ValueError(f"{name} must be {rule}; got {getattr(self, name)!r}")
+                raise SamplingError(name, rule, getattr(self, name))
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
+    """An integer that is not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
@@ -55,10 +74,19 @@ def check_room(max_new_tokens: int, context: int) -> None:
     """The one check of a generation length against a model's context: the prompt needs at
     least one position (its start token)."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+        raise SamplingError("max_new_tokens", LENGTH_RULE, max_new_tokens)
     if max_new_tokens >= context:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in the "
                          f"model's context of {context} tokens; use at most {context - 1}")
+
+
+def check_prompt(ids: list[int]) -> list[int]:
+    """A prompt's ids (with its prefix), refused when there are none: an empty prompt for a
+    tokenizer without a start token."""
+    if not ids:
+        raise ValueError("the prompt is empty and this model's tokenizer has no start token "
+                         "(an imported seed model): give a prompt")
+    return ids
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: int,
@@ -72,10 +100,7 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: 
     """
     check_room(max_new_tokens, context)
     prefix = tokenizer.prompt_prefix
-    ids = tokenizer.encode_prompt(prompt)
-    if not ids:
-        raise ValueError("the prompt is empty and this model's tokenizer has no start token "
-                         "(an imported seed model): give a prompt")
+    ids = check_prompt(tokenizer.encode_prompt(prompt))
     room = context - max_new_tokens
     if len(ids) > room:
         if truncate != "left":
@@ -101,22 +126,18 @@ def stream_text(model: GPT, tokenizer: Tokenizer, ids: list[int], s: Sampling
     if s.seed is not None:
         gen = torch.Generator(device=device).manual_seed(s.seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    new: list[int] = []
-    shown = ""
+    stream = TextStream(tokenizer)
     for tok in model.iter_tokens(idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
                                  s.repetition_penalty, tokenizer.eos_id, gen):
         t = int(tok[0])
         if t == tokenizer.eos_id:
             break
-        new.append(t)
-        text = tokenizer.decode(new)
-        # A byte-level token can end inside a UTF-8 character; wait for the rest of it.
-        if not text.endswith("\ufffd") and len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    text = tokenizer.decode(new)
-    if len(text) > len(shown):
-        yield text[len(shown):]
+        piece, _ = stream.push(t)
+        if piece:
+            yield piece
+    piece, _ = stream.flush()
+    if piece:
+        yield piece
 
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, s: Sampling,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slms.infer.generate import Sampling
+from slms.infer.generate import Sampling, SamplingError, check_prompt, is_int
 from slms.tokenizer import Tokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -54,10 +54,6 @@ class GenRequest:
     routing: bool = False  # extension: experts and gate weights per generated token
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _is_num(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
@@ -70,24 +66,24 @@ def _is_str_list(x: object) -> bool:
 TYPES: dict[str, tuple[Callable[[object], bool], str]] = {
     "model": (lambda x: isinstance(x, str), "a string"),
     "prompt": (lambda x: isinstance(x, str) or _is_str_list(x)
-               or (isinstance(x, list) and all(_is_int(i) for i in x)),
+               or (isinstance(x, list) and all(is_int(i) for i in x)),
                "a string, a list of one string, or a list of token ids"),
     "messages": (lambda x: isinstance(x, list), "a list of messages"),
-    "max_tokens": (_is_int, "an integer"),
-    "max_completion_tokens": (_is_int, "an integer"),
+    "max_tokens": (is_int, "an integer"),
+    "max_completion_tokens": (is_int, "an integer"),
     "temperature": (_is_num, "a number"),
     "top_p": (_is_num, "a number"),
-    "top_k": (_is_int, "an integer"),
+    "top_k": (is_int, "an integer"),
     "repetition_penalty": (_is_num, "a number"),
-    "seed": (_is_int, "an integer"),
+    "seed": (is_int, "an integer"),
     "stop": (lambda x: isinstance(x, str) or _is_str_list(x), "a string or a list of strings"),
-    "n": (_is_int, "an integer"),
+    "n": (is_int, "an integer"),
     "stream": (lambda x: isinstance(x, bool), "true or false"),
     "stream_options": (lambda x: isinstance(x, dict), "an object"),
-    "logprobs": (lambda x: isinstance(x, bool) or _is_int(x), "a boolean or an integer"),
-    "top_logprobs": (_is_int, "an integer"),
+    "logprobs": (lambda x: isinstance(x, bool) or is_int(x), "a boolean or an integer"),
+    "top_logprobs": (is_int, "an integer"),
     "echo": (lambda x: isinstance(x, bool), "true or false"),
-    "best_of": (_is_int, "an integer"),
+    "best_of": (is_int, "an integer"),
     "logit_bias": (lambda x: isinstance(x, dict), "an object"),
     "presence_penalty": (_is_num, "a number"),
     "frequency_penalty": (_is_num, "a number"),
@@ -174,10 +170,10 @@ def render_chat(messages: list[Any]) -> str:
 def prompt_of(body: dict[str, Any], kind: str, tok: Tokenizer) -> list[int]:
     """The prompt's ids after the tokenizer's prompt prefix (never none)."""
     ids = _prompt_ids(body, kind, tok)
-    if not ids:
-        raise ApiError(400, "the prompt is empty and this model's tokenizer has no start token "
-                       "(an imported seed model): give a prompt", "prompt")
-    return ids
+    try:
+        return check_prompt(ids)
+    except ValueError as e:
+        raise ApiError(400, str(e), "prompt") from None
 
 
 def _prompt_ids(body: dict[str, Any], kind: str, tok: Tokenizer) -> list[int]:
@@ -235,11 +231,9 @@ def sampling_of(body: dict[str, Any], max_tokens: int) -> Sampling:
                         top_k=get("top_k", 0) or None, top_p=get("top_p", None),
                         repetition_penalty=get("repetition_penalty", 1.0),
                         seed=get("seed", None))
-    except ValueError as e:
-        field = str(e).split()[0]
-        message = str(e).replace("max_new_tokens", "max_tokens")
-        raise ApiError(400, message, "max_tokens" if field == "max_new_tokens" else field) \
-            from None
+    except SamplingError as e:
+        name = "max_tokens" if e.field == "max_new_tokens" else e.field
+        raise ApiError(400, e.message(name), name) from None
 
 
 def stops_of(body: dict[str, Any]) -> tuple[str, ...]:

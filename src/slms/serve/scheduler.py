@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from slms.infer.detokenize import TextStream
 from slms.model import GPT
 from slms.model.sampling import sample_next
 from slms.serve.decode import SlotCache, decode_step, prefill
@@ -27,6 +28,13 @@ from slms.tokenizer import Tokenizer
 
 class Busy(Exception):
     """The queue of waiting requests is full."""
+
+
+def check_capacity(max_batch: int, max_queue: int) -> None:
+    """The scheduler's sizes (`slms serve --max-batch/--max-queue`): each at least 1."""
+    if max_batch < 1 or max_queue < 1:
+        raise ValueError(f"--max-batch and --max-queue must be >= 1; got "
+                         f"{max_batch} and {max_queue}")
 
 
 @dataclass
@@ -39,52 +47,6 @@ class Event:
     finish: str | None = None
     error: str | None = None
     usage: tuple[int, int] | None = None  # (prompt tokens, completion tokens)
-
-
-class TextStream:
-    """Generated token ids -> text deltas: only whole UTF-8 characters, and text that could be
-    the start of a stop string is held back until it is known not to be one."""
-
-    def __init__(self, tok: Tokenizer, stops: tuple[str, ...]):
-        self.tok, self.stops = tok, stops
-        self.ids: list[int] = []
-        self.prefix = self.read = 0  # ids[prefix:read] decoded last time (context for the next)
-        self.text = ""
-        self.sent = 0
-        self.stopped = False  # a stop string was reached: nothing more is sent
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """(text to send now, whether a stop string was reached)."""
-        self.ids.append(token)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        now = self.tok.decode(self.ids[self.prefix:])
-        # A byte-level token can end inside a UTF-8 character; wait for the rest of it.
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.text += now[len(before):]
-            self.prefix, self.read = self.read, len(self.ids)
-        return self._release(final=False)
-
-    def flush(self) -> tuple[str, bool]:
-        """At the end: whatever is left (a partial character as U+FFFD)."""
-        if self.stopped:
-            return "", True
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        self.text += self.tok.decode(self.ids[self.prefix:])[len(before):]
-        self.prefix = self.read = len(self.ids)
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> tuple[str, bool]:
-        # a stop can only start in text not yet sent (text that might start one is held)
-        hits = [i for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
-        if hits:
-            out, self.sent = self.text[self.sent:min(hits)], len(self.text)
-            self.stopped = True
-            return out, True
-        hold = 0 if final else max((k for s in self.stops for k in range(1, len(s))
-                                    if self.text.endswith(s[:k])), default=0)
-        safe = max(self.sent, len(self.text) - hold)
-        out, self.sent = self.text[self.sent:safe], safe
-        return out, False
 
 
 @dataclass(eq=False)
@@ -110,9 +72,7 @@ class Scheduler:
 
     def __init__(self, model: GPT, tok: Tokenizer, deliver: Deliver, max_batch: int = 16,
                  max_queue: int = 64):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"--max-batch and --max-queue must be >= 1; got "
-                             f"{max_batch} and {max_queue}")
+        check_capacity(max_batch, max_queue)
         self.model, self.tok, self.deliver = model.eval(), tok, deliver
         self.device = model.device
         self.max_batch, self.max_queue = max_batch, max_queue
