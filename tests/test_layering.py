@@ -142,3 +142,9 @@ def test_the_server_has_no_model_arithmetic():
             if name in MODEL_INSIDES:
                 used.setdefault(f"{path.relative_to(SRC)}:{node.lineno}", name)
     assert used == {}
+
+
+def test_no_module_longer_than_500_lines():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}
