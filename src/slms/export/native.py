@@ -29,6 +29,8 @@ def build(gpt: GPT, arch: Arch, eos_id: int) -> Any:
     """The `arch.cls` model (eval mode, fp32) computing `gpt`'s function."""
     import transformers
 
+    import slms.hf  # noqa: F401  (imported whole before a stock class is: slms's import hook)
+
     cls = getattr(transformers, arch.cls)
     fields = gpt2.config(gpt) if arch.name == "gpt2" else llama.config(gpt, arch)
     # no pad_token_id in the model config: Llama's embedding would make the eos row a frozen
