@@ -34,7 +34,8 @@ def config(gpt: GPT, arch: Arch) -> dict[str, Any]:
         "num_key_value_heads": cfg.n_head, "head_dim": cfg.head_dim,
         "hidden_act": HIDDEN_ACT[cfg.activation], "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": FP32_EPS, "tie_word_embeddings": cfg.tie_weights,
-        # 5.x reads rope_parameters, 4.x rope_theta
+        # 5.x reads rope_parameters, 4.x rope_theta (`native.build` sets it after the config
+        # is made: 5.x configs drop it as an argument)
         "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_theta": theta,
         "attention_bias": cfg.bias, "attention_dropout": 0.0,
     }

@@ -33,9 +33,13 @@ def build(gpt: GPT, arch: Arch, eos_id: int) -> Any:
 
     cls = getattr(transformers, arch.cls)
     fields = gpt2.config(gpt) if arch.name == "gpt2" else llama.config(gpt, arch)
-    # no pad_token_id in the model config: Llama's embedding would make the eos row a frozen
-    # padding row when fine-tuned
-    config = cls.config_class(**fields, bos_token_id=eos_id, eos_token_id=eos_id)
+    legacy_theta = fields.pop("rope_theta", None)
+    # no pad_token_id in the model config (Apertus defaults to 3): the embedding would make
+    # that row a frozen padding row when fine-tuned; generation_config has one
+    config = cls.config_class(**fields, bos_token_id=eos_id, eos_token_id=eos_id,
+                              pad_token_id=None)
+    if legacy_theta is not None:
+        config.rope_theta = legacy_theta  # written beside rope_parameters: 4.x reads it
     model = cls(config).to(torch.float32)
     weights = gpt2.state_dict(gpt) if arch.name == "gpt2" else llama.state_dict(gpt, arch)
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -107,5 +111,13 @@ def save_tokenizer(tok: Tokenizer, max_len: int, out: Path) -> None:
 
 def save(model: Any, tok: Tokenizer, max_len: int, out: Path) -> None:
     """config.json, model.safetensors, generation_config.json and the tokenizer into `out`."""
-    model.save_pretrained(out)
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a bar for one shard of a small model is noise
+    try:
+        model.save_pretrained(out)
+    finally:
+        if shown:
+            logging.enable_progress_bar()
     save_tokenizer(tok, max_len, out)
