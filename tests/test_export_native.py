@@ -241,3 +241,22 @@ def test_chat_template_gives_the_ids_of_slms_server_chats(tmp_path, tokenizer):
     assert list(ids) == tokenizer.encode_prompt(render_chat(messages))
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.eos_id
+
+
+def test_a_document_mask_model_exports_natively_with_a_note(tmp_path, tokenizer, capsys):
+    """document_mask differs only for inputs with a second document: the stock class gives
+    slms's logits on one document (a prompt) and the export says where it would not."""
+    from transformers import AutoModelForCausalLM
+
+    gpt = trained(steps=2, **NATIVE["apertus"][0], document_mask=True)
+    assert export(tmp_path, "docs", gpt, tokenizer) == 0
+    out = capsys.readouterr().out
+    assert "ApertusForCausalLM" in out and "note: model.document_mask: " in out
+    assert "model.document_mask" in (tmp_path / "docs" / "README.md").read_text()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "docs").eval()
+    x = torch.randint(1, 300, (2, 30))
+    x[:, 0] = tokenizer.eos_id
+    with torch.no_grad():
+        assert (hf(x).logits - gpt(x).logits).abs().max() <= 1e-4
+        x[:, 15] = tokenizer.eos_id  # a second document: slms masks, the stock class cannot
+        assert (hf(x).logits[:, 16:] - gpt(x).logits[:, 16:]).abs().max() > 1e-3
