@@ -31,11 +31,15 @@ CASES = {  # name: (ModelConfig overrides)
 
 
 def export(tmp_path, tokenizer, **kw) -> tuple[GPT, torch.nn.Module]:
-    """(slms model, the model transformers loads from its `slms export --hf` directory)."""
+    """(slms model, the model transformers loads from its `slms export --hf --arch slms`
+    directory)."""
     torch.manual_seed(0)
     gpt = GPT(tiny_config(block_size=64, **kw)).eval()
     save_checkpoint(tmp_path / "ck", gpt, tokenizer)
-    assert main(["export", str(tmp_path / "ck"), "--hf", str(tmp_path / "hf")]) == 0
+    # --arch slms: the custom class these tests are about (plain `export` of a model that maps
+    # to a stock class writes that class: tests/test_export_native.py)
+    assert main(["export", str(tmp_path / "ck"), "--hf", str(tmp_path / "hf"),
+                 "--arch", "slms"]) == 0
     return gpt, AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
 
 
