@@ -102,6 +102,14 @@ def test_generation_options_default_to_sampling_fields(command, length):
     assert sampling_of(args, Sampling().max_new_tokens) == Sampling()
 
 
+def test_source_options_default_to_source_options_fields():
+    from slms.commands.options import source_of
+    from slms.data.sources import SourceOptions
+
+    args = build_parser().parse_args(["prepare", "--tokenizer", "t.json", "--out", "o"])
+    assert source_of("synthetic", args).opts == SourceOptions()
+
+
 def test_help_shows_the_dataclass_defaults(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["study", "--help"])

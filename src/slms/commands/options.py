@@ -8,12 +8,10 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from slms.data.sources import SEPARATORS, Source, SourceOptions
 from slms.infer.sampling import Sampling
-
-if TYPE_CHECKING:
-    from slms.data.sources import Source
 
 CHECKPOINT_HELP = "run or checkpoint directory"
 
@@ -105,20 +103,18 @@ def sampling_of(args: argparse.Namespace, max_new_tokens: int) -> Sampling:
 
 def add_source(p: argparse.ArgumentParser) -> None:
     """Options of every command that reads a SOURCE."""
-    p.add_argument("--separator", choices=["eot", "blank-line", "newline"], default="eot",
-                   help=".txt story separator: <|endoftext|> lines (default), blank lines, or "
-                   "single line breaks (paragraphs then separated by blank lines)")
-    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/hub data")
+    add_field(p, SourceOptions, "separator", choices=SEPARATORS,
+              help=".txt story separator: <|endoftext|> lines (default), blank lines, or "
+              "single line breaks (paragraphs then separated by blank lines)")
+    add_field(p, SourceOptions, "text_field", help="text field of .jsonl/.parquet/hub data")
     p.add_argument("--streaming", action="store_true",
                    help="stream a hub dataset instead of downloading it first")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="validation share carved out of a source without a validation split")
-    p.add_argument("--seed", type=int, default=0)
+    add_field(p, SourceOptions, "val_fraction",
+              help="validation share carved out of a source without a validation split")
+    add_field(p, SourceOptions, "seed")
 
 
 def source_of(name: str, args: argparse.Namespace) -> Source:
-    from slms.data.sources import Source, SourceOptions
-
     return Source(name, SourceOptions(separator=args.separator, text_field=args.text_field,
                                       streaming=args.streaming, val_fraction=args.val_fraction,
                                       seed=args.seed))
