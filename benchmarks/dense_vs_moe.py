@@ -1,5 +1,5 @@
 """Dense vs MoE for the same training compute, and the dense model upcycled halfway: a thin
-wrapper of `slms study` (src/slms/study.py), so that the benchmark and the command are one code.
+wrapper of `slms study` (src/slms/study/), so that the benchmark and the command are one code.
 
     python benchmarks/dense_vs_moe.py --dense-steps 200 --evals 8 --out /tmp/study
     python benchmarks/dense_vs_moe.py --dense-steps 200 --evals 8 \\

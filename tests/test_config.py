@@ -1,9 +1,19 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from slms.config import ConfigError, load_config
+from slms.config import (
+    ACTIVATIONS,
+    ROUTERS,
+    ConfigError,
+    ModelConfig,
+    MoEConfig,
+    TrainConfig,
+    choices_of,
+    load_config,
+)
 from slms.model import GPT
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
@@ -44,6 +54,38 @@ def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config(Path("configs/tiny.toml"), [override])
     assert "\n" not in str(e.value)
+
+
+CHOICE_KEYS = [(prefix, cls, f.name) for prefix, cls in (("model", ModelConfig),
+                                                       ("model.moe", MoEConfig),
+                                                       ("train", TrainConfig))
+               for f in dataclasses.fields(cls) if choices_of(cls, f.name)]
+
+
+def test_choice_keys_are_those_with_a_fixed_set_of_values():
+    assert {f"{p}.{n}" for p, _, n in CHOICE_KEYS} == {
+        "model.activation", "model.attn_scale", "model.positions", "model.norm",
+        "model.moe.router", "train.schedule", "train.optimizer", "train.precision",
+        "train.resume", "train.parallel"}
+    assert choices_of(MoEConfig, "router") == ROUTERS == ("noisy_topk", "topk", "bias")
+    assert choices_of(ModelConfig, "activation") == ACTIVATIONS
+    assert choices_of(TrainConfig, "lr") is None and choices_of(TrainConfig, "device") is None
+
+
+@pytest.mark.parametrize("prefix,cls,name", CHOICE_KEYS, ids=lambda x: getattr(x, "__name__", x))
+def test_a_choice_key_refuses_another_value_naming_its_choices(prefix, cls, name):
+    choices = choices_of(cls, name)
+    assert getattr(cls(), name) in choices  # the default is one of them
+    extra = ["model.moe.n_experts=4"] if prefix == "model.moe" else []
+    for value, shown in (("bogus", "'bogus'"), ("1", "1")):
+        with pytest.raises(ConfigError) as e:
+            load_config(Path("configs/tiny.toml"), [*extra, f"{prefix}.{name}={value}"])
+        assert str(e.value) == f"{prefix}.{name} must be one of {', '.join(choices)}, got {shown}"
+    for value in choices:  # each choice loads
+        load_config(Path("configs/tiny.toml"), [*extra, f"{prefix}.{name}={value}"])
+    made = cls(**{name: "bogus"})  # a config made in code is checked by validate()
+    with pytest.raises(ConfigError, match=f"^{prefix}.{name} must be one of .*, got 'bogus'$"):
+        made.validate(4) if cls is MoEConfig else made.validate()
 
 
 def test_missing_and_invalid_files(tmp_path):

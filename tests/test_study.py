@@ -5,7 +5,7 @@ import pytest
 from slms.cli import main
 from slms.config import ModelConfig, run_config_from_dict
 from slms.model.info import ffn_matmul_params
-from slms.study import expert_width, moe_overrides
+from slms.study.plan import expert_width, moe_overrides
 from slms.train.metrics import read_metrics
 from slms.train.optim import Schedule
 

@@ -8,13 +8,14 @@ Unknown keys and wrong types are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
@@ -34,14 +35,19 @@ MAX_EXPERTS = 4096
 MAX_EXPERT_HIDDEN = 2**18
 
 
-ACTIVATIONS = ("relu", "gelu", "relu2", "swiglu")  # slms.model.activations
+# The choices of a string key, written once: the loader refuses any other value (`_coerce`),
+# and the tuples below name them for the CLI and for the code that picks one.
+Activation = Literal["relu", "gelu", "relu2", "swiglu"]  # slms.model.activations
+Router = Literal["noisy_topk", "topk", "bias"]
+ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
+ROUTERS: tuple[str, ...] = typing.get_args(Router)
 
 
 @dataclass(frozen=True)
 class MoEConfig:
     n_experts: int = 8
     top_k: int = 2
-    router: str = "noisy_topk"  # noisy_topk (the seed's) | topk | bias
+    router: Router = "noisy_topk"  # noisy_topk is the seed's
     expert_hidden: int | None = None  # default: mlp_ratio * n_embd, as the seed's experts
     every: int = 1  # layer i is MoE when i % every == every - 1
     renormalize: bool = True  # top-k weights sum to one (the seed softmaxes the top-k logits)
@@ -62,12 +68,11 @@ class MoEConfig:
         return 0.0 if self.router == "bias" else 0.01
 
     def validate(self, n_layer: int) -> None:
+        _check_choices(self, "model.moe")
         _check(1 <= self.n_experts <= MAX_EXPERTS, "model.moe.n_experts",
                f"must be between 1 and {MAX_EXPERTS}")
         _check(1 <= self.top_k <= self.n_experts, "model.moe.top_k",
                f"must be between 1 and n_experts ({self.n_experts})")
-        _check(self.router in ("noisy_topk", "topk", "bias"), "model.moe.router",
-               "must be one of noisy_topk, topk, bias")
         _check(self.expert_hidden is None or 1 <= self.expert_hidden <= MAX_EXPERT_HIDDEN,
                "model.moe.expert_hidden", f"must be between 1 and {MAX_EXPERT_HIDDEN}")
         _check(1 <= self.every <= n_layer, "model.moe.every", f"must be in 1..n_layer ({n_layer})")
@@ -88,13 +93,16 @@ class ModelConfig:
     bias: bool = True  # biases in linear layers
     qkv_bias: bool = True  # the seed's per-head q/k/v projections have none
     tie_weights: bool = True
-    activation: str = "relu"  # relu (the seed's) | gelu | relu2 (ReLU squared) | swiglu (gated)
+    # relu (the seed's) | gelu | relu2 (ReLU squared) | swiglu (gated)
+    activation: Activation = "relu"
     mlp_ratio: int = 4
-    attn_scale: str = "head_dim"  # head_dim: 1/sqrt(head_dim); n_embd: the seed's 1/sqrt(n_embd)
+    # head_dim: 1/sqrt(head_dim); n_embd: the seed's 1/sqrt(n_embd)
+    attn_scale: Literal["head_dim", "n_embd"] = "head_dim"
     # Modern options, all off by default (the seed's and older checkpoints compute as before):
-    positions: str = "learned"  # learned (a position embedding) | rope (rotary on q and k)
+    # learned (a position embedding) | rope (rotary on q and k)
+    positions: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     qk_norm: bool = False  # RMSNorm of q and k per head before attention
     zero_init_proj: bool = False  # output projections (attention, MLP, experts) start at zero
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
@@ -111,6 +119,7 @@ class ModelConfig:
         return self.moe is not None and i % self.moe.every == self.moe.every - 1
 
     def validate(self) -> None:
+        _check_choices(self, "model")
         for key in ("block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             _check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
         for key, most in (("block_size", MAX_BLOCK_SIZE), ("n_layer", MAX_N_LAYER),
@@ -123,16 +132,10 @@ class ModelConfig:
         _check(self.n_embd % self.n_head == 0, "model.n_embd",
                f"must be divisible by model.n_head ({self.n_head})")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-        _check(self.activation in ACTIVATIONS, "model.activation",
-               f"must be one of {', '.join(ACTIVATIONS)}")
-        _check(self.positions in ("learned", "rope"), "model.positions", "must be learned or rope")
         _check(self.positions != "rope" or self.head_dim % 2 == 0, "model.positions",
                "rope needs an even head size (n_embd / n_head)")
         _check(self.rope_base > 1, "model.rope_base", "must be > 1")
-        _check(self.norm in ("layernorm", "rmsnorm"), "model.norm", "must be layernorm or rmsnorm")
         _check(self.logit_softcap >= 0, "model.logit_softcap", "must be >= 0 (0 = off)")
-        _check(self.attn_scale in ("head_dim", "n_embd"), "model.attn_scale",
-               "must be head_dim or n_embd")
         if self.moe is not None:
             self.moe.validate(self.n_layer)
 
@@ -156,10 +159,12 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    schedule: str = "cosine"  # cosine (with warmup) | onecycle (the seed's) | constant
+    # cosine (with warmup) | onecycle (the seed's) | constant
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_steps: int = 50
     weight_decay: float = 0.1
-    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    # muon: Muon on hidden matrices, AdamW on the rest
+    optimizer: Literal["adamw", "muon"] = "adamw"
     muon_lr: float = 0.0  # the Muon groups' peak lr; 0 = train.lr (updates are RMS-matched)
     muon_momentum: float = 0.95
     # orthogonalise fused matrices (qkv; SwiGLU's gate and up) per block, as separate matrices
@@ -175,7 +180,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # auto: bf16 autocast where bf16 matmuls measure fast (slms.precision), else fp32 | fp32 |
     # bf16 | fp16 (autocast; fp16 with loss scaling)
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch's default
     keep_freed_memory: bool = True  # on CPU: glibc keeps freed memory for reuse (slms.memory)
     # > 0: sets max_steps to this many epochs: real passes over the rows of padded data; for
@@ -186,11 +191,12 @@ class TrainConfig:
     max_minutes: float = 0.0
     early_stop: int = 0  # > 0: stop after this many evaluations without a new best val loss
     keep_checkpoints: int = 2  # newest step checkpoints kept (best/ is kept apart)
-    resume: str = "never"  # never | auto: continue the --out directory when it holds checkpoints
+    # auto: continue the --out directory when it holds checkpoints
+    resume: Literal["never", "auto"] = "never"
     max_bad_steps: int = 10  # this many non-finite steps in a row stop the run
     grad_checkpointing: bool = False  # recompute each block in the backward pass
     compile: bool = False  # torch.compile the model
-    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard per block)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun; fsdp: FSDP2 fully_shard per block
     peak_flops: float = 0.0  # per device FLOP/s for MFU; 0 = detected for known GPUs
     tensorboard: bool = False  # also write TensorBoard events (needs `tensorboard`)
     # a checkpoint (or run directory) whose weights a NEW run starts from, e.g. one written by
@@ -204,26 +210,20 @@ class TrainConfig:
     init_total: int = 0
 
     def validate(self) -> None:
+        _check_choices(self, "train")
         for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every",
                     "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
         _check(self.epochs >= 0, "train.epochs", "must be >= 0 (0 = use train.max_steps)")
         _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0 = no time budget)")
         _check(self.early_stop >= 0, "train.early_stop", "must be >= 0 (0 = off)")
-        _check(self.resume in ("never", "auto"), "train.resume", "must be never or auto")
-        _check(self.parallel in ("ddp", "fsdp"), "train.parallel", "must be ddp or fsdp")
         _check(self.peak_flops >= 0, "train.peak_flops", "must be >= 0 (0 = detect)")
         _check(self.lr > 0, "train.lr", "must be > 0")
-        _check(self.optimizer in ("adamw", "muon"), "train.optimizer", "must be adamw or muon")
         _check(self.muon_lr >= 0, "train.muon_lr", "must be >= 0 (0 = train.lr)")
         _check(0 <= self.muon_momentum < 1, "train.muon_momentum", "must be in [0, 1)")
         _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
-        _check(self.schedule in ("cosine", "onecycle", "constant"), "train.schedule",
-               "must be one of cosine, onecycle, constant")
         _check(0 <= self.warmup_steps, "train.warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
-        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
-               "must be auto, fp32, bf16 or fp16")
         _check(self.threads >= 0, "train.threads", "must be >= 0")
         _check(self.init_step >= 0, "train.init_step", "must be >= 0")
         _check(self.init_total >= 0, "train.init_total", "must be >= 0 (0 = train.max_steps)")
@@ -256,6 +256,33 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key} {message}")
 
 
+def choices_of(cls: type, name: str) -> tuple[Any, ...] | None:
+    """The values field `name` of dataclass `cls` allows (its Literal's), or None: any of its
+    type."""
+    tp = _field_types(cls)[name]
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolved: `from __future__ import annotations` above
+
+
+def _check_choice(value: Any, choices: tuple[Any, ...], key: str) -> Any:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def _check_choices(cfg: Any, prefix: str) -> None:
+    """Each Literal field of dataclass `cfg` holds one of its choices (the loader checks them
+    too; this catches a config made in code)."""
+    for f in dataclasses.fields(cfg):
+        choices = choices_of(type(cfg), f.name)
+        if choices is not None:
+            _check_choice(getattr(cfg, f.name), choices, f"{prefix}.{f.name}")
+
+
 # ---------------------------------------------------------------------------------------------
 # dict <-> dataclass with type checking
 
@@ -282,6 +309,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(e)
         raise errors[0] if errors else ConfigError(f"{key}: bad value {value!r}")
+    if origin is Literal:
+        return _check_choice(value, typing.get_args(tp), key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table of settings, got {value!r}")
@@ -303,7 +332,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a (nested) dict, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
+    hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():

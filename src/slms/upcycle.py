@@ -20,10 +20,8 @@ from pathlib import Path
 
 import torch
 
-from slms.config import MoEConfig
+from slms.config import ROUTERS, MoEConfig
 from slms.model import GPT
-
-ROUTERS = ("topk", "noisy_topk", "bias")
 
 
 def upcycle(model: GPT, n_experts: int, top_k: int, router: str = "topk",

@@ -12,7 +12,7 @@ HELP = "interactive story generation (:help lists the commands)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_checkpoint(p)
-    options.add_generation(p, max_new_tokens=None)
+    options.add_generation(p, default_length=False)
     options.add_device(p)
     options.add_precision(p)
 

@@ -12,7 +12,7 @@ HELP = "continue a prompt with a trained model"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_checkpoint(p)
     p.add_argument("--prompt", default="", help="text to continue (default: a new story)")
-    options.add_generation(p, max_new_tokens=200)
+    options.add_generation(p)
     p.add_argument("--truncate", choices=["left"], help="keep the end of a too-long prompt")
     options.add_device(p)
     options.add_precision(p)

@@ -4,12 +4,14 @@ parsed options into the objects the commands use."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from slms.data.sources import Source
-    from slms.infer.generate import Sampling
+from slms.data.sources import SEPARATORS, Source, SourceOptions
+from slms.infer.sampling import Sampling
 
 CHECKPOINT_HELP = "run or checkpoint directory"
 
@@ -45,40 +47,74 @@ def add_overrides(p: argparse.ArgumentParser, help: str | None = None) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=help)
 
 
-def add_generation(p: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
-    """The generation length and the sampling options of `generate` and `chat`."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 = off")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+def add_field(p: argparse._ActionsContainer, cls: type, name: str,
+              *flags: str, help: str | None = None, **kwargs: Any) -> argparse.Action:
+    """An option for field `name` of dataclass `cls` (flag --NAME-WITH-DASHES unless `flags`
+    are given), its default and type the field's, so that a default is written once: a
+    Literal's values are its choices, `X | None` takes an X, a tuple is taken as the comma-
+    separated text of its items (its default written so; the command parses it). `%(default)s`
+    in `help` shows the default; `kwargs` go to add_argument (a command's own default among
+    them)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    kwargs = {"default": _option_text(default), **_option_type(typing.get_type_hints(cls)[name]),
+              **kwargs}
+    return p.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), help=help, **kwargs)
+
+
+def _option_type(tp: Any) -> dict[str, Any]:
+    """add_argument's type (or choices) for a field of type `tp`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        (tp,) = (a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        return {"choices": typing.get_args(tp)}
+    if tp in (int, float):
+        return {"type": tp}
+    if tp is str or typing.get_origin(tp) is tuple:
+        return {}
+    raise TypeError(f"no command-line option for a field of type {tp}")
+
+
+def _option_text(value: Any) -> Any:
+    """A default as its option takes it: a tuple as comma-separated items."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+def add_generation(p: argparse.ArgumentParser, default_length: bool = True) -> None:
+    """The generation length and the sampling options of `generate` and `chat`, defaults
+    Sampling's; without default_length, --max-new-tokens is None unless given (the command
+    chooses)."""
+    if default_length:
+        add_field(p, Sampling, "max_new_tokens", help="default %(default)s")
+    else:
+        add_field(p, Sampling, "max_new_tokens", default=None)
+    add_field(p, Sampling, "temperature", help="0 = greedy (default %(default)s)")
+    add_field(p, Sampling, "top_k", help="0 = off (default %(default)s)")
+    add_field(p, Sampling, "top_p")
+    add_field(p, Sampling, "repetition_penalty", help="1 = off (default %(default)s)")
+    add_field(p, Sampling, "seed")
 
 
 def sampling_of(args: argparse.Namespace, max_new_tokens: int) -> Sampling:
     """The Sampling the options of `add_generation` ask for (it checks their values)."""
-    from slms.infer.generate import Sampling
-
     return Sampling(max_new_tokens, args.temperature, args.top_k or None, args.top_p,
                     args.repetition_penalty, args.seed)
 
 
 def add_source(p: argparse.ArgumentParser) -> None:
     """Options of every command that reads a SOURCE."""
-    p.add_argument("--separator", choices=["eot", "blank-line", "newline"], default="eot",
-                   help=".txt story separator: <|endoftext|> lines (default), blank lines, or "
-                   "single line breaks (paragraphs then separated by blank lines)")
-    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/hub data")
+    add_field(p, SourceOptions, "separator", choices=SEPARATORS,
+              help=".txt story separator: <|endoftext|> lines (default), blank lines, or "
+              "single line breaks (paragraphs then separated by blank lines)")
+    add_field(p, SourceOptions, "text_field", help="text field of .jsonl/.parquet/hub data")
     p.add_argument("--streaming", action="store_true",
                    help="stream a hub dataset instead of downloading it first")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="validation share carved out of a source without a validation split")
-    p.add_argument("--seed", type=int, default=0)
+    add_field(p, SourceOptions, "val_fraction",
+              help="validation share carved out of a source without a validation split")
+    add_field(p, SourceOptions, "seed")
 
 
 def source_of(name: str, args: argparse.Namespace) -> Source:
-    from slms.data.sources import Source, SourceOptions
-
     return Source(name, SourceOptions(separator=args.separator, text_field=args.text_field,
                                       streaming=args.streaming, val_fraction=args.val_fraction,
                                       seed=args.seed))

@@ -6,43 +6,48 @@ import argparse
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from slms.commands import options
+from slms.data.sources import SEPARATORS
+from slms.study import QUICK_DENSE_STEPS, QUICK_OVERRIDES, StudyOptions
 
 HELP = "dense vs MoE trained to the same FLOPs (or minutes), and the dense model upcycled"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of StudyOptions' fields, their defaults its."""
     p.add_argument("config", nargs="?", default=None,
                    help="dense base config or preset name (default modern-cpu; tiny shapes "
                    "with --quick)")
     options.add_overrides(p, "dotted overrides of the base config, e.g. train.batch_size=8")
     budget = p.add_argument_group("budget per variant (give one)")
-    budget.add_argument("--flops", type=float, default=0.0,
-                        help="training FLOPs (the convention of `slms info`), e.g. 2e13")
-    budget.add_argument("--dense-steps", type=int, default=0,
-                        help="the FLOPs of this many steps of the dense model")
-    budget.add_argument("--minutes", type=float, default=0.0,
-                        help="minutes of optimizer steps (evaluation excluded)")
-    p.add_argument("--experts", default="4,8,16", help="expert counts (default 4,8,16)")
-    p.add_argument("--top-k", default="1,2", help="experts per token (default 1,2)")
-    p.add_argument("--router", default="bias", choices=["topk", "noisy_topk", "bias"],
-                   help="router of the MoE variants (default bias)")
-    p.add_argument("--upcycle", default="8,2", metavar="E,K",
-                   help="experts and top-k of the upcycled variant (default 8,2; none: skip it)")
-    p.add_argument("--upcycle-noise", type=float, default=0.01,
-                   help="expert noise of the upcycled variant, relative to the weights' std "
-                   "(default 0.01, as in the study of docs/dense_vs_moe.md; the new router "
-                   "separates exact copies too)")
-    p.add_argument("--data", help="a .txt file (its last --val-stories stories held out), a "
-                   "prepared data directory or any source `slms prepare` reads (default: the "
-                   "base config's data.path, else the embedded corpus)")
-    p.add_argument("--val-stories", type=int, default=500)
-    p.add_argument("--separator", choices=["eot", "blank-line", "newline"], default="newline",
-                   help="story separator of a --data .txt file (default newline)")
-    p.add_argument("--evals", type=int, default=10, help="evaluations per run (default 10)")
-    p.add_argument("--eval-every", type=int, default=50,
-                   help="steps between evaluations with --minutes (default 50)")
+
+    def field(group: argparse._ActionsContainer, name: str, *flags: str, **kw: Any) -> None:
+        options.add_field(group, StudyOptions, name, *flags, **kw)
+
+    field(budget, "flops", help="training FLOPs (the convention of `slms info`), e.g. 2e13")
+    field(budget, "dense_steps", help="the FLOPs of this many steps of the dense model")
+    field(budget, "minutes", help="minutes of optimizer steps (evaluation excluded)")
+    field(p, "experts", help="expert counts (default %(default)s)")
+    field(p, "top_ks", "--top-k", help="experts per token (default %(default)s)")
+    field(p, "router", help="router of the MoE variants (default %(default)s)")
+    field(p, "upcycle", metavar="E,K", help="experts and top-k of the upcycled variant "
+          "(default %(default)s; none: skip it)")
+    field(p, "upcycle_noise",
+          help="expert noise of the upcycled variant, relative to the weights' std "
+          "(default %(default)s, as in the study of docs/dense_vs_moe.md; the new router "
+          "separates exact copies too)")
+    field(p, "data", help="a .txt file (its last --val-stories stories held out), a "
+          "prepared data directory or any source `slms prepare` reads (default: the "
+          "base config's data.path, else the embedded corpus)")
+    field(p, "val_stories", help="stories of a --data .txt file held out for validation "
+          "(default %(default)s)")
+    field(p, "separator", choices=SEPARATORS,
+          help="story separator of a --data .txt file (default %(default)s)")
+    field(p, "evals", help="evaluations per run (default %(default)s)")
+    field(p, "eval_every", help="steps between evaluations with --minutes (default "
+          "%(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny model on a small embedded corpus, 30 dense steps unless a "
                    "budget is given: the whole study in well under a minute")
@@ -56,9 +61,7 @@ def ints(text: str, option: str) -> tuple[int, ...]:
         raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
 
 
-def study_options(args: argparse.Namespace):  # noqa: ANN201
-    from slms.study import QUICK_DENSE_STEPS, QUICK_OVERRIDES, StudyOptions
-
+def study_options(args: argparse.Namespace) -> StudyOptions:
     config, overrides = options.split_config(args.config, args.overrides)
     out = Path(args.out or f"runs/study-{datetime.now():%Y%m%d-%H%M%S}")
     if args.quick:
@@ -78,11 +81,12 @@ def study_options(args: argparse.Namespace):  # noqa: ANN201
 
 
 def run(args: argparse.Namespace) -> int:
-    from slms.study import run_study, table
+    from slms.study.report import table
+    from slms.study.run import run_study
 
     opts = study_options(args)
-    report = run_study(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(table(report))
+    study = run_study(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(table(study.results))
     print(f"wrote {opts.out / 'study.json'}, {opts.out / 'study_flops.png'} and "
           f"{opts.out / 'study_time.png'}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from slms.config import ROUTERS
+
 HELP = "turn a dense checkpoint into an MoE one (experts copied from the MLPs)"
 DISK_FULL_NOTE = "nothing is left at --out: the checkpoint appears only when complete"
 
@@ -12,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="dense run directory or checkpoint directory")
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    p.add_argument("--router", default="topk", choices=["topk", "noisy_topk", "bias"],
+    p.add_argument("--router", default="topk", choices=ROUTERS,
                    help="router of the MoE layers (default topk), initialised as in a new model")
     p.add_argument("--expert-noise", type=float, default=0.0,
                    help="Gaussian noise on each expert's weights, relative to their std "

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slms.infer.generate import Sampling, SamplingError, check_prompt, is_int
+from slms.infer.generate import check_prompt
+from slms.infer.sampling import Sampling, SamplingError, is_int
 from slms.tokenizer import Tokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"

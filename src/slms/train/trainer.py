@@ -50,6 +50,10 @@ from slms.train.state import (
 )
 from slms.train.step import Env, StepResult, train_step
 
+# train.max_steps of a run with a time budget (train.max_minutes) until its probe steps are timed
+# and `fix_max_steps` sets the steps that fit: more than any such run takes
+PROVISIONAL_STEPS = 10**9
+
 
 class DataMismatchError(ValueError):
     """The prepared data does not fit the model (vocab size, tokenizer)."""
@@ -230,7 +234,7 @@ def resolve_steps(cfg: RunConfig, data: PackedData, d: Dist) -> RunConfig:
     time budget fixes it after its probe, `fix_max_steps`)."""
     tc = cfg.train
     if tc.max_minutes > 0:
-        return dataclasses.replace(cfg, train=dataclasses.replace(tc, max_steps=10**9))
+        return dataclasses.replace(cfg, train=dataclasses.replace(tc, max_steps=PROVISIONAL_STEPS))
     if tc.epochs <= 0:
         return cfg
     size, per_step = epoch_size(cfg, data, d.world)
