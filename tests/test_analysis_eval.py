@@ -107,6 +107,7 @@ def test_token_bytes_sum_to_the_text_bytes(tokenizer):
     assert table[tokenizer.eos_id] == 0
 
 
+@pytest.mark.slow
 def test_moe_evaluation_with_capacity_does_not_depend_on_the_batch(tmp_path, data_dir):
     """Capacity is a training-time device: evaluation is dropless, so its loss is the same
     whatever the batch size (and pads of the short last window take no capacity)."""

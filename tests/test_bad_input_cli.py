@@ -243,6 +243,7 @@ def test_missing_input_is_one_line(argv, tmp_path, ckpt, tokenizer, capsys):
     assert any(n in err for n in named), err
 
 
+@pytest.mark.slow
 def test_a_full_disk_in_safetensors_is_one_line_and_keeps_the_last_checkpoint(
         tmp_path, monkeypatch, capsys, data_dir):
     """safetensors reports a full disk as its own error type ("os error 28"), not OSError: the

@@ -19,6 +19,7 @@ def test_help_lists_every_command():
         assert f"    {cmd}" in out
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path, capsys):
     d = tmp_path
     assert main(["corpus", "--out", str(d / "corpus"), "--stories", "200", "--seed", "3"]) == 0

@@ -32,6 +32,7 @@ def single(tmp_path_factory, data_dir):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one(tmp_path, data_dir, single, parallel):
     out = tmp_path / "run"

@@ -114,6 +114,7 @@ def loaded(tmp_path_factory, tokenizer):
     return models, x, torch.load(tmp / "found.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", NATIVE)
 def test_the_stock_class_gives_slms_logits_greedy_tokens_and_ids_without_slms(
         loaded, tokenizer, case):

@@ -184,6 +184,7 @@ def test_auto_tokenizer_round_trips_text(tmp_path, tokenizer):
     assert tok.eos_token_id == tokenizer.eos_id
 
 
+@pytest.mark.slow
 def test_import_slms_hf_registers_the_model_type(tmp_path, tokenizer):
     export(tmp_path, tokenizer)
     code = ("import sys, slms\n"

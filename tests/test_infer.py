@@ -77,6 +77,7 @@ def test_generation_is_unaffected_by_train_mode():
     assert torch.equal(a, b) and model.training
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moe", [False, True])
 def test_batch_equals_row_by_row_with_per_row_stopping(moe):
     model = _model(moe, seed=3)

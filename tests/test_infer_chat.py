@@ -36,6 +36,7 @@ this line is never read
 """
 
 
+@pytest.mark.slow
 def test_chat_runs_every_command_through_piped_stdin(moe_ckpt):
     r = subprocess.run([sys.executable, "-m", "slms", "chat", str(moe_ckpt), "--seed", "1",
                         "--max-new-tokens", "10"], input=SCRIPT, capture_output=True,

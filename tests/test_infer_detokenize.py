@@ -165,6 +165,7 @@ def test_each_token_decodes_a_bounded_tail(tokenizer):
     assert len(ids) > 2000 and max(seen) <= 8  # a 4-byte character, after the last one
 
 
+@pytest.mark.slow
 def test_a_long_generation_streams_the_decode_of_its_ids(tokenizer):
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=256)).eval()

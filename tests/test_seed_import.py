@@ -233,6 +233,7 @@ def test_seed_checkpoint_with_torch_before_2_4_scheduler_state(tmp_path, monkeyp
     import_and_compare(seed, tmp_path, monkeypatch)
 
 
+@pytest.mark.slow
 def test_pruned_seed_checkpoint(tmp_path, monkeypatch):
     """The seed's test script loads checkpoints pruned by torch.nn.utils.prune (weight_orig and
     weight_mask keys): the import folds them into the weights."""

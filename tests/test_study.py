@@ -19,6 +19,7 @@ def quick(tmp_path_factory):
     return out, json.loads((out / "study.json").read_text())
 
 
+@pytest.mark.slow
 def test_quick_study_writes_the_report_and_both_plots(quick, capsys):
     out, report = quick
     names = [r["name"] for r in report["variants"]]
@@ -80,6 +81,7 @@ def test_the_upcycled_run_starts_from_the_dense_run_halfway(quick):
                                for s in lrs[up["name"]]}
 
 
+@pytest.mark.slow
 def test_minutes_budget(tmp_path):
     out = tmp_path / "m"
     assert main(["study", "--quick", "--minutes", "0.01", "--experts", "4", "--top-k", "2",

@@ -74,6 +74,7 @@ def test_validation_watch_warns_of_overfitting_and_counts_patience():
     assert not ValidationWatch(patience=0, since_best=5).should_stop
 
 
+@pytest.mark.slow
 def test_a_time_budgeted_run_fixes_its_steps_and_resumes_with_them(tmp_path, data_dir,
                                                                     monkeypatch):
     import slms.train.trainer as trainer
@@ -129,6 +130,7 @@ def _lrs(run_dir):
             if "tokens_per_s" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
 def test_a_budgeted_run_resumed_after_sigint_trains_as_the_uninterrupted_one(
         tmp_path, data_dir, monkeypatch, schedule):
@@ -151,6 +153,7 @@ def test_a_budgeted_run_resumed_after_sigint_trains_as_the_uninterrupted_one(
     assert _lrs(run) == want
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_its_patience_across_a_resume(tmp_path, data_dir, monkeypatch):
     """Interrupted between the evaluations after the best one, the resumed run stops where the
     uninterrupted one does (a fresh watch took its first evaluation for the best)."""
@@ -181,6 +184,7 @@ def test_the_overfitting_warning_compares_mean_training_losses():
     assert "mean training loss fell 2.2500 -> 1.7500" in w.evaluated(2.7)
 
 
+@pytest.mark.slow
 def test_early_stop_ends_the_run_with_its_best_checkpoint(tmp_path, data_dir, capsys):
     from slms.cli import main
     from slms.rundir import RunDir
@@ -205,6 +209,7 @@ def test_bad_budget_values_are_refused(key, value):
         load_config(None, [f"train.{key}={value}"])
 
 
+@pytest.mark.slow
 def test_a_budgeted_run_continuing_another_fits_its_steps_after_init_step(tmp_path, data_dir,
                                                                          monkeypatch):
     """train.init_step with train.max_minutes: the budget's count comes after the start step

@@ -60,6 +60,7 @@ def test_newton_schulz_orthogonalises_each_expert():
     torch.testing.assert_close(tall, o.mT, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moe", [False, True])
 def test_muon_split_orthogonalises_each_block_of_a_fused_matrix(moe):
     """With train.muon_split the first update of the fused qkv is Q's, K's and V's own
@@ -106,6 +107,7 @@ def test_the_adamw_part_equals_torch_adamw():
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_muon_run_resumes_bitwise(tmp_path, data_dir):
     from slms.cli import main
     from train_helpers import TINY, losses, run_cli
@@ -121,6 +123,7 @@ def test_muon_run_resumes_bitwise(tmp_path, data_dir):
     assert losses(ref)[-1][1] < losses(ref)[0][1]  # it learns
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_muon_on_two_gloo_processes_matches_one(tmp_path, data_dir, parallel):
     import socket

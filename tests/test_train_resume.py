@@ -22,6 +22,7 @@ def full_run(tmp_path_factory, data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_bitwise_identical_losses(tmp_path, data_dir, full_run):
     run = tmp_path / "run"
     killed = run_cli(_args(data_dir, "train.max_steps=8", "--out", str(run)),
@@ -37,6 +38,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_losses(tmp_path, data_dir, 
                                                   b.state_dict().values(), strict=True))
 
 
+@pytest.mark.slow
 def test_resume_auto_with_bias_router_and_accumulation(tmp_path, data_dir):
     extra = ["model.moe.router=\"bias\"", "train.grad_accum=2", "train.max_steps=5",
              "train.resume=\"auto\""]
@@ -52,6 +54,7 @@ def test_resume_auto_with_bias_router_and_accumulation(tmp_path, data_dir):
     assert torch.equal(*bias) and bias[0].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_dir, full_run, capsys):
     run = tmp_path / "run"
     killed = run_cli(_args(data_dir, "train.max_steps=8", "--out", str(run)),
@@ -67,6 +70,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_dir, full_run
     assert not any(p.name.startswith(".") for p in ckpts.iterdir())
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_corrupted_checkpoint(tmp_path, data_dir, full_run, capsys):
     run = tmp_path / "run"
     assert main(_args(data_dir, "train.max_steps=6", "train.keep_checkpoints=3",
@@ -96,6 +100,7 @@ def test_keep_checkpoints_and_latest_pointer(tmp_path, data_dir):
     assert (run / "best" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     run = tmp_path / "run"
     done = run_cli(_args(data_dir, "train.max_steps=50", "train.checkpoint_every=100",

@@ -157,6 +157,7 @@ def test_bf16_step_on_cuda_with_fused_adamw(data_dir):
     assert F.cosine_similarity(moved_gpu, moved_cpu, dim=0) > 0.95
 
 
+@pytest.mark.slow
 def test_compiled_checkpointed_run_saves_plain_keys(tmp_path, data_dir, monkeypatch):
     import functools
 
@@ -235,6 +236,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_keep_freed_memory_stops_large_tensors_faulting_in_every_step():
     """Once freed memory is kept, a step's large tensors reuse resident pages: fewer page

@@ -188,6 +188,7 @@ def test_a_kernel_that_cannot_run_a_shape_is_left_out():
         tune.time_candidates({"torch": fails})
 
 
+@pytest.mark.slow
 def test_slms_tune_measures_a_models_shapes_once(tmp_path, capsys, monkeypatch):
     from slms.cli import main
 

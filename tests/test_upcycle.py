@@ -91,6 +91,7 @@ def test_bad_values_are_value_errors(tmp_path, tokenizer):
     torch.testing.assert_close(logits(loaded), logits(m), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_upcycle_then_continue_training(tmp_path, data_dir, capsys):
     common = ["train", "configs/tiny.toml", f"data.path={data_dir}", *TINY, "train.lr=3e-3"]
     assert main([*common, "model.moe=none", "train.max_steps=30", "train.log_every=10",
