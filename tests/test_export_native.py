@@ -209,6 +209,10 @@ def test_export_refuses_to_write_over_a_checkpoint(tmp_path, tokenizer, capsys):
     assert "holds an slms checkpoint" in capsys.readouterr().err
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
     assert (tmp_path / "other" / "tokenizer.json").is_file()
+    (tmp_path / "notes.txt").write_text("mine")  # a file: refused, kept
+    assert main(["export", str(tmp_path / "ck"), "--hf", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_model_card_header_counts_and_recorded_evaluation(tmp_path, tokenizer):

@@ -32,6 +32,8 @@ def check_out(out: Path, checkpoint: Path | None = None) -> None:
     checkpoint (its config.json, weights), a run directory, or the checkpoint exported."""
     from slms.rundir import RUN_CONFIG
 
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--hf {out} is a file, not a directory; give a directory to write")
     if checkpoint is not None and out.resolve() == checkpoint.resolve():
         raise ValueError(f"--hf {out} is the checkpoint being exported; choose another directory")
     if (out / RUN_CONFIG).exists() or (out / "checkpoints").is_dir() or (out / "best").is_dir():
