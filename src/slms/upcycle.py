@@ -63,8 +63,7 @@ def upcycle(model: GPT, n_experts: int, top_k: int, router: str = "topk",
             if name.startswith(p + "router."):
                 state[name] = t
     out.load_state_dict(state, strict=True)
-    device = next(model.parameters()).device
-    return out.to(device).train(model.training)
+    return out.to(model.device).train(model.training)
 
 
 def _bias(b: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ def route_dataset(model: GPT, tokens: np.ndarray, max_tokens: int, batch_size: i
     """(MoE layer indices, scored token ids (N,), expert ids (L, N, K)) over the first
     `max_tokens` tokens, in consecutive context windows, eval mode (no routing noise)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model.device
     T = model.cfg.block_size
     data = np.asarray(tokens[:max_tokens], dtype=np.int64)
     n = len(data) // T * T or len(data)

@@ -51,7 +51,7 @@ def route_tokens(model: GPT, ids: list[int]) -> tuple[list[int], torch.Tensor]:
     """(model layer indices of the MoE layers, (L, T, K) expert ids) for one sequence, from a
     single forward in eval mode (no routing noise). Sequences longer than the context are
     scored in consecutive windows."""
-    device = next(model.parameters()).device
+    device = model.device
     bs = model.cfg.block_size
     with eval_mode(model), capture_routing(model) as cap:
         for s in range(0, len(ids), bs):

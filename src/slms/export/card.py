@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from slms.checkpoint import CONFIG_FILE
+from slms.data.prepare import META
 from slms.model import GPT
 from slms.model.activations import ffn_hidden
 from slms.model.info import count_params
@@ -22,7 +24,7 @@ def model_card(gpt: GPT, tok: Tokenizer, cls: str | None, checkpoint: Path | Non
     """The card's markdown. cls: the stock class (None: the custom `slms` class);
     checkpoint: the directory the model was loaded from (None: a model not saved), whose
     config.json, run and data the card describes; where: the directory (or Hub id) to load."""
-    meta = _read_json(checkpoint / "config.json") if checkpoint is not None else None
+    meta = _read_json(checkpoint / CONFIG_FILE) if checkpoint is not None else None
     meta = meta or {}
     data_meta = read_data_meta(checkpoint) if checkpoint is not None else None
     val = recorded_eval(meta, checkpoint) if checkpoint is not None else None
@@ -163,7 +165,7 @@ def read_data_meta(checkpoint: Path) -> dict[str, Any] | None:
 
     run = RunDir.containing(checkpoint)
     data_dir = run.data_dir() if run is not None else None
-    return _read_json(data_dir / "meta.json") if data_dir is not None else None
+    return _read_json(data_dir / META) if data_dir is not None else None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

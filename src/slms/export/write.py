@@ -30,15 +30,17 @@ class Exported:
 def check_out(out: Path, checkpoint: Path | None = None) -> None:
     """ValueError (one line) when writing to `out` would overwrite slms's own files: a
     checkpoint (its config.json, weights), a run directory, or the checkpoint exported."""
-    from slms.rundir import RUN_CONFIG
+    from slms.checkpoint import CONFIG_FILE
+    from slms.rundir import RunDir
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--hf {out} is a file, not a directory; give a directory to write")
     if checkpoint is not None and out.resolve() == checkpoint.resolve():
         raise ValueError(f"--hf {out} is the checkpoint being exported; choose another directory")
-    if (out / RUN_CONFIG).exists() or (out / "checkpoints").is_dir() or (out / "best").is_dir():
+    run = RunDir(out)
+    if run.config_file.exists() or run.checkpoints_dir.is_dir() or run.best.is_dir():
         raise ValueError(f"--hf {out} is an slms run directory; choose another directory")
-    config = out / "config.json"
+    config = out / CONFIG_FILE
     if config.is_file():
         try:
             meta = json.loads(config.read_text())

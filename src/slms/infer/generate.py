@@ -65,7 +65,7 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: 
 def stream_text(model: GPT, tokenizer: Tokenizer, ids: list[int], s: Sampling
                 ) -> Iterator[str]:
     """Yield decoded text pieces as tokens are sampled; stops at end-of-text."""
-    device = next(model.parameters()).device
+    device = model.device
     gen = None
     if s.seed is not None:
         gen = torch.Generator(device=device).manual_seed(s.seed)
