@@ -1,24 +1,33 @@
-"""Quality per minute: candidates trained one after the other for the same wall-clock budget on
-the same real text, scored on every byte of held-out text.
+"""Quality per budget at several data sizes: candidates trained one after the other for the same
+budget on the same real text, each scored once, on every byte of held-out stories, with the
+checkpoint its own validation chose.
 
 Protocol (fixed, deterministic): the stories of `train-lowercase-4mb.txt` (TinyStories, lower
-case, one story per line group) are split in order: the last --val-stories stories are held out,
-the rest is training text. A 2048-token byte-level BPE is trained on the training text. Each
-candidate trains for --minutes of optimizer steps (`train.max_minutes`: evaluation excluded)
-and is evaluated every --eval-every steps on the whole held-out split; its score is the best
-validation bits per byte (the checkpoint a run keeps in best/).
+case) are split in order: the last --val-stories stories are held out, the rest is training
+text. For each --sizes entry (MB of story text) the first stories of the training text up to
+that size are written to a file, and every candidate trains on that file as a user would
+(`data.path=FILE`): slms trains its tokenizer on it and carves its own validation split out of
+it, which drives best/ and early stopping. Only after every run is done are the held-out
+stories read: each run's best/ checkpoint scores them (tokenized with the run's own tokenizer;
+bits per byte do not depend on it). Nothing a run does can see them.
 
-Candidates:
+Budget: --minutes per candidate (`train.max_minutes`: evaluation excluded), or --steps (a fixed
+step count, for comparisons that the machine's other work cannot move).
+
+Candidates (--candidates, comma-separated):
   baseline      slms with nanoGPT's GPT-2 recipe: learned positions, LayerNorm, GELU, AdamW
                 lr 1e-3 cosine, fp32, 4 layers x 128 (configs/nanogpt-cpu.toml)
-  modern-dense  configs/modern-cpu.toml
-  modern-moe    configs/modern-moe-cpu.toml
+  modern-fixed  configs/modern-cpu.toml with train.adapt=false: the recipe tuned at 1M tokens
+  adaptive      configs/modern-cpu.toml: the recipe that adapts to the data and the budget
+  adaptive-moe  configs/modern-moe-cpu.toml, its MoE twin
+  modern-dense, modern-moe: aliases of adaptive, adaptive-moe
 
-    python benchmarks/quality.py [--minutes 10] [--json] [--plot docs/quality.png]
+    python benchmarks/quality.py [--sizes 0.2,0.7,4] [--minutes 10 | --steps N] [--json]
+        [--plot docs/quality.png] [KEY=VALUE ...]
 
-Prints {"candidates": [{"name", "bpb", "steps", "minutes"}], "time_to_baseline": {name:
-fraction}}: the fraction of the budget each candidate needed to reach the baseline's final bpb
-(linear between evaluations; null if it never did). Skips (exit 0) when the text is absent.
+Prints {"sizes": [{"megabytes", "stories", "bytes", "candidates": [{"name", "bpb",
+"best_step", "steps", "minutes", "ended"}]}], "held_out": {"stories", "bytes"}}. Skips (exit 0)
+when the text is absent.
 """
 
 from __future__ import annotations
@@ -26,67 +35,111 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from slms.checkpoint import read_config  # noqa: E402
 from slms.config import load_config  # noqa: E402
-from slms.data.heldout import prepare_held_out  # noqa: E402
+from slms.data.heldout import read_stories, split_text, training_prefix  # noqa: E402
+from slms.rundir import RunDir  # noqa: E402
 from slms.train.metrics import read_metrics  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "tinystories" / "train-lowercase-4mb.txt"
-CANDIDATES = {
-    "baseline": "configs/nanogpt-cpu.toml",
-    "modern-dense": "configs/modern-cpu.toml",
-    "modern-moe": "configs/modern-moe-cpu.toml",
+CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "baseline": ("configs/nanogpt-cpu.toml", ()),
+    "modern-fixed": ("configs/modern-cpu.toml", ("train.adapt=false",)),
+    "adaptive": ("configs/modern-cpu.toml", ()),
+    "adaptive-moe": ("configs/modern-moe-cpu.toml", ()),
 }
+ALIASES = {"modern-dense": "adaptive", "modern-moe": "adaptive-moe"}
 
 
-def run_candidate(name: str, config: str, data: Path, out: Path, minutes: float,
-                  eval_every: int, extra: list[str]) -> dict:
+@dataclass
+class Trained:
+    """One candidate's run at one size, before held-out scoring."""
+
+    name: str
+    megabytes: float
+    run_dir: Path
+    steps: int
+    best_step: int | None
+    minutes: float
+    ended: str | None  # the run's own account of why it stopped before its budget, if it did
+    bpb: float | None = None  # held-out bits per byte of best/, set by `score`
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation bpb)
+
+
+def run_candidate(name: str, train_file: Path, megabytes: float, out: Path, budget: list[str],
+                  eval_every: int, extra: list[str], log=None) -> Trained:
+    """Train one candidate on `train_file` (its validation split carved from it)."""
     from slms.train.trainer import train
 
-    run = out / name
-    overrides = [f"data.path={data}", f"train.max_minutes={minutes}",
-                 f"train.eval_every={eval_every}", "train.checkpoint_every=100000", *extra]
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    config, fixed = CANDIDATES[ALIASES.get(name, name)]
+    run = out / f"{megabytes:g}mb" / name
+    overrides = [f"data.path={train_file}", f"data.cache_dir={out / 'cache'}", *budget,
+                 f"train.eval_every={eval_every}", "train.checkpoint_every=100000", *fixed,
+                 *extra]
     cfg = load_config(ROOT / config, overrides)
-    print(f"== {name}: {config} for {minutes:g} minutes", file=sys.stderr, flush=True)
-    train(cfg, out_dir=run, log=lambda m: print(m, file=sys.stderr, flush=True))
-    evals = [r for r in read_metrics(run) if "val_bits_per_byte" in r]
-    steps = max(r["step"] for r in read_metrics(run) if "loss" in r)
-    return {"name": name, "config": config, "bpb": min(r["val_bits_per_byte"] for r in evals),
-            "steps": steps, "minutes": evals[-1]["train_minutes"],
-            "curve": [(r["train_minutes"], r["val_bits_per_byte"]) for r in evals]}
+    log(f"== {name} at {megabytes:g} MB: {config} {' '.join([*budget, *fixed, *extra])}")
+    ended: list[str] = []
+
+    def record(message: str) -> None:
+        if message.startswith(("early stop", "stopped")):
+            ended.append(message)
+        log(message)
+
+    train(cfg, out_dir=run, log=record)
+    rows = read_metrics(run)
+    evals = [(r["step"], r["val_bits_per_byte"]) for r in rows if "val_bits_per_byte" in r]
+    steps = max(r["step"] for r in rows if "loss" in r)
+    best = RunDir(run).best
+    best_step = read_config(best)["step"] if best.is_dir() else None
+    minutes = max((r.get("train_minutes", 0.0) for r in rows), default=0.0)
+    return Trained(name, megabytes, run, steps, best_step, minutes,
+                   ended[-1] if ended else None, curve=evals)
 
 
-def time_to(curve: list[tuple[float, float]], target: float, minutes: float) -> float | None:
-    """Fraction of the budget at which the (minutes, bpb) curve first reaches target."""
-    prev = (0.0, float("inf"))
-    for t, bpb in curve:
-        if bpb <= target:
-            if prev[1] == float("inf"):
-                return t / minutes
-            frac = (prev[1] - target) / (prev[1] - bpb)
-            return (prev[0] + frac * (t - prev[0])) / minutes
-        prev = (t, bpb)
-    return None
+def score(trained: list[Trained], held_out: Path, out: Path) -> None:
+    """Held-out bits per byte of each run's best/ checkpoint (the held-out stories prepared
+    once per tokenizer). Called after every run is done."""
+    import slms
+    from slms.analysis.evaluate import evaluate
+    from slms.data.heldout import input_key
+    from slms.data.loader import PackedData
+    from slms.data.prepare import META, prepare
+
+    stories = read_stories(held_out)
+    for t in trained:
+        model, tok = slms.load(RunDir(t.run_dir).best)
+        data = out / "held-out" / input_key(tokenizer=tok.sha256, stories=len(stories))
+        if not (data / META).is_file():
+            # (prepare wants a training split: one story; only val is scored)
+            prepare({"train": stories[:1], "val": stories}, tok, data, source=str(held_out))
+        t.bpb = evaluate(model, PackedData(data), "val")["bits_per_byte"]
 
 
-def plot(results: list[dict], path: Path, title: str) -> None:
+def plot(sizes: list[dict], path: Path, title: str) -> None:
+    """Held-out bits per byte against training-text size, one line per candidate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in results:
-        xs, ys = zip(*r["curve"], strict=True)
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{r['name']} ({r['bpb']:.3f})")
-    ax.set_xlabel("training minutes (evaluation excluded)")
-    ax.set_ylabel("held-out bits per byte")
+    names = [c["name"] for c in sizes[0]["candidates"]]
+    for name in names:
+        xs = [s["bytes"] / 1e6 for s in sizes]
+        ys = [next(c["bpb"] for c in s["candidates"] if c["name"] == name) for s in sizes]
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("training text (MB)")
+    ax.set_ylabel("held-out bits per byte (best/ by own validation)")
     ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -94,34 +147,51 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=10.0)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=10.0)
+    budget.add_argument("--steps", type=int, help="a fixed step count instead of --minutes")
+    p.add_argument("--sizes", default="0.2,0.7,4", help="MB of training text, comma-separated")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
-    p.add_argument("--val-stories", type=int, default=500)
-    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--val-stories", type=int, default=500, help="held-out stories")
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--candidates", default=",".join(CANDIDATES))
+    p.add_argument("--candidates", default="baseline,modern-fixed,adaptive,adaptive-moe")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--plot", type=Path, help="PNG of bpb against minutes")
+    p.add_argument("--plot", type=Path, help="PNG of held-out bpb against data size")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE for every candidate")
     args = p.parse_args()
     if not args.data.is_file():
         print(json.dumps({"skipped": f"{args.data} not found"}))
         return
-    data = prepare_held_out(args.data, args.out, args.val_stories, args.vocab_size)
-    results = [run_candidate(n, CANDIDATES[n], data, args.out, args.minutes, args.eval_every,
-                             args.overrides) for n in args.candidates.split(",")]
-    base = next((r for r in results if r["name"] == "baseline"), None)
-    ttb = {r["name"]: time_to(r["curve"], base["bpb"], args.minutes) for r in results} if base \
-        else {}
-    report = {"candidates": [{k: r[k] for k in ("name", "bpb", "steps", "minutes")}
-                             for r in results], "time_to_baseline": ttb}
+    names = args.candidates.split(",")
+    unknown = [n for n in names if ALIASES.get(n, n) not in CANDIDATES]
+    if unknown:
+        p.error(f"unknown candidates {unknown}; choose from {[*CANDIDATES, *ALIASES]}")
+    budget = ([f"train.max_steps={args.steps}", "train.max_minutes=0"] if args.steps
+              else [f"train.max_minutes={args.minutes}"])
+    text = split_text(args.data, args.out, args.val_stories)
+    trained: list[Trained] = []
+    prefixes = {}
+    for mb in (float(s) for s in args.sizes.split(",")):
+        prefixes[mb] = training_prefix(text / "train.txt", args.out, mb)
+        trained += [run_candidate(n, prefixes[mb][0], mb, args.out, budget, args.eval_every,
+                                  args.overrides) for n in names]
+    score(trained, text / "valid.txt", args.out)  # the first read of the held-out stories
+    sizes = [{"megabytes": mb, "stories": n, "bytes": path.stat().st_size,
+              "candidates": [{"name": t.name, "bpb": t.bpb, "best_step": t.best_step,
+                              "steps": t.steps, "minutes": t.minutes, "ended": t.ended}
+                             for t in trained if t.megabytes == mb]}
+             for mb, (path, n) in prefixes.items()]
+    held = text / "valid.txt"
+    report = {"sizes": sizes, "held_out": {"stories": args.val_stories,
+                                           "bytes": held.stat().st_size}}
     if args.plot:
         from slms.precision import cpu_model
 
-        plot(results, args.plot, f"{args.minutes:g} minutes each on {cpu_model()}")
+        what = f"{args.steps} steps" if args.steps else f"{args.minutes:g} minutes"
+        plot(sizes, args.plot, f"{what} each on {cpu_model()}")
     (args.out / "quality.json").write_text(json.dumps(report | {"curves": {
-        r["name"]: r["curve"] for r in results}}, indent=1))
+        f"{t.megabytes:g}mb/{t.name}": t.curve for t in trained}}, indent=1))
     print(json.dumps(report, indent=None if args.json else 1))
 
 

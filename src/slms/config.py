@@ -26,6 +26,9 @@ class ConfigError(ValueError):
 # vocab 2048, n_embd 256, 12 layers, block 1080), yet low enough that a typo or a damaged
 # config.json / meta.json (vocab_size 10**12) is refused with one line instead of trying to
 # allocate terabytes. Between them a model can still be too big for the machine.
+# train.early_stop=none under a time budget: evaluations without a new best val loss before
+# the run stops (docs/quality.md "At three data sizes" measures what it costs)
+EARLY_STOP_AUTO = 5
 MAX_VOCAB_SIZE = 2**24  # 16.7M tokens (uint32 ids; the largest real vocabs are ~256k)
 MAX_N_EMBD = 2**16
 MAX_N_LAYER = 1024
@@ -89,7 +92,10 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    dropout: float = 0.0
+    dropout: float = 0.0  # embedding, residual (attention and MLP outputs) and MoE outputs
+    # attention probabilities; none: model.dropout. On CPU any rate > 0 takes attention off its
+    # fused kernel: a training step ~1.7x slower (docs/benchmarks.md "Dropout on CPU")
+    attn_dropout: float | None = None
     bias: bool = True  # biases in linear layers
     qkv_bias: bool = True  # the seed's per-head q/k/v projections have none
     tie_weights: bool = True
@@ -132,6 +138,8 @@ class ModelConfig:
         _check(self.n_embd % self.n_head == 0, "model.n_embd",
                f"must be divisible by model.n_head ({self.n_head})")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(self.attn_dropout is None or 0.0 <= self.attn_dropout < 1.0,
+               "model.attn_dropout", "must be in [0, 1) or none (= model.dropout)")
         _check(self.positions != "rope" or self.head_dim % 2 == 0, "model.positions",
                "rope needs an even head size (n_embd / n_head)")
         _check(self.rope_base > 1, "model.rope_base", "must be > 1")
@@ -189,7 +197,12 @@ class TrainConfig:
     # > 0: train for this many minutes (evaluation excluded): the first steps are timed, then
     # max_steps is fixed to fit (slms.train.budget); overrides max_steps and epochs
     max_minutes: float = 0.0
-    early_stop: int = 0  # > 0: stop after this many evaluations without a new best val loss
+    # stop after this many evaluations without a new best val loss; 0: off; none: auto, which
+    # is EARLY_STOP_AUTO evaluations under a time budget (train.max_minutes) and off otherwise
+    early_stop: int | None = None
+    # choose dropout and weight decay for the passes over the training tokens that the budget
+    # allows (slms.train.adapt; docs/quality.md "At three data sizes"); false: the config's
+    adapt: bool = False
     keep_checkpoints: int = 2  # newest step checkpoints kept (best/ is kept apart)
     # auto: continue the --out directory when it holds checkpoints
     resume: Literal["never", "auto"] = "never"
@@ -209,6 +222,13 @@ class TrainConfig:
     init_step: int = 0
     init_total: int = 0
 
+    @property
+    def patience(self) -> int:
+        """train.early_stop resolved: evaluations without a new best before stopping (0: off)."""
+        if self.early_stop is not None:
+            return self.early_stop
+        return EARLY_STOP_AUTO if self.max_minutes > 0 else 0
+
     def validate(self) -> None:
         _check_choices(self, "train")
         for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every",
@@ -216,7 +236,8 @@ class TrainConfig:
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
         _check(self.epochs >= 0, "train.epochs", "must be >= 0 (0 = use train.max_steps)")
         _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0 = no time budget)")
-        _check(self.early_stop >= 0, "train.early_stop", "must be >= 0 (0 = off)")
+        _check(self.early_stop is None or self.early_stop >= 0, "train.early_stop",
+               "must be >= 0 (0 = off) or none (auto: on under a time budget)")
         _check(self.peak_flops >= 0, "train.peak_flops", "must be >= 0 (0 = detect)")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.muon_lr >= 0, "train.muon_lr", "must be >= 0 (0 = train.lr)")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slms.config import ModelConfig
+from slms.model.dropout import Dropout
 
 
 class KVCache:
@@ -118,8 +119,8 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else None
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias and cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.dropout = cfg.dropout
+        self.resid_dropout = Dropout(cfg.dropout)
+        self.dropout = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
         # The seed scales scores by n_embd^-0.5; kept expressible so imported models compute
         # what they computed before.
         width = cfg.head_dim if cfg.attn_scale == "head_dim" else cfg.n_embd

@@ -5,6 +5,7 @@ Shapes: B batch, T time, C n_embd, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,6 +19,7 @@ from slms.config import ModelConfig
 from slms.constants import IGNORE_INDEX
 from slms.model.activations import activate, ffn_hidden, first_width
 from slms.model.attention import CausalSelfAttention, KVCache, RMSNorm, positions
+from slms.model.dropout import Dropout
 from slms.model.loss import cross_entropy
 from slms.model.moe import MoE
 from slms.model.moe_stats import MoEStats
@@ -87,7 +89,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, first_width(cfg.activation, hidden), bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.activation = cfg.activation
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, real_BT: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +128,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         # rotary positions live in attention: no position embedding then
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layer))
         self.ln_f = norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.bias and not cfg.tie_weights)
@@ -149,6 +151,17 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
+
+    def set_dropout(self, p: float) -> None:
+        """model.dropout set to `p` in place (embedding, residual, MLP and MoE outputs; the
+        attention probabilities too unless model.attn_dropout fixes theirs): a training
+        setting, no parameter changes."""
+        self.cfg = dataclasses.replace(self.cfg, dropout=p)
+        for m in self.modules():
+            if isinstance(m, Dropout):
+                m.p = p
+            elif isinstance(m, CausalSelfAttention) and self.cfg.attn_dropout is None:
+                m.dropout = p
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]

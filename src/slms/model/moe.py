@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slms.config import MoEConfig
+from slms.model.dropout import Dropout
 from slms.model.moe_dispatch import SMALL_N, dispatch
 from slms.model.moe_experts import Experts, Routing, count_experts, recomputing
 from slms.model.moe_stats import MoEStats
@@ -162,7 +163,7 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = Router(n_embd, cfg)
         self.experts = Experts(n_embd, hidden, cfg.n_experts, activation, impl)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.reference = reference
         self.small_n = small_n
         self.track_stats = True  # off inside paused_stats(): generation, evaluation in training

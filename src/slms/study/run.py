@@ -58,10 +58,10 @@ def prepare_data(base: RunConfig, opts: StudyOptions, log) -> Path:
     neither is)."""
     source = opts.data or base.data.path
     if source is not None and Path(source).suffix == ".txt" and Path(source).is_file():
-        log(f"holding out the last {opts.val_stories} stories of {source}; preparing into "
-            f"{opts.out / 'data'}")
-        return prepare_held_out(Path(source), opts.out, opts.val_stories, base.data.vocab_size,
+        data = prepare_held_out(Path(source), opts.out, opts.val_stories, base.data.vocab_size,
                                 opts.separator)
+        log(f"held out the last {opts.val_stories} stories of {source}; prepared in {data}")
+        return data
     if source is not None and not Path(source).exists():
         raise ValueError(f"--data {source} not found")
     return resolve_data(dataclasses.replace(base.data, path=source), seed=base.data.seed,

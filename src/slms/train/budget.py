@@ -100,6 +100,7 @@ class ValidationWatch:
     last: tuple[float, float] | None = None
     window_sum: float = 0.0  # finite training losses since the previous evaluation
     window_steps: int = 0
+    train_at_best: float | None = None  # the mean training loss before the best evaluation
 
     def add_train(self, loss: float) -> None:
         """One optimizer step's training loss (non-finite ones are left out)."""
@@ -126,10 +127,18 @@ class ValidationWatch:
                            "weight decay or train.early_stop help)")
         self.last = (train_loss, val_loss) if train_loss is not None else self.last
         if val_loss < self.best:
-            self.best, self.since_best = val_loss, 0
+            self.best, self.since_best, self.train_at_best = val_loss, 0, train_loss
         else:
             self.since_best += 1
         return warning
+
+    @property
+    def overfitting(self) -> bool:
+        """Since the best evaluation, validation loss rose while training loss fell."""
+        if self.last is None or self.train_at_best is None or self.last[0] is None:
+            return False
+        train, val = self.last
+        return val > self.best and train < self.train_at_best
 
     @property
     def should_stop(self) -> bool:

@@ -42,6 +42,7 @@ class NonFiniteError(ValueError):
 class State:
     step: int = 0  # optimizer steps completed
     best_val: float = math.inf
+    best_step: int = 0  # the step of best/ (0: none yet)
     tokens_seen: int = 0
     bad_steps: int = 0  # non-finite steps skipped in the whole run
     bad_in_row: int = 0
@@ -100,7 +101,8 @@ def save(run: Run, path: Path, val: dict[str, Any] | None = None) -> None:
     if val is not None:
         info["val"] = val
     trainer_state = {
-        "step": state.step, "best_val": state.best_val, "tokens_seen": state.tokens_seen,
+        "step": state.step, "best_val": state.best_val, "best_step": state.best_step,
+        "tokens_seen": state.tokens_seen,
         "bad_steps": state.bad_steps, "bad_in_row": state.bad_in_row, "world": run.d.world,
         "optimizer": optim, "scheduler": run.sched.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler else {}, "rng": rngs,
@@ -174,7 +176,8 @@ def restore(run: Run, log=print) -> None:
         warn(f"warning: {path} was written by {len(rngs)} processes, this run has {d.world}; "
              "random streams (dropout, router noise) restart from the seed")
     distributed.unwrap(run.model).load_moe_stats_state(ts.get("moe_stats", []))
-    run.state = State(step=ts["step"], best_val=ts["best_val"], tokens_seen=ts["tokens_seen"],
+    run.state = State(step=ts["step"], best_val=ts["best_val"], best_step=ts.get("best_step", 0),
+                      tokens_seen=ts["tokens_seen"],
                       bad_steps=ts.get("bad_steps", 0), bad_in_row=ts.get("bad_in_row", 0),
                       train_seconds=ts.get("train_seconds", 0.0))
     restore_watchers(run, ts)
@@ -192,10 +195,10 @@ def restore_watchers(run: Run, ts: dict[str, Any]) -> None:
         run.budget = saved
     w = ts.get("watch")
     if w is None:
-        run.watch = ValidationWatch(run.cfg.train.early_stop, best=run.state.best_val)
+        run.watch = ValidationWatch(run.cfg.train.patience, best=run.state.best_val)
     else:
         last = tuple(w["last"]) if w["last"] is not None else None
-        run.watch = ValidationWatch(**{**w, "last": last, "patience": run.cfg.train.early_stop})
+        run.watch = ValidationWatch(**{**w, "last": last, "patience": run.cfg.train.patience})
 
 
 def recover_run_dir(run_dir: Path) -> None:
@@ -258,8 +261,9 @@ def check_same_model(cfg: RunConfig, run_dir: Path) -> None:
 
 # settings a run may change when it starts from a checkpoint's weights: they change neither the
 # parameters nor the function the model computes
-TRAINING_ONLY = ("model.dropout", "model.moe.aux_loss_coef", "model.moe.z_loss_coef",
-                 "model.moe.capacity_factor", "model.moe.bias_update_rate")
+TRAINING_ONLY = ("model.dropout", "model.attn_dropout", "model.moe.aux_loss_coef",
+                 "model.moe.z_loss_coef", "model.moe.capacity_factor",
+                 "model.moe.bias_update_rate")
 
 
 def load_weights_into(model: GPT, path: str | Path) -> Path:

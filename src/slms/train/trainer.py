@@ -26,7 +26,8 @@ from slms.model.gpt import DOCUMENT_START_ID
 from slms.precision import DTYPES, auto_reason, resolve_precision
 from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer
-from slms.train import distributed
+from slms.train import adapt, distributed
+from slms.train.adapt import passes_text
 from slms.train.budget import PROBE_STEPS, TimeBudget, ValidationWatch
 from slms.train.distributed import Dist, unwrap
 from slms.train.metrics import (
@@ -77,6 +78,8 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
         data = load_data(cfg, env.dist, log)
         tokenizer = Tokenizer.from_file(data.dir / "tokenizer.json")
         cfg = resolve_steps(fit_vocab(cfg, data, tokenizer), data, env.dist)
+        if cfg.train.adapt and cfg.train.max_minutes <= 0:  # a time budget adapts at its fit
+            cfg = adapted(cfg, data, env.dist.world, f"{cfg.train.max_steps:,} steps", log)
         run = build_run(cfg, env, tokenizer, out_dir, resume, log)
         if env.dist.main:
             write_run_config(run.run_dir, cfg, data)
@@ -106,8 +109,7 @@ def loop(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: Sto
         ended = steps(run, data, env, metrics, stop, bar, log)
     finally:
         bar.close()
-    if ended:
-        log(ended)
+    log(ended or final_summary(run, data))
 
 
 def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: StopRequest,
@@ -127,7 +129,10 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
         if proposal is not None:  # the same steps on every rank; rank 0's measurement counts
             fitted = budget.accept(env.dist.gather(proposal)[0])
             if fitted is not None:  # the budget counts its own steps: after train.init_step
+                first = run.cfg.train.max_steps == PROVISIONAL_STEPS
                 fix_max_steps(run, run.cfg.train.init_step + fitted, bar, log)
+                if first and run.cfg.train.adapt:
+                    adapt_live(run, data, bar.write)
         tc = run.cfg.train
         state.tokens_seen += result.tokens
         meter.tokens += result.tokens
@@ -146,13 +151,73 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
             path = save_step(run)
         bar.update(1)
         if early:
-            return (f"early stop at step {state.step}: no better validation loss in "
-                    f"{watch.since_best} evaluations (train.early_stop); best/ holds the best")
+            return early_stop_summary(run, data, watch)
         if stopping:
             return (f"stopped by {stop.requested or 'another rank'} at step {state.step}; "
                     f"checkpoint saved in {path}; continue with: slms train --resume "
                     f"{run.run_dir}")
     return None
+
+
+def passes(run: Run, data: PackedData) -> float:
+    """Passes over the training tokens so far."""
+    return run.state.tokens_seen / max(data.meta["splits"]["train"]["tokens"], 1)
+
+
+def final_summary(run: Run, data: PackedData) -> str:
+    """The last line of a run that trained its whole budget: where its best was."""
+    state, watch = run.state, run.watch
+    line = (f"trained {state.step:,} steps ({passes_text(passes(run, data))} passes over "
+            f"{data.meta['splits']['train']['tokens']:,} training tokens)")
+    if not state.best_step:
+        return line
+    line += f"; best validation loss {state.best_val:.4f} at step {state.best_step:,}, in best/"
+    if state.best_step < state.step and watch.overfitting:
+        line += ("; after it the model memorised its training text (validation rose while "
+                 "training loss fell): train.early_stop, more text, or more dropout would "
+                 "spend those steps better")
+    return line
+
+
+def early_stop_summary(run: Run, data: PackedData, watch: ValidationWatch) -> str:
+    """Why the run stopped early, in the user's terms: where its best was, and what the
+    steps after it were spent on."""
+    state, tc = run.state, run.cfg.train
+    tokens = data.meta["splits"]["train"]["tokens"]
+    planned = (f"{tc.max_steps:,}" if tc.max_minutes <= 0 else
+               f"{tc.max_steps:,} fitted to the time budget"
+               if tc.max_steps != PROVISIONAL_STEPS else "a time budget not yet fitted")
+    why = ("the model memorised its training text (validation loss rose while training loss "
+           "fell)" if watch.overfitting else "validation stopped improving")
+    return (f"early stop at step {state.step:,} of {planned}: best at step {state.best_step:,}, "
+            f"then no better validation loss in {watch.since_best} evaluations "
+            f"(train.early_stop={tc.patience}); {why} after {passes_text(passes(run, data))} "
+            f"passes over "
+            f"its {tokens:,} training tokens; best/ holds step {state.best_step:,} (more text, "
+            "or a smaller model or more dropout, would use the rest of the budget)")
+
+
+def adapted(cfg: RunConfig, data: PackedData, world: int, budget: str, log) -> RunConfig:
+    """cfg with the regularisation `adapt.choose` picks for its planned tokens."""
+    choice = adapt.choose(data.meta["splits"]["train"]["tokens"],
+                          cfg.train.max_steps * global_batch_tokens(cfg, world))
+    log(choice.describe(budget))
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, dropout=choice.dropout),
+        train=dataclasses.replace(cfg.train, weight_decay=choice.weight_decay))
+
+
+def adapt_live(run: Run, data: PackedData, log) -> None:
+    """`adapted` at the time budget's first fit: the model's dropout and the optimizer's
+    weight decay set in place, and the run's config rewritten with them."""
+    tc = run.cfg.train
+    run.cfg = adapted(run.cfg, data, run.d.world, f"{tc.max_minutes:g} minutes",
+                      log if run.d.main else _quiet)
+    unwrap(run.model).set_dropout(run.cfg.model.dropout)
+    adapt.set_weight_decay(run.opt, run.model, run.cfg.train.weight_decay)
+    if run.d.main:
+        run_dir = RunDir(run.run_dir)
+        run_dir.write_config(run.cfg.to_dict(), run_dir.data_dir())
 
 
 def watch_validation(watch: ValidationWatch, val_loss: float, run: Run, write) -> bool:
@@ -260,7 +325,7 @@ def build_run(cfg: RunConfig, env: Env, tokenizer: Tokenizer, out_dir: str | Pat
     sched = build_scheduler(opt, tc)
     state = State(step=tc.init_step)  # 0 unless it continues another run (train.init_step)
     run = Run(cfg, run_dir, model, opt, sched, env.scaler, tokenizer, d, state,
-              TimeBudget(tc.max_minutes), ValidationWatch(tc.early_stop))
+              TimeBudget(tc.max_minutes), ValidationWatch(tc.patience))
     if resume_dir:
         restore(run, log)
         continue_schedule(run, log)
@@ -445,6 +510,6 @@ def run_eval(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, write
         write(f"step {state.step}: val loss {val['loss']:.4f} (ppl {val['perplexity']:.2f}, "
               f"{val['bits_per_byte']:.3f} bits/byte)")
     if val["loss"] < state.best_val:
-        state.best_val = val["loss"]
+        state.best_val, state.best_step = val["loss"], state.step
         save(run, RunDir(run.run_dir).best, val)
     return val

@@ -1,0 +1,133 @@
+"""The recipe that adapts to the data and the budget (train.adapt), the cheap CPU dropout it
+relies on, and the end of a run that stopped improving (train.early_stop, auto under a time
+budget)."""
+
+import json
+
+import pytest
+import torch
+
+from slms.model.dropout import LEVELS, Dropout, dropout, effective_rate
+from slms.train.adapt import RULE, choose
+from train_helpers import TINY
+
+
+def test_the_rule_picks_more_regularisation_for_more_passes():
+    # the issue's case: 190,000 training tokens, ~33 passes in 10 minutes -> the most dropout
+    many = choose(190_000, 6.3e6)
+    assert round(many.passes) == 33 and many.dropout == RULE[-1][1]
+    # 1M tokens seen about 8 times (docs/quality.md's set) and a single pass over a big text
+    mid, few = choose(1_040_000, 8.6e6), choose(50_000_000, 8.6e6)
+    assert few.dropout == 0.0 and few.passes < 1
+    assert few.dropout <= mid.dropout <= many.dropout
+    rates = [choose(100_000, passes * 100_000).dropout for passes in (0.5, 2, 5, 10, 30, 100)]
+    assert rates == sorted(rates)
+    line = many.describe("10 minutes")
+    assert line.startswith("adapt: 190,000 training tokens, ~33 passes in 10 minutes: dropout")
+
+
+def test_cpu_dropout_drops_at_its_rate_and_keeps_the_mean():
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000)
+    y = dropout(x, 0.2, training=True)
+    rate = effective_rate(0.2, x.device)
+    assert rate == 51 / LEVELS
+    assert abs(float((y == 0).float().mean()) - rate) < 0.003
+    assert abs(float(y.mean()) - 1.0) < 0.01  # kept elements scaled by 1 / (1 - rate)
+    assert torch.equal(dropout(x, 0.2, training=False), x)
+    assert torch.equal(dropout(x, 0.0, training=True), x)
+
+
+def test_cpu_dropout_is_seeded_and_its_gradient_is_its_mask():
+    x = torch.randn(64, 48, dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(1)
+    y = Dropout(0.3).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(Dropout(0.3).train()(x), y)  # the torch generator: resumed runs match
+    y.float().sum().backward()
+    kept = y != 0
+    scale = LEVELS / (LEVELS - round(0.3 * LEVELS))
+    assert torch.allclose(x.grad.float(), kept.float() * scale, rtol=1e-2)
+    assert Dropout(0.3).eval()(x) is x
+
+
+def test_set_dropout_reaches_every_dropout_but_a_fixed_attention_rate():
+    from conftest import tiny_config
+    from slms.model import GPT
+
+    for attn, want_attn in ((None, 0.25), (0.0, 0.0)):
+        model = GPT(tiny_config(moe=True, attn_dropout=attn))
+        model.set_dropout(0.25)
+        assert model.cfg.dropout == 0.25
+        rates = {m.p for m in model.modules() if isinstance(m, Dropout)}
+        assert rates == {0.25}
+        assert {b.attn.dropout for b in model.blocks} == {want_attn}
+
+
+def _train(argv, capsys):
+    from slms.cli import main
+
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_step_budget_adapts_before_the_model_is_built(tmp_path, data_dir, capsys):
+    from slms.rundir import RunDir
+
+    out = tmp_path / "run"
+    text = _train(["train", "configs/tiny.toml", f"data.path={data_dir}", *TINY,
+                   "train.max_steps=6", "train.adapt=true", "--out", str(out)], capsys)
+    tokens = json.loads((data_dir / "meta.json").read_text())["splits"]["train"]["tokens"]
+    want = choose(tokens, 6 * 4 * 32)  # steps x batch x block
+    assert f"adapt: {tokens:,} training tokens" in text and "in 6 steps" in text
+    cfg = RunDir(out).read_config()
+    assert cfg["model"]["dropout"] == want.dropout
+    assert cfg["train"]["weight_decay"] == want.weight_decay
+
+
+@pytest.mark.slow
+def test_a_time_budget_adapts_at_its_first_fit(tmp_path, data_dir, capsys):
+    from slms.rundir import RunDir
+
+    out = tmp_path / "run"
+    text = _train(["train", "configs/tiny.toml", f"data.path={data_dir}", *TINY,
+                   "model.dropout=0.0", "train.max_minutes=0.02", "train.adapt=true",
+                   "train.eval_every=1000", "--out", str(out)], capsys)
+    assert "passes in 0.02 minutes: dropout" in text
+    cfg = RunDir(out).read_config()
+    tokens = json.loads((data_dir / "meta.json").read_text())["splits"]["train"]["tokens"]
+    fitted = int(text.split("time budget: ")[1].split(" steps fit")[0])
+    assert cfg["model"]["dropout"] == choose(tokens, fitted * 4 * 32).dropout
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_once_validation_stops_improving_and_says_why(tmp_path, data_dir,
+                                                                         capsys):
+    """train.early_stop unset (auto) is on under a time budget: with an lr so high that
+    validation stops improving at once, the run ends long before its minutes are spent."""
+    from slms.config import EARLY_STOP_AUTO
+    from slms.rundir import RunDir
+    from slms.train.metrics import read_metrics
+
+    out = tmp_path / "run"
+    text = _train(["train", "configs/tiny.toml", f"data.path={data_dir}", "model.n_layer=1",
+                   "train.max_minutes=2", "train.eval_every=2", "train.lr=0.3",
+                   "train.warmup_steps=0", "train.grad_clip=0", "--out", str(out)], capsys)
+    last = [line for line in text.splitlines() if line.startswith("early stop")]
+    assert last, text[-2000:]
+    evals = [r["step"] for r in read_metrics(out) if "val_loss" in r]
+    best = json.loads((RunDir(out).best / "config.json").read_text())["step"]
+    assert f"best at step {best}" in last[0] and "passes over its" in last[0]
+    assert f"train.early_stop={EARLY_STOP_AUTO}" in last[0]
+    assert len([s for s in evals if s > best]) == EARLY_STOP_AUTO
+    assert max(evals) < 1000
+
+
+def test_early_stop_is_auto_only_under_a_time_budget():
+    from slms.config import EARLY_STOP_AUTO, load_config
+
+    assert load_config(None, ["train.max_minutes=5"]).train.patience == EARLY_STOP_AUTO
+    assert load_config(None, []).train.patience == 0
+    assert load_config(None, ["train.max_minutes=5", "train.early_stop=0"]).train.patience == 0
+    assert load_config(None, ["train.early_stop=3"]).train.patience == 3
