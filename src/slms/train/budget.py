@@ -22,6 +22,9 @@ import statistics
 from dataclasses import dataclass, field
 
 PROBE_STEPS = 10
+# train.max_steps of a run with a time budget until its probe steps are timed and the trainer
+# sets the steps that fit: more than any such run takes
+PROVISIONAL_STEPS = 10**9
 REFIT_STEPS = 50
 REFIT_SHARES = (0.25, 0.5, 0.75)  # of the fitted step count, where it is refitted once more
 MIN_CHANGE = 0.01  # a refit that moves the count by at most this share keeps the old count
