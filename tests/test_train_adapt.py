@@ -3,12 +3,13 @@ relies on, and the end of a run that stopped improving (train.early_stop, auto u
 budget)."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from slms.model.dropout import LEVELS, Dropout, dropout, effective_rate
-from slms.train.adapt import RULE, choose
+from slms.train.adapt import MOST_PASSES, RULE, choose
 from train_helpers import TINY
 
 
@@ -22,8 +23,18 @@ def test_the_rule_picks_more_regularisation_for_more_passes():
     assert few.dropout <= mid.dropout <= many.dropout
     rates = [choose(100_000, passes * 100_000).dropout for passes in (0.5, 2, 5, 10, 30, 100)]
     assert rates == sorted(rates)
-    line = many.describe("10 minutes")
+    line = many.describe("10 minutes", 1538)
     assert line.startswith("adapt: 190,000 training tokens, ~33 passes in 10 minutes: dropout")
+
+
+def test_a_budget_of_more_passes_than_pay_trains_fewer_steps():
+    over = choose(55_000, 150 * 55_000)
+    assert over.capped and over.steps(1500) == math.ceil(1500 * MOST_PASSES / 150)
+    assert f"training {MOST_PASSES:g} passes ({over.steps(1500):,} of the 1,500 steps)" in \
+        over.describe("10 minutes", 1500)
+    under = choose(1_040_000, 8 * 1_040_000)
+    assert not under.capped and under.steps(2000) == 2000
+    assert "passes (" not in under.describe("10 minutes", 2000)
 
 
 def test_cpu_dropout_drops_at_its_rate_and_keeps_the_mean():
@@ -84,6 +95,38 @@ def test_a_step_budget_adapts_before_the_model_is_built(tmp_path, data_dir, caps
     cfg = RunDir(out).read_config()
     assert cfg["model"]["dropout"] == want.dropout
     assert cfg["train"]["weight_decay"] == want.weight_decay
+    assert cfg["train"]["max_steps"] == want.steps(6)
+
+
+@pytest.mark.slow
+def test_a_capped_time_budget_trains_its_passes_and_resumes_with_its_choice(tmp_path, stories,
+                                                                          tokenizer, capsys):
+    """A text so small that the budget allows far more than MOST_PASSES: the run trains
+    MOST_PASSES' worth of steps, its schedule annealed over them; continued with the same
+    command (train.resume=auto), it keeps the dropout and steps it chose."""
+    from slms.rundir import RunDir
+    from slms.train.metrics import read_metrics
+
+    from slms.data.prepare import prepare
+
+    data_dir = tmp_path / "small"  # ~1,500 tokens: 30 s allow hundreds of passes anywhere
+    prepare({"train": stories[:8], "val": stories[8:12]}, tokenizer, data_dir, source="test")
+    out = tmp_path / "run"
+    argv = ["train", "configs/tiny.toml", f"data.path={data_dir}", *TINY, "model.dropout=0.0",
+            "train.max_minutes=0.5", "train.adapt=true", "train.eval_every=1000",
+            "train.early_stop=0", "train.resume=auto", "--out", str(out)]
+    text = _train(argv, capsys)
+    tokens = json.loads((data_dir / "meta.json").read_text())["splits"]["train"]["tokens"]
+    steps = max(r["step"] for r in read_metrics(out) if "loss" in r)
+    assert f"training {MOST_PASSES:g} passes ({steps:,} of the" in text
+    assert steps == math.ceil(MOST_PASSES * tokens / (4 * 32))
+    lrs = [r["lr"] for r in read_metrics(out) if "lr" in r]
+    assert lrs[-1] < 0.2 * max(lrs)  # annealed by the last step
+    cfg = RunDir(out).read_config()
+    assert cfg["model"]["dropout"] == RULE[-1][1] and cfg["train"]["max_steps"] == steps
+    again = _train([*argv[:-2], "train.max_steps=999", "--out", str(out)], capsys)
+    assert "resumed from" in again and RunDir(out).read_config()["model"]["dropout"] == \
+        RULE[-1][1]
 
 
 @pytest.mark.slow

@@ -13,9 +13,15 @@ The rule is the sweep's result, written down in RULE (docs/quality.md has the sw
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from slms.config import RunConfig
+from slms.rundir import RunDir
 
 # (most passes over the training tokens, dropout, weight decay), the first row that fits;
 # docs/quality.md "At three data sizes" has the sweep these come from.
@@ -26,21 +32,40 @@ RULE: tuple[tuple[float, float, float], ...] = (
 )
 
 
+# A budget that allows more passes than this trains this many, its schedule annealed over them,
+# and stops: past them the model only memorises its text (docs/quality.md "At three data
+# sizes": on 55,000 tokens 11 annealed passes scored 0.04 bits per byte better than 45).
+MOST_PASSES = 12.0
+
+
 @dataclass(frozen=True)
 class Choice:
     """What the rule chose, and from what."""
 
     train_tokens: int
-    passes: float  # planned training tokens / training tokens
+    passes: float  # what the budget allows: planned training tokens / training tokens
     dropout: float
     weight_decay: float
 
-    def describe(self, budget: str) -> str:
+    @property
+    def capped(self) -> bool:
+        """Whether the run trains fewer passes than its budget allows (MOST_PASSES)."""
+        return self.passes > MOST_PASSES
+
+    def steps(self, planned: int) -> int:
+        """The steps to train of `planned`: all of them, or MOST_PASSES' worth."""
+        return max(1, math.ceil(planned * MOST_PASSES / self.passes)) if self.capped \
+            else planned
+
+    def describe(self, budget: str, planned: int) -> str:
         """One line for the log: the inputs, then the choice."""
-        return (f"adapt: {self.train_tokens:,} training tokens, ~{passes_text(self.passes)} "
-                f"passes in "
-                f"{budget}: dropout {self.dropout:g}, weight decay {self.weight_decay:g} "
-                "(train.adapt=false keeps the config's)")
+        line = (f"adapt: {self.train_tokens:,} training tokens, ~{passes_text(self.passes)} "
+                f"passes in {budget}: dropout {self.dropout:g}, weight decay "
+                f"{self.weight_decay:g}")
+        if self.capped:
+            line += (f"; training {MOST_PASSES:g} passes ({self.steps(planned):,} of the "
+                     f"{planned:,} steps), as more would only memorise the text")
+        return line + " (train.adapt=false keeps the config's)"
 
 
 def passes_text(passes: float) -> str:
@@ -65,3 +90,36 @@ def set_weight_decay(opt: torch.optim.Optimizer, model: torch.nn.Module, weight_
     for group in opt.param_groups:
         if id(group["params"][0]) in decayed:
             group["weight_decay"] = weight_decay
+
+
+def at_start(cfg: RunConfig, train_tokens: int, tokens_per_step: int, resuming: Path | None,
+             log) -> RunConfig:
+    """train.adapt before the model is built: a resumed run keeps what it chose when it
+    started (its run_config.json); a step budget chooses now, a time budget at its first fit
+    (the trainer's `adapt_live`)."""
+    tc = cfg.train
+    if not tc.adapt:
+        return cfg
+    if resuming is not None:
+        saved = RunDir(resuming).read_config()
+        kept = {"weight_decay": saved["train"]["weight_decay"]}
+        if tc.max_minutes <= 0:
+            kept["max_steps"] = saved["train"]["max_steps"]
+        return dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, dropout=saved["model"]["dropout"]),
+            train=dataclasses.replace(tc, **kept))
+    if tc.max_minutes > 0:
+        return cfg
+    return adapted(cfg, train_tokens, tokens_per_step, f"{tc.max_steps:,} steps", log)
+
+
+def adapted(cfg: RunConfig, train_tokens: int, tokens_per_step: int, budget: str, log
+            ) -> RunConfig:
+    """cfg with the regularisation and the step count `choose` picks for its planned tokens."""
+    tc = cfg.train
+    choice = choose(train_tokens, tc.max_steps * tokens_per_step)
+    log(choice.describe(budget, tc.max_steps))
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, dropout=choice.dropout),
+        train=dataclasses.replace(tc, weight_decay=choice.weight_decay,
+                                  max_steps=choice.steps(tc.max_steps)))

@@ -224,17 +224,23 @@ def tidy_run_dir(run_dir: Path, step: int) -> None:
         fsutil.atomic_write_text(metrics, "".join(keep))
 
 
+def resume_target(cfg: RunConfig, out_dir: str | Path | None, resume: str | Path | None
+                  ) -> Path | None:
+    """The run directory to resume: --resume, or with train.resume=auto the --out directory
+    when it holds checkpoints (None: a new run)."""
+    if resume:
+        return Path(resume)
+    if cfg.train.resume == "auto" and out_dir is not None and RunDir(out_dir).checkpoints():
+        return Path(out_dir)
+    return None
+
+
 def find_resume(cfg: RunConfig, out_dir: str | Path | None, resume: str | Path | None
                 ) -> Path | None:
-    """The run directory to resume: --resume, or with train.resume=auto the --out directory
-    when it holds checkpoints."""
-    if resume:
-        run_dir = Path(resume)
-    elif cfg.train.resume == "auto" and out_dir is not None and RunDir(out_dir).checkpoints():
-        run_dir = Path(out_dir)
-    else:
-        return None
-    check_same_model(cfg, run_dir)
+    """`resume_target`, whose model must be cfg's (`check_same_model`)."""
+    run_dir = resume_target(cfg, out_dir, resume)
+    if run_dir is not None:
+        check_same_model(cfg, run_dir)
     return run_dir
 
 

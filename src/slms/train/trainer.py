@@ -45,6 +45,7 @@ from slms.train.state import (
     find_resume,
     load_weights_into,
     restore,
+    resume_target,
     save,
     save_step,
 )
@@ -74,8 +75,8 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
         data = load_data(cfg, env.dist, log)
         tokenizer = Tokenizer.from_file(data.dir / "tokenizer.json")
         cfg = resolve_steps(fit_vocab(cfg, data, tokenizer), data, env.dist)
-        if cfg.train.adapt and cfg.train.max_minutes <= 0:  # a time budget adapts at its fit
-            cfg = adapted(cfg, data, env.dist.world, f"{cfg.train.max_steps:,} steps", log)
+        cfg = adapt.at_start(cfg, train_tokens(data), global_batch_tokens(cfg, env.dist.world),
+                             resume_target(cfg, out_dir, resume), log)
         run = build_run(cfg, env, tokenizer, out_dir, resume, log)
         if env.dist.main:
             write_run_config(run.run_dir, cfg, data)
@@ -128,7 +129,7 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
                 first = run.cfg.train.max_steps == PROVISIONAL_STEPS
                 fix_max_steps(run, run.cfg.train.init_step + fitted, bar, log)
                 if first and run.cfg.train.adapt:
-                    adapt_live(run, data, bar.write)
+                    adapt_live(run, data, bar, bar.write)
         tc = run.cfg.train
         state.tokens_seen += result.tokens
         meter.tokens += result.tokens
@@ -155,25 +156,20 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
     return None
 
 
-def adapted(cfg: RunConfig, data: PackedData, world: int, budget: str, log) -> RunConfig:
-    """cfg with the regularisation `adapt.choose` picks for its planned tokens."""
-    choice = adapt.choose(data.meta["splits"]["train"]["tokens"],
-                          cfg.train.max_steps * global_batch_tokens(cfg, world))
-    log(choice.describe(budget))
-    return dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, dropout=choice.dropout),
-        train=dataclasses.replace(cfg.train, weight_decay=choice.weight_decay))
-
-
-def adapt_live(run: Run, data: PackedData, log) -> None:
+def adapt_live(run: Run, data: PackedData, bar, log) -> None:
     """`adapted` at the time budget's first fit: the model's dropout and the optimizer's
-    weight decay set in place, and the run's config rewritten with them."""
+    weight decay set in place; a capped step count ends the budget's fitting (the schedule
+    anneals over the capped steps); the run's config rewritten with them."""
     tc = run.cfg.train
-    run.cfg = adapted(run.cfg, data, run.d.world, f"{tc.max_minutes:g} minutes",
-                      log if run.d.main else _quiet)
+    fitted = tc.max_steps
+    run.cfg = adapt.adapted(run.cfg, train_tokens(data), global_batch_tokens(run.cfg, run.d.world),
+                            f"{tc.max_minutes:g} minutes", log if run.d.main else _quiet)
     unwrap(run.model).set_dropout(run.cfg.model.dropout)
     adapt.set_weight_decay(run.opt, run.model, run.cfg.train.weight_decay)
-    if run.d.main:
+    if run.cfg.train.max_steps < fitted:
+        run.budget.minutes, run.budget.times = 0, []  # fitted for good: no refit fills it
+        fix_max_steps(run, run.cfg.train.max_steps, bar, _quiet)
+    elif run.d.main:
         run_dir = RunDir(run.run_dir)
         run_dir.write_config(run.cfg.to_dict(), run_dir.data_dir())
 
@@ -232,6 +228,10 @@ def load_data(cfg: RunConfig, d: Dist, log) -> PackedData:
     if d.main:
         d.barrier()
     return PackedData(data_dir)
+
+
+def train_tokens(data: PackedData) -> int:
+    return data.meta["splits"]["train"]["tokens"]
 
 
 def global_batch_tokens(cfg: RunConfig, world: int) -> int:
