@@ -10,7 +10,7 @@ import torch
 
 from slms.model.dropout import LEVELS, Dropout, dropout, effective_rate
 from slms.train.adapt import MOST_PASSES, RULE, choose
-from train_helpers import TINY
+from train_helpers import TINY, train_on_fake_clock
 
 
 def test_the_rule_picks_more_regularisation_for_more_passes():
@@ -98,50 +98,74 @@ def test_a_step_budget_adapts_before_the_model_is_built(tmp_path, data_dir, caps
     assert cfg["train"]["max_steps"] == want.steps(6)
 
 
+def _small_data(tmp_path, stories, tokenizer):
+    """~3,000 training tokens: a 10-minute budget on the fake clock (600 steps of 128 tokens)
+    allows about 25 passes."""
+    from slms.data.prepare import prepare
+
+    data_dir = tmp_path / "small"
+    prepare({"train": stories[:8], "val": stories[8:12]}, tokenizer, data_dir, source="test")
+    tokens = json.loads((data_dir / "meta.json").read_text())["splits"]["train"]["tokens"]
+    return data_dir, tokens
+
+
 @pytest.mark.slow
-def test_a_capped_time_budget_trains_its_passes_and_resumes_with_its_choice(tmp_path, stories,
-                                                                          tokenizer, capsys):
-    """A text so small that the budget allows far more than MOST_PASSES: the run trains
-    MOST_PASSES' worth of steps, its schedule annealed over them; continued with the same
-    command (train.resume=auto), it keeps the dropout and steps it chose."""
+def test_a_capped_time_budget_trains_its_passes_and_resumes_with_its_choice(
+        tmp_path, stories, tokenizer, capsys, monkeypatch):
+    """The budget allows more than MOST_PASSES: once it has settled (the fit after warm-up)
+    the run trains MOST_PASSES' worth of steps, its schedule annealed over them; continued
+    with the same command (train.resume=auto), it keeps the dropout and steps it chose."""
     from slms.rundir import RunDir
     from slms.train.metrics import read_metrics
 
-    from slms.data.prepare import prepare
-
-    data_dir = tmp_path / "small"  # ~1,500 tokens: 30 s allow hundreds of passes anywhere
-    prepare({"train": stories[:8], "val": stories[8:12]}, tokenizer, data_dir, source="test")
+    data_dir, tokens = _small_data(tmp_path, stories, tokenizer)
     out = tmp_path / "run"
     argv = ["train", "configs/tiny.toml", f"data.path={data_dir}", *TINY, "model.dropout=0.0",
-            "train.max_minutes=0.5", "train.adapt=true", "train.eval_every=1000",
+            "train.max_minutes=10", "train.adapt=true", "train.eval_every=1000",
             "train.early_stop=0", "train.resume=auto", "--out", str(out)]
-    text = _train(argv, capsys)
-    tokens = json.loads((data_dir / "meta.json").read_text())["splits"]["train"]["tokens"]
+    train_on_fake_clock(monkeypatch, argv)  # every step takes one "second"
+    text = capsys.readouterr().out
+    choice = choose(tokens, 600 * 4 * 32)
     steps = max(r["step"] for r in read_metrics(out) if "loss" in r)
-    assert f"training {MOST_PASSES:g} passes ({steps:,} of the" in text
-    assert steps == math.ceil(MOST_PASSES * tokens / (4 * 32))
+    assert choice.capped and steps == choice.steps(600) == math.ceil(MOST_PASSES * tokens / 128)
+    assert f"passes in 10 minutes: dropout {choice.dropout:g}" in text
+    assert f"training {MOST_PASSES:g} passes ({steps:,} of the 600 steps)" in text
     lrs = [r["lr"] for r in read_metrics(out) if "lr" in r]
     assert lrs[-1] < 0.2 * max(lrs)  # annealed by the last step
     cfg = RunDir(out).read_config()
-    assert cfg["model"]["dropout"] == RULE[-1][1] and cfg["train"]["max_steps"] == steps
-    again = _train([*argv[:-2], "train.max_steps=999", "--out", str(out)], capsys)
-    assert "resumed from" in again and RunDir(out).read_config()["model"]["dropout"] == \
-        RULE[-1][1]
+    assert cfg["model"]["dropout"] == choice.dropout and cfg["train"]["max_steps"] == steps
+    train_on_fake_clock(monkeypatch, argv)  # the same command again: nothing left to train
+    assert "resumed from" in capsys.readouterr().out
+    assert RunDir(out).read_config()["model"]["dropout"] == choice.dropout
 
 
 @pytest.mark.slow
-def test_a_time_budget_adapts_at_its_first_fit(tmp_path, data_dir, capsys):
+def test_a_time_budget_within_the_cap_adapts_its_dropout_live(tmp_path, stories, tokenizer,
+                                                                capsys, monkeypatch):
+    from slms.model.dropout import Dropout
     from slms.rundir import RunDir
 
+    seen = []
+    real = Dropout.forward
+
+    def forward(self, x):
+        seen.append(self.p)
+        return real(self, x)
+
+    monkeypatch.setattr(Dropout, "forward", forward)
+    data_dir, tokens = _small_data(tmp_path, stories, tokenizer)
+    steps = math.ceil(11 * tokens / 128)  # 11 passes: dropout, not capped
     out = tmp_path / "run"
-    text = _train(["train", "configs/tiny.toml", f"data.path={data_dir}", *TINY,
-                   "model.dropout=0.0", "train.max_minutes=0.02", "train.adapt=true",
-                   "train.eval_every=1000", "--out", str(out)], capsys)
-    assert "passes in 0.02 minutes: dropout" in text
-    cfg = RunDir(out).read_config()
-    tokens = json.loads((data_dir / "meta.json").read_text())["splits"]["train"]["tokens"]
-    fitted = int(text.split("time budget: ")[1].split(" steps fit")[0])
-    assert cfg["model"]["dropout"] == choose(tokens, fitted * 4 * 32).dropout
+    train_on_fake_clock(monkeypatch, [
+        "train", "configs/tiny.toml", f"data.path={data_dir}", *TINY, "model.dropout=0.0",
+        f"train.max_minutes={steps / 60}", "train.adapt=true", "train.eval_every=100000",
+        "train.early_stop=0", "--out", str(out)])
+    choice = choose(tokens, steps * 128)
+    assert choice.dropout > 0 and not choice.capped
+    assert f"dropout {choice.dropout:g}, weight decay" in capsys.readouterr().out
+    per_step = len(seen) // steps
+    assert set(seen[:10 * per_step]) == {0.0} and seen[-1] == choice.dropout  # set live
+    assert RunDir(out).read_config()["model"]["dropout"] == choice.dropout
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from slms.train.budget import (
     TimeBudget,
     ValidationWatch,
 )
+from train_helpers import train_on_fake_clock
 
 
 def fit(b: TimeBudget, seconds: float) -> int | None:
@@ -95,34 +96,6 @@ def test_a_time_budgeted_run_fixes_its_steps_and_resumes_with_them(tmp_path, dat
     assert losses(out)[-1][0] == cfg["max_steps"]
 
 
-def _train_with(monkeypatch, argv, interrupt_at=None, slow_from=None):
-    """`slms train ARGV` in this process on a fake clock (every perf_counter call is one
-    "second"; from step slow_from on, every other step takes two); SIGINT during step
-    interrupt_at (0-based), as a user's Ctrl-C."""
-    import os
-    import signal
-    import time
-
-    import slms.train.trainer as trainer
-    from slms.cli import main
-
-    clock = iter(range(10**7))
-    monkeypatch.setenv("SLMS_TUNE", "0")  # no kernel timing (it calls perf_counter too)
-    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
-    step_fn = trainer.train_step
-
-    def hooked(model, opt, sched, data, tc, block_size, step, env):
-        if step == interrupt_at:
-            os.kill(os.getpid(), signal.SIGINT)
-        if slow_from is not None and step >= slow_from and step % 2:
-            time.perf_counter()
-        return step_fn(model, opt, sched, data, tc, block_size, step, env)
-
-    monkeypatch.setattr(trainer, "train_step", hooked)
-    assert main(argv) == 0
-    monkeypatch.setattr(trainer, "train_step", step_fn)
-
-
 def _lrs(run_dir):
     from slms.train.metrics import read_metrics
 
@@ -144,10 +117,10 @@ def test_a_budgeted_run_resumed_after_sigint_trains_as_the_uninterrupted_one(
             "train.max_minutes=2", "train.eval_every=1000", "train.checkpoint_every=1000",
             "train.log_every=1", "train.resume=\"auto\""]
     ref, run = tmp_path / "ref", tmp_path / "run"
-    _train_with(monkeypatch, [*argv, "--out", str(ref)], slow_from=60)
-    _train_with(monkeypatch, [*argv, "--out", str(run)], interrupt_at=80, slow_from=60)
+    train_on_fake_clock(monkeypatch, [*argv, "--out", str(ref)], slow_from=60)
+    train_on_fake_clock(monkeypatch, [*argv, "--out", str(run)], interrupt_at=80, slow_from=60)
     assert _lrs(run)[-1][0] == 81
-    _train_with(monkeypatch, [*argv, "--out", str(run)], slow_from=60)
+    train_on_fake_clock(monkeypatch, [*argv, "--out", str(run)], slow_from=60)
     want = _lrs(ref)
     assert want[-1][0] == 100
     assert _lrs(run) == want
@@ -163,11 +136,11 @@ def test_early_stopping_keeps_its_patience_across_a_resume(tmp_path, data_dir, m
             "train.max_steps=60", "train.eval_every=2", "train.early_stop=2", "train.lr=0.3",
             "train.warmup_steps=0", "train.grad_clip=0", "train.resume=\"auto\""]
     ref, run = tmp_path / "ref", tmp_path / "run"
-    _train_with(monkeypatch, [*argv, "--out", str(ref)])
+    train_on_fake_clock(monkeypatch, [*argv, "--out", str(ref)])
     stop = max(int(p.name.split("-")[1]) for p in RunDir(ref).checkpoints())
     assert 6 < stop < 60
-    _train_with(monkeypatch, [*argv, "--out", str(run)], interrupt_at=stop - 4)
-    _train_with(monkeypatch, [*argv, "--out", str(run)])
+    train_on_fake_clock(monkeypatch, [*argv, "--out", str(run)], interrupt_at=stop - 4)
+    train_on_fake_clock(monkeypatch, [*argv, "--out", str(run)])
     assert max(int(p.name.split("-")[1]) for p in RunDir(run).checkpoints()) == stop
 
 
@@ -222,9 +195,9 @@ def test_a_budgeted_run_continuing_another_fits_its_steps_after_init_step(tmp_pa
             "model.moe.expert_hidden=32", "train.batch_size=2", "train.warmup_steps=4",
             "train.eval_every=1000", "train.log_every=1", "train.checkpoint_every=10"]
     src, run = tmp_path / "src", tmp_path / "run"
-    _train_with(monkeypatch, [*argv, "train.max_steps=40", "train.keep_checkpoints=5",
+    train_on_fake_clock(monkeypatch, [*argv, "train.max_steps=40", "train.keep_checkpoints=5",
                               "--out", str(src)])
-    _train_with(monkeypatch, [*argv, "train.max_minutes=0.5", "train.init_step=10",
+    train_on_fake_clock(monkeypatch, [*argv, "train.max_minutes=0.5", "train.init_step=10",
                               "train.init_total=40",
                               f"train.init_from={RunDir(src).step_dir(10)}", "--out", str(run)])
     max_steps = RunDir(run).read_config()["train"]["max_steps"]

@@ -79,3 +79,31 @@ def dist_worker(rank: int, world: int, port: int, overrides: list[str], out: str
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def train_on_fake_clock(monkeypatch, argv, interrupt_at=None, slow_from=None):
+    """`slms train ARGV` in this process on a fake clock (every perf_counter call is one
+    "second"; from step slow_from on, every other step takes two); SIGINT during step
+    interrupt_at (0-based), as a user's Ctrl-C."""
+    import os
+    import signal
+    import time
+
+    import slms.train.trainer as trainer
+    from slms.cli import main
+
+    clock = iter(range(10**7))
+    monkeypatch.setenv("SLMS_TUNE", "0")  # no kernel timing (it calls perf_counter too)
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    step_fn = trainer.train_step
+
+    def hooked(model, opt, sched, data, tc, block_size, step, env):
+        if step == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        if slow_from is not None and step >= slow_from and step % 2:
+            time.perf_counter()
+        return step_fn(model, opt, sched, data, tc, block_size, step, env)
+
+    monkeypatch.setattr(trainer, "train_step", hooked)
+    assert main(argv) == 0
+    monkeypatch.setattr(trainer, "train_step", step_fn)

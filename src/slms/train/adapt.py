@@ -5,8 +5,9 @@ modern preset wins by 0.15 bits per byte, on 190,000 it memorises its text by st
 ends worse than the GPT-2 recipe (issue 24; docs/quality.md "At three data sizes"). What
 decides is how many times the budget lets a run pass over its training tokens. `choose` maps
 that number to the regularisation measured best for it; the trainer applies the choice once
-the number is known: at the start for a step budget, at the time budget's first fit otherwise
-(dropout and weight decay change no parameter, so a live model takes them as they are).
+the number is known: at the start for a step budget; for a time budget at its fit after the
+warm-up steps (`TimeBudget.settled_now`; dropout and weight decay change no parameter, so a live
+model takes them as they are).
 
 The rule is the sweep's result, written down in RULE (docs/quality.md has the sweep).
 """
@@ -95,7 +96,7 @@ def set_weight_decay(opt: torch.optim.Optimizer, model: torch.nn.Module, weight_
 def at_start(cfg: RunConfig, train_tokens: int, tokens_per_step: int, resuming: Path | None,
              log) -> RunConfig:
     """train.adapt before the model is built: a resumed run keeps what it chose when it
-    started (its run_config.json); a step budget chooses now, a time budget at its first fit
+    started (its run_config.json); a step budget chooses now, a time budget once it has settled
     (the trainer's `adapt_live`)."""
     tc = cfg.train
     if not tc.adapt:

@@ -78,6 +78,13 @@ class TimeBudget:
             self.times = []  # no window is timed again
         return proposal if moved else None
 
+    @property
+    def settled_now(self) -> bool:
+        """Whether the fit just made is the one to plan by: the fit after warm-up
+        (REFIT_STEPS; the first steps run slower than the rest), or the first when it was
+        final. Call it right after `accept`."""
+        return self.mark == REFIT_STEPS or (self.mark == PROBE_STEPS and self.minutes == 0)
+
     def _next_share(self) -> int | None:
         """The step of the next REFIT_SHARES fit (None: no more), of the accepted count; shares
         that fall before the current step are passed over (counted in shares_done)."""

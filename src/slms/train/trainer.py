@@ -126,10 +126,9 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
         if proposal is not None:  # the same steps on every rank; rank 0's measurement counts
             fitted = budget.accept(env.dist.gather(proposal)[0])
             if fitted is not None:  # the budget counts its own steps: after train.init_step
-                first = run.cfg.train.max_steps == PROVISIONAL_STEPS
                 fix_max_steps(run, run.cfg.train.init_step + fitted, bar, log)
-                if first and run.cfg.train.adapt:
-                    adapt_live(run, data, bar, bar.write)
+            if run.cfg.train.adapt and budget.settled_now:
+                adapt_live(run, data, bar, bar.write)
         tc = run.cfg.train
         state.tokens_seen += result.tokens
         meter.tokens += result.tokens
@@ -157,9 +156,10 @@ def steps(run: Run, data: PackedData, env: Env, metrics: MetricsWriter, stop: St
 
 
 def adapt_live(run: Run, data: PackedData, bar, log) -> None:
-    """`adapted` at the time budget's first fit: the model's dropout and the optimizer's
-    weight decay set in place; a capped step count ends the budget's fitting (the schedule
-    anneals over the capped steps); the run's config rewritten with them."""
+    """`adapted` once the time budget has settled (`TimeBudget.settled_now`): the model's
+    dropout and the optimizer's weight decay set in place; a capped step count ends the
+    budget's fitting (the schedule anneals over the capped steps); the run's config rewritten
+    with them."""
     tc = run.cfg.train
     fitted = tc.max_steps
     run.cfg = adapt.adapted(run.cfg, train_tokens(data), global_batch_tokens(run.cfg, run.d.world),
