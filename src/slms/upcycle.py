@@ -16,6 +16,7 @@ one, not equal).
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -38,8 +39,8 @@ def upcycle(model: GPT, n_experts: int, top_k: int, router: str = "topk",
         raise ValueError("the model is already a Mixture-of-Experts model; upcycle a dense one")
     if router not in ROUTERS:
         raise ValueError(f"--router must be one of {', '.join(ROUTERS)}, got {router!r}")
-    if not expert_noise >= 0:
-        raise ValueError(f"--expert-noise must be >= 0, got {expert_noise}")
+    if not (math.isfinite(expert_noise) and expert_noise >= 0):  # inf or nan: non-finite weights
+        raise ValueError(f"--expert-noise must be a finite number >= 0, got {expert_noise!r}")
     moe = MoEConfig(n_experts=n_experts, top_k=top_k, router=router,
                     expert_hidden=cfg.mlp_ratio * cfg.n_embd, every=every)
     with torch.random.fork_rng(devices=[]):

@@ -75,6 +75,8 @@ def evaluate(model: GPT, data: PackedData, split: str = "val", batch_size: int =
     (`PackedData.scored_bytes`), so it compares models with different tokenizers. With `dist`,
     the ranks share the batches and sum their results: every rank returns the same figures.
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     block_size = block_size or model.cfg.block_size
     shard = (dist.rank, dist.world) if dist is not None else (0, 1)
     nats, n = evaluate_batches(model, data.eval_batches(batch_size, block_size, split),

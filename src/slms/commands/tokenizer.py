@@ -11,9 +11,10 @@ HELP = "train a byte-level BPE tokenizer on a text source"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="synthetic", help="SOURCE (default: the embedded corpus)")
-    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--vocab-size", type=options.POSITIVE, default=2048)
     p.add_argument("--out", required=True, help="tokenizer.json to write")
-    p.add_argument("--max-train-bytes", type=float, default=None,
+    p.add_argument("--max-train-bytes", type=options.number(float, 1, 2**62),
+                   default=None,
                    help="train on a seeded sample of about this many bytes (e.g. 2e8)")
     options.add_source(p)
 
