@@ -125,6 +125,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
 
     Everything is checked before the model is built: config values, the weights' shapes
     (from the safetensors header) and the tokenizer (its size, and its hash when recorded)."""
+    from slms.devices import resolve_device
+
+    device = resolve_device(device) if isinstance(device, str) else device
     path = Path(path)
     meta = read_config(path)
     cfg = checkpoint_model_config(path, meta)

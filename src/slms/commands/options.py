@@ -49,7 +49,21 @@ def add_checkpoint(p: argparse.ArgumentParser, help: str = CHECKPOINT_HELP) -> N
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu (default), cuda, cuda:N, mps or auto (the best this machine has)")
+
+
+def device_name(text: str) -> str:
+    """--device: a device this machine has (checked here, so that a missing GPU is never blamed
+    on the files a command reads); auto becomes the best one."""
+    if text == "cpu":
+        return text  # without importing torch
+    from slms.devices import resolve_device
+
+    try:
+        return str(resolve_device(text, "--device"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
 
 
 def add_precision(p: argparse.ArgumentParser) -> None:

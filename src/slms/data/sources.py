@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slms import corpus
+from slms.config import MAX_SEED, num
 
 EOT_LINE = "<|endoftext|>"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -42,8 +43,8 @@ class SourceOptions:
     separator: str = "eot"
     text_field: str = "text"
     streaming: bool = False
-    val_fraction: float = DEFAULT_VAL_FRACTION
-    seed: int = 0
+    val_fraction: float = num(DEFAULT_VAL_FRACTION, 0, 1, lo_open=True, hi_open=True)
+    seed: int = num(0, 0, MAX_SEED)
     stories: int = corpus.DEFAULT_STORIES  # size of the embedded corpus
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ from slms.analysis.evaluate import evaluate
 from slms.config import RunConfig, TrainConfig
 from slms.data.loader import PackedData
 from slms.data.pipeline import resolve_data
+from slms.devices import resolve_device
 from slms.memory import keep_freed_memory
 from slms.model import GPT, count_params, flops_per_token
 from slms.model.gpt import DOCUMENT_START_ID
@@ -189,7 +190,7 @@ def setup(tc: TrainConfig) -> tuple[Env, str]:
     d = distributed.init(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = distributed.device_for(d, resolve_device(tc.device))
+    device = distributed.device_for(d, resolve_device(tc.device, "train.device"))
     if device.type == "cpu" and tc.keep_freed_memory:
         keep_freed_memory()
     seed_everything(tc.seed)
@@ -286,18 +287,6 @@ def continue_schedule(run: Run, log) -> None:
         schedule.refit(run.state.step, tc.max_steps)
         log(f"schedule: continues from step {run.state.step} to train.max_steps="
             f"{tc.max_steps} (it was planned for {schedule.total})")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but CUDA is not available; use train.device=cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
