@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     source = options.source_of(args.data, args)
     tok, report = train_tokenizer_on(source, args.vocab_size, max_bytes)
     tok.save(args.out)
-    print(f"wrote {args.out}: {tok.vocab_size} tokens; {report['bytes_per_token']:.2f} bytes per "
-          f"token on {report['held_out_stories']} held-out stories")
+    held_out = report["held_out_stories"]
+    measured = (f"{report['bytes_per_token']:.2f} bytes per token on {held_out} held-out stories"
+                if held_out else "no held-out stories to measure bytes per token on")
+    print(f"wrote {args.out}: {tok.vocab_size} tokens; {measured}")
     return 0

@@ -42,6 +42,7 @@ class PackedData:
                 raise ValueError(f"{path} holds {size:,} bytes, not a whole number of "
                                  f"{'rows' if self.padded else 'token ids'} of {row} bytes: it "
                                  "is truncated or damaged; prepare the data again")
+            check_count(path, size // row, self.meta, split)
             data = np.memmap(path, dtype=dtype, mode="r")
             if self.padded:
                 data = data.reshape(-1, self.meta["block_size"] + 1)
@@ -182,6 +183,19 @@ def check_meta(data_dir: Path, meta: dict) -> None:
         if n != vocab:
             raise ValueError(f"{where} says vocab_size {vocab:,} but {tok_file} has {n:,} "
                              f"tokens: they were not prepared together; {fix}")
+
+
+def check_count(path: Path, found: int, meta: dict, split: str) -> None:
+    """The ids (packed) or rows (padded) of a split's file must be as many as meta.json counts:
+    a file cut at a whole id, or a meta.json whose dtype is not the file's, is refused rather
+    than read as other data (data prepared before the counts were recorded is not checked)."""
+    padded = meta.get("format") == "padded"
+    unit = "rows" if padded else "token ids"
+    expected = meta["splits"][split].get("rows" if padded else "tokens")
+    if isinstance(expected, int) and not isinstance(expected, bool) and found != expected:
+        raise ValueError(f"{path} holds {found:,} {unit} of {meta['dtype']} but {META} counts "
+                         f"{expected:,}: the file is truncated or damaged, or {META} is not "
+                         "its own; prepare the data again")
 
 
 def windows(data: np.ndarray, starts: np.ndarray, block_size: int

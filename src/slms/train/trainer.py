@@ -247,11 +247,11 @@ def build_run(cfg: RunConfig, env: Env, tokenizer: Tokenizer, out_dir: str | Pat
               resume: str | Path | None, log) -> Run:
     """Model (wrapped for DDP/FSDP/compile), optimizer, schedule; restored when resuming."""
     tc, d = cfg.train, env.dist
-    resume_dir = find_resume(cfg, out_dir, resume)
+    resume_dir = find_resume(cfg, out_dir, resume, tokenizer)
     gpt = GPT(cfg.model).to(env.device)  # same init on every rank (same seed)
     if tc.init_from and not resume_dir:  # a resumed run has its own weights
         # before the run directory exists: a refused checkpoint leaves nothing behind
-        log(f"weights from {load_weights_into(gpt, tc.init_from)}")
+        log(f"weights from {load_weights_into(gpt, tc.init_from, tokenizer)}")
     run_dir = resume_dir or make_run_dir(cfg, out_dir, d)
     gpt.grad_checkpointing = tc.grad_checkpointing
     if d.rank:
