@@ -83,11 +83,9 @@ class Tokenizer:
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json (as the tokenizers library does) by Python's file calls, so
         that a directory, a read-only or a full disk at `path` is an OSError naming it (the
-        library's own save raises a bare Exception, "os error 21"); crash-safe."""
-        from slms.fsutil import atomic_write_text
-
+        library's own save raises a bare Exception, "os error 21")."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, self.hf.to_str(pretty=True))
+        Path(path).write_text(self.hf.to_str(pretty=True), encoding="utf-8")
 
     @property
     def sha256(self) -> str:

@@ -255,15 +255,16 @@ class Source:
             want_val = split == "val"
             i = 0
             for p in self.files["train"]:
-                for story in self._texts(iter_file_escaped(p, self.opts), split):
+                for story in iter_file_escaped(p, self.opts):
+                    if story is None:  # counted once, in the split of the files it is in
+                        self.no_text["train"] += not want_val
+                        continue
                     if in_val(i, self.opts) == want_val:
                         yield self._replace_invalid(story, split)
                     i += 1
 
     def _texts(self, stories: Iterator[str | None], split: str) -> Iterator[str]:
-        """The stories, each record without text counted in `no_text[split]` (the carve-out
-        counts each record without text in the split it reads, so both splits add up to the
-        file's)."""
+        """The stories, each record without text counted in `no_text[split]`."""
         for story in stories:
             if story is None:
                 self.no_text[split] += 1
