@@ -239,3 +239,35 @@ def test_checkpoint_error_type_is_kept(tmp_path, tokenizer):
 
     with pytest.raises(CheckpointError, match="non-finite weights"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_a_json_escaped_lone_surrogate_is_replaced_and_counted(tmp_path, tokenizer):
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"text": "Once \\ud800 upon a time."}\n{"text": "Another story."}\n')
+    meta = prepare_source(Source(str(f), SourceOptions(val_fraction=0.5)), tokenizer,
+                          tmp_path / "out")
+    assert sum(meta["hygiene"][s]["replaced_bytes"] for s in ("train", "val")) == 1
+
+
+def test_token_ids_beyond_the_vocab_are_named_not_an_index_error(tmp_path, data_dir):
+    import numpy as np
+
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    ids = np.memmap(d / "val.bin", dtype=np.uint16, mode="r+")
+    ids[5] = 65535
+    ids.flush()
+    del ids
+    data = PackedData(d)
+    with pytest.raises(ValueError, match="val.bin holds token id 65,535, beyond the 300-token"):
+        list(data.eval_batches(4, 16))
+
+
+def test_a_meta_json_that_is_not_an_object_is_named_by_eval(tmp_path, data_dir, tokenizer,
+                                                           capsys):
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    (d / "meta.json").write_text("[1]")
+    ck = save_checkpoint(tmp_path / "ck", GPT(tiny_config()), tokenizer)
+    err = one_error_line_of(["eval", ck, "--data", d], capsys)
+    assert "meta.json is not a meta.json written by `slms prepare`" in err

@@ -172,3 +172,13 @@ def test_python_api_checks_too():
         upcycle(None, 4, 2, expert_noise=math.inf)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="--batch-size must be an integer >= 1"):
         evaluate(None, None, batch_size=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("option,value,words", [
+    ("--flops", "inf", "argument --flops: must be a finite number >= 0"),
+    ("--minutes", "nan", "argument --minutes: must be a finite number"),
+    ("--evals", "1", "argument --evals: must be an integer between 2 and"),
+])
+def test_study_options_are_checked_from_their_fields(option, value, words, tmp_path, capsys):
+    err = one_line_error(["study", "tiny", option, value, "--out", tmp_path / "s"], capsys)
+    assert words in err and not (tmp_path / "s").exists()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from slms.data.loader import PackedData
-from slms.data.prepare import META
+from slms.data.prepare import META, read_meta
 from slms.dist import Dist
 from slms.model import GPT, IGNORE_INDEX, eval_mode, pads_at_end
 from slms.rundir import RunDir
@@ -152,7 +152,7 @@ def eval_data_dir(checkpoint: str | Path, tokenizer: Tokenizer, data: str | None
                                     "pass --data DIR_OR_SOURCE")
         return found
     if (Path(data) / META).is_file():
-        meta = json.loads((Path(data) / META).read_text())
+        meta = read_meta(data)  # a damaged meta.json: one line naming it
         if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
             raise ValueError(f"{data} was prepared with another tokenizer than the checkpoint's; "
                              "pass the text source instead so it is tokenized again")

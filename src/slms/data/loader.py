@@ -78,7 +78,19 @@ class PackedData:
             raise ValueError(f"training split has {len(data)} tokens, fewer than block_size+1 "
                              f"({block_size + 1}); use a smaller model.block_size or more data")
         starts = rng.integers(0, len(data) - block_size, size=batch_size)
-        return windows(data, starts, block_size)
+        return self._checked(windows(data, starts, block_size), "train")
+
+    def _checked(self, xy: tuple[torch.Tensor, torch.Tensor], split: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch whose ids are all below vocab_size (a damaged file holds others; the model's
+        embedding would fail on them with an IndexError): checked per batch, which costs a
+        max over it, not a pass over the whole file."""
+        top = int(xy[0].max()) if xy[0].numel() else 0
+        if top >= self.vocab_size:
+            raise ValueError(f"{self.dir / f'{split}.bin'} holds token id {top:,}, beyond the "
+                             f"{self.vocab_size:,}-token vocab of {META}: the file is damaged; "
+                             "prepare the data again")
+        return xy
 
     def _pass_rows(self, seed: int, first: int, n: int) -> np.ndarray:
         """Rows first .. first+n-1 of the sequence of passes over the training rows (pass p in
@@ -129,14 +141,15 @@ class PackedData:
         x, y = t[:, :-1].clone(), t[:, 1:].clone()
         n_targets = torch.from_numpy(self.lengths[split][rows].astype(np.int64)) - 1
         y[torch.arange(block_size)[None, :] >= n_targets[:, None]] = IGNORE_INDEX
-        return x, y
+        return self._checked((x, y), split)
 
     def eval_batches(self, batch_size: int, block_size: int, split: str = "val"
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches covering the whole split in order; every real target is scored exactly once
         and no pad is (the short tail window and pad positions have IGNORE_INDEX targets)."""
         if not self.padded:
-            yield from eval_windows(self.splits[split], batch_size, block_size)
+            for xy in eval_windows(self.splits[split], batch_size, block_size):
+                yield self._checked(xy, split)
             return
         n = len(self.splits[split])
         for start in range(0, n, batch_size):

@@ -61,7 +61,9 @@ class SourceOptions:
 # Local text files are decoded with errors="surrogateescape": each byte that is not valid UTF-8
 # becomes one lone surrogate U+DC80..U+DCFF (valid UTF-8 never decodes to one), so the bytes a
 # story lost can be counted before they are replaced with U+FFFD.
-_ESCAPED = re.compile("[\udc80-\udcff]")
+# A lone surrogate of another kind (a JSON escape such as \ud800) is no text either: it is
+# replaced and counted the same way.
+_ESCAPED = re.compile("[\ud800-\udfff]")
 
 
 def replace_invalid(text: str) -> tuple[str, int]:
