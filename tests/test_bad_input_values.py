@@ -182,3 +182,15 @@ def test_python_api_checks_too():
 def test_study_options_are_checked_from_their_fields(option, value, words, tmp_path, capsys):
     err = one_line_error(["study", "tiny", option, value, "--out", tmp_path / "s"], capsys)
     assert words in err and not (tmp_path / "s").exists()
+
+
+def test_train_checks_a_config_made_in_code(tmp_path):
+    import dataclasses as dc
+
+    from slms.train.trainer import train
+
+    cfg = load_config("configs/tiny.toml", ["train.max_steps=1"])
+    bad = dc.replace(cfg, train=dc.replace(cfg.train, beta1=1.5))
+    with pytest.raises(ConfigError, match=r"^train.beta1 must be a finite number in \[0, 1\)"):
+        train(bad, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -68,6 +68,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
     its newest intact checkpoint, reproducing the uninterrupted run exactly. Under torchrun each
     process trains on its own micro-batches and only rank 0 writes files and prints.
     """
+    cfg.validate()  # a config made in code is held to the loader's rules
     env, precision = setup(cfg.train)
     log = log if env.dist.main else _quiet
     if cfg.train.precision == "auto":
