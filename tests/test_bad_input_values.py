@@ -16,9 +16,8 @@ from slms.config import (
     MoEConfig,
     TrainConfig,
     load_config,
-    numeric_type,
-    range_of,
 )
+from slms.ranges import numeric_type, range_of
 
 SECTIONS = [("model", ModelConfig), ("model.moe", MoEConfig), ("data", DataConfig),
             ("train", TrainConfig)]

@@ -11,9 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from slms.config import MAX_THREADS, Range, numeric_type, range_of, refusal
+from slms.config import MAX_THREADS
 from slms.data.sources import SEPARATORS, Source, SourceOptions
 from slms.infer.sampling import Sampling
+from slms.ranges import Range, numeric_type, range_of, refusal
 
 CHECKPOINT_HELP = "run or checkpoint directory"
 

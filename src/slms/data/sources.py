@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from slms import corpus
-from slms.config import MAX_SEED, num
+from slms.config import MAX_SEED
+from slms.ranges import num
 
 EOT_LINE = "<|endoftext|>"
 SUFFIXES = (".txt", ".jsonl", ".parquet")

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from slms.config import MAX_STEPS, Router, check_numbers, num
+from slms.config import MAX_STEPS, Router, check_numbers
+from slms.ranges import num
 
 QUICK_OVERRIDES = (  # --quick: a tiny model on a small embedded corpus, seconds per variant
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
