@@ -43,7 +43,7 @@ def test_overrides_apply_with_types():
 @pytest.mark.parametrize("override,message", [
     ("train.max_stepz=5", "unknown config key 'train.max_stepz'"),
     ("train.max_steps=many", "train.max_steps must be of type int"),
-    ("train.max_steps=0", "train.max_steps must be >= 1"),
+    ("train.max_steps=0", "train.max_steps must be an integer between 1 and "),
     ("model.n_head=5", "model.n_embd must be divisible by model.n_head"),
     ("model.moe.top_k=9", "model.moe.top_k must be between 1 and n_experts"),
     ("model.moe.router=magic", "model.moe.router must be one of"),

@@ -168,7 +168,7 @@ def test_fix_text_and_dedupe(tmp_path, tokenizer):
     meta = prepare_source(src, tokenizer, tmp_path / "out",
                           PrepareOptions(fix_text=True, dedupe=True))
     assert meta["hygiene"]["train"] == {"fixed": 1, "dropped_empty": 0, "dropped_duplicate": 1,
-                                        "replaced_bytes": 0}
+                                        "replaced_bytes": 0, "no_text": 0}
     assert meta["splits"]["train"]["stories"] == 3 and meta["splits"]["val"]["stories"] == 1
 
 

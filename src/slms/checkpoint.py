@@ -125,6 +125,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
 
     Everything is checked before the model is built: config values, the weights' shapes
     (from the safetensors header) and the tokenizer (its size, and its hash when recorded)."""
+    from slms.devices import resolve_device
+
+    device = resolve_device(device) if isinstance(device, str) else device
     path = Path(path)
     meta = read_config(path)
     cfg = checkpoint_model_config(path, meta)
@@ -149,7 +152,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match its config.json "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    check_finite(model, weights)
     return model.to(device).eval(), tokenizer, meta
+
+
+def check_finite(model: GPT, weights: Path) -> None:
+    """A model with NaN or inf weights computes NaN for every token: refuse it by name rather
+    than fail later in sampling."""
+    bad = [k for k, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(f"{weights} has non-finite weights (NaN or inf in {bad[0]}{more}): "
+                              "the run diverged before this checkpoint was saved; use an "
+                              "earlier checkpoint")
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:

@@ -70,7 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-class _IntermixedParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """A parser whose mistakes are one line, as every other user mistake: `slms: error: ...`
+    with the command's --help to turn to, exit status 2 (argparse's usage block is in --help)."""
+
+    def error(self, message: str):  # noqa: ANN201
+        self.exit(2, f"slms: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _IntermixedParser(_Parser):
     """A subcommand parser that takes options and positionals in any order, so that
     `slms train CONFIG --out DIR key=value` works as well as `slms train CONFIG key=value
     --out DIR` (plain argparse stops filling `overrides` at the first option)."""
@@ -88,7 +96,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="slms", description="Train, run and analyse small GPT language models, dense and "
         "Mixture-of-Experts, on TinyStories-style text.")
     p.add_argument("--version", action="version", version=f"slms {__version__}")

@@ -7,9 +7,10 @@ Unknown keys and wrong types are errors that name the key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
-import json
+import re
 import tomllib
 import types
 import typing
@@ -17,9 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from slms.ranges import Range, num, numeric_type, refusal, shown
+
 
 class ConfigError(ValueError):
-    """A user mistake in a config file or override; the message is one actionable line."""
+    """A user mistake in a config file or override; the message is one actionable line (control
+    characters of keys and values quoted in it are escaped, so it stays one line)."""
+
+    def __init__(self, message: str):
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
 
 # Upper bounds on model sizes: far above any small model this package trains (the seed's is
@@ -36,6 +43,27 @@ MAX_BLOCK_SIZE = 2**20  # tokens of context
 MAX_MLP_RATIO = 64
 MAX_EXPERTS = 4096
 MAX_EXPERT_HIDDEN = 2**18
+MAX_STEPS = 2**40  # steps, intervals and counts of steps: far beyond any run, well inside int64
+MAX_SEED = 2**62  # seeds: numpy takes >= 0, torch.manual_seed(seed + rank) < 2**63
+MAX_THREADS = 4096
+
+
+def check_number(value: Any, rng: Range, integer: bool, key: str) -> None:
+    """Raise a ConfigError naming `key` unless `value` is a number of the kind and in `rng`."""
+    if (why := refusal(value, rng, integer)) is not None:
+        raise ConfigError(f"{key} {why}")
+
+
+def check_numbers(cfg: Any, prefix: str) -> None:
+    """Each numeric field of dataclass `cfg` holds a finite number in its Range (None where its
+    type allows it). Every numeric field of a config has a Range (a test holds them to it)."""
+    hints = _field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        kind = numeric_type(hints[f.name])
+        value = getattr(cfg, f.name)
+        if kind is None or "range" not in f.metadata or value is None:
+            continue
+        check_number(value, f.metadata["range"], kind is int, f"{prefix}.{f.name}")
 
 
 # The choices of a string key, written once: the loader refuses any other value (`_coerce`),
@@ -48,20 +76,21 @@ ROUTERS: tuple[str, ...] = typing.get_args(Router)
 
 @dataclass(frozen=True)
 class MoEConfig:
-    n_experts: int = 8
-    top_k: int = 2
+    n_experts: int = num(8, 1, MAX_EXPERTS)
+    top_k: int = num(2, 1, MAX_EXPERTS)
     router: Router = "noisy_topk"  # noisy_topk is the seed's
-    expert_hidden: int | None = None  # default: mlp_ratio * n_embd, as the seed's experts
-    every: int = 1  # layer i is MoE when i % every == every - 1
+    # default: mlp_ratio * n_embd, as the seed's experts
+    expert_hidden: int | None = num(None, 1, MAX_EXPERT_HIDDEN)
+    every: int = num(1, 1, MAX_N_LAYER)  # layer i is MoE when i % every == every - 1
     renormalize: bool = True  # top-k weights sum to one (the seed softmaxes the top-k logits)
     # Switch balancing loss weight; None: 0.01, or 0 for the `bias` router, which balances
     # without an auxiliary loss (set it to add the loss on top of the bias)
-    aux_loss_coef: float | None = None
-    z_loss_coef: float = 0.001
+    aux_loss_coef: float | None = num(None, 0)
+    z_loss_coef: float = num(0.001, 0)
     # > 0: in training, each expert takes at most floor(cf * top_k * tokens / n_experts)
     # assignments of a call (first choices first); evaluation and generation are dropless
-    capacity_factor: float = 0.0
-    bias_update_rate: float = 0.001  # the `bias` router's u
+    capacity_factor: float = num(0.0, 0, 1000, note="0 = dropless")
+    bias_update_rate: float = num(0.001, 0, 1)  # the `bias` router's u
 
     @property
     def balance_coef(self) -> float:
@@ -72,46 +101,40 @@ class MoEConfig:
 
     def validate(self, n_layer: int) -> None:
         _check_choices(self, "model.moe")
-        _check(1 <= self.n_experts <= MAX_EXPERTS, "model.moe.n_experts",
-               f"must be between 1 and {MAX_EXPERTS}")
-        _check(1 <= self.top_k <= self.n_experts, "model.moe.top_k",
+        check_numbers(self, "model.moe")
+        _check(self.top_k <= self.n_experts, "model.moe.top_k",
                f"must be between 1 and n_experts ({self.n_experts})")
-        _check(self.expert_hidden is None or 1 <= self.expert_hidden <= MAX_EXPERT_HIDDEN,
-               "model.moe.expert_hidden", f"must be between 1 and {MAX_EXPERT_HIDDEN}")
-        _check(1 <= self.every <= n_layer, "model.moe.every", f"must be in 1..n_layer ({n_layer})")
-        _check(self.balance_coef >= 0 and self.z_loss_coef >= 0, "model.moe.aux_loss_coef",
-               "loss weights must be >= 0")
-        _check(self.capacity_factor >= 0, "model.moe.capacity_factor",
-               "must be >= 0 (0 = dropless)")
+        _check(self.every <= n_layer, "model.moe.every", f"must be in 1..n_layer ({n_layer})")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int | None = None  # None: the vocab of the prepared data's tokenizer
-    block_size: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0  # embedding, residual (attention and MLP outputs) and MoE outputs
+    # None: the vocab of the prepared data's tokenizer
+    vocab_size: int | None = num(None, 1, MAX_VOCAB_SIZE)
+    block_size: int = num(256, 1, MAX_BLOCK_SIZE)
+    n_layer: int = num(4, 1, MAX_N_LAYER)
+    n_head: int = num(4, 1, MAX_N_EMBD)
+    n_embd: int = num(128, 1, MAX_N_EMBD)
+    dropout: float = num(0.0, 0, 1, hi_open=True)  # embedding, residual, MLP and MoE outputs
     # attention probabilities; none: model.dropout. On CPU any rate > 0 takes attention off its
     # fused kernel: a training step ~1.7x slower (docs/benchmarks.md "Dropout on CPU")
-    attn_dropout: float | None = None
+    attn_dropout: float | None = num(None, 0, 1, hi_open=True, note="none = model.dropout")
     bias: bool = True  # biases in linear layers
     qkv_bias: bool = True  # the seed's per-head q/k/v projections have none
     tie_weights: bool = True
     # relu (the seed's) | gelu | relu2 (ReLU squared) | swiglu (gated)
     activation: Activation = "relu"
-    mlp_ratio: int = 4
+    mlp_ratio: int = num(4, 1, MAX_MLP_RATIO)
     # head_dim: 1/sqrt(head_dim); n_embd: the seed's 1/sqrt(n_embd)
     attn_scale: Literal["head_dim", "n_embd"] = "head_dim"
     # Modern options, all off by default (the seed's and older checkpoints compute as before):
     # learned (a position embedding) | rope (rotary on q and k)
     positions: Literal["learned", "rope"] = "learned"
-    rope_base: float = 10000.0
+    rope_base: float = num(10000.0, 1, lo_open=True)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     qk_norm: bool = False  # RMSNorm of q and k per head before attention
     zero_init_proj: bool = False  # output projections (attention, MLP, experts) start at zero
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    logit_softcap: float = num(0.0, 0, note="0 = off")  # > 0: logits = cap * tanh(logits / cap)
     # in packed rows a token attends only to earlier tokens of its own document (documents
     # begin at <|endoftext|>, id 0: slms.model.gpt.document_starts); positions stay absolute
     document_mask: bool = False
@@ -126,24 +149,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check_choices(self, "model")
-        for key in ("block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-            _check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
-        for key, most in (("block_size", MAX_BLOCK_SIZE), ("n_layer", MAX_N_LAYER),
-                          ("n_embd", MAX_N_EMBD), ("mlp_ratio", MAX_MLP_RATIO)):
-            _check(getattr(self, key) <= most, f"model.{key}",
-                   f"is {getattr(self, key):,}, more than the {most:,} this package allows")
-        _check(self.vocab_size is None or 1 <= self.vocab_size <= MAX_VOCAB_SIZE,
-               "model.vocab_size", f"must be between 1 and {MAX_VOCAB_SIZE:,} (or absent: the "
-               "data's vocab)")
+        check_numbers(self, "model")
         _check(self.n_embd % self.n_head == 0, "model.n_embd",
                f"must be divisible by model.n_head ({self.n_head})")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-        _check(self.attn_dropout is None or 0.0 <= self.attn_dropout < 1.0,
-               "model.attn_dropout", "must be in [0, 1) or none (= model.dropout)")
         _check(self.positions != "rope" or self.head_dim % 2 == 0, "model.positions",
                "rope needs an even head size (n_embd / n_head)")
-        _check(self.rope_base > 1, "model.rope_base", "must be > 1")
-        _check(self.logit_softcap >= 0, "model.logit_softcap", "must be >= 0 (0 = off)")
         if self.moe is not None:
             self.moe.validate(self.n_layer)
 
@@ -154,63 +164,68 @@ class DataConfig:
     # None: the embedded corpus is generated, tokenized and prepared into a cache.
     path: str | None = None
     tokenizer: str | None = None  # tokenizer.json; None: trained (and cached) on the source
-    vocab_size: int = 2048  # for a tokenizer trained here
-    stories: int = 6000  # embedded corpus size
-    seed: int = 0  # embedded corpus and validation carve-out
+    vocab_size: int = num(2048, 1, MAX_VOCAB_SIZE)  # for a tokenizer trained here
+    stories: int = num(6000, 1, 10**9)  # embedded corpus size
+    seed: int = num(0, 0, MAX_SEED)  # embedded corpus and validation carve-out
     cache_dir: str = ".cache/slms"
+
+    def validate(self) -> None:
+        check_numbers(self, "data")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    max_steps: int = num(1000, 1, MAX_STEPS)
+    batch_size: int = num(16, 1, 2**24)
+    grad_accum: int = num(1, 1, 2**24)
+    lr: float = num(1e-3, 0, lo_open=True)
+    min_lr_ratio: float = num(0.1, 0, 1)  # cosine floor as a fraction of lr
     # cosine (with warmup) | onecycle (the seed's) | constant
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
+    warmup_steps: int = num(50, 0, MAX_STEPS)
+    weight_decay: float = num(0.1, 0)
     # muon: Muon on hidden matrices, AdamW on the rest
     optimizer: Literal["adamw", "muon"] = "adamw"
-    muon_lr: float = 0.0  # the Muon groups' peak lr; 0 = train.lr (updates are RMS-matched)
-    muon_momentum: float = 0.95
+    # the Muon groups' peak lr; 0 = train.lr (updates are RMS-matched)
+    muon_lr: float = num(0.0, 0, note="0 = train.lr")
+    muon_momentum: float = num(0.95, 0, 1, hi_open=True)
     # orthogonalise fused matrices (qkv; SwiGLU's gate and up) per block, as separate matrices
     # (docs/quality.md "Muon on fused matrices": better at equal steps; false = whole)
     muon_split: bool = True
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = off
-    eval_every: int = 200
-    log_every: int = 10
-    checkpoint_every: int = 500
-    seed: int = 1337
+    beta1: float = num(0.9, 0, 1, hi_open=True)
+    beta2: float = num(0.95, 0, 1, hi_open=True)
+    grad_clip: float = num(1.0, 0, note="0 = off")
+    eval_every: int = num(200, 1, MAX_STEPS)
+    log_every: int = num(10, 1, MAX_STEPS)
+    checkpoint_every: int = num(500, 1, MAX_STEPS)
+    seed: int = num(1337, 0, MAX_SEED)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # auto: bf16 autocast where bf16 matmuls measure fast (slms.precision), else fp32 | fp32 |
     # bf16 | fp16 (autocast; fp16 with loss scaling)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    threads: int = 0  # torch CPU threads; 0 = torch's default
+    threads: int = num(0, 0, MAX_THREADS, note="0 = torch's default")  # torch CPU threads
     keep_freed_memory: bool = True  # on CPU: glibc keeps freed memory for reuse (slms.memory)
     # > 0: sets max_steps to this many epochs: real passes over the rows of padded data; for
     # packed data a budget of as many tokens (windows are drawn at random offsets)
-    epochs: float = 0.0
+    epochs: float = num(0.0, 0, 10**6, note="0 = use train.max_steps")
     # > 0: train for this many minutes (evaluation excluded): the first steps are timed, then
     # max_steps is fixed to fit (slms.train.budget); overrides max_steps and epochs
-    max_minutes: float = 0.0
+    max_minutes: float = num(0.0, 0, 10**7, note="0 = no time budget")
     # stop after this many evaluations without a new best val loss; 0: off; none: auto, which
     # is EARLY_STOP_AUTO evaluations under a time budget (train.max_minutes) and off otherwise
-    early_stop: int | None = None
+    early_stop: int | None = num(None, 0, MAX_STEPS, note="0 = off, none = auto")
     # choose dropout and weight decay for the passes over the training tokens that the budget
     # allows (slms.train.adapt; docs/quality.md "At three data sizes"); false: the config's
     adapt: bool = False
-    keep_checkpoints: int = 2  # newest step checkpoints kept (best/ is kept apart)
+    keep_checkpoints: int = num(2, 1, 2**20)  # newest step checkpoints kept (best/ is kept apart)
     # auto: continue the --out directory when it holds checkpoints
     resume: Literal["never", "auto"] = "never"
-    max_bad_steps: int = 10  # this many non-finite steps in a row stop the run
+    max_bad_steps: int = num(10, 1, MAX_STEPS)  # this many non-finite steps in a row stop the run
     grad_checkpointing: bool = False  # recompute each block in the backward pass
     compile: bool = False  # torch.compile the model
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun; fsdp: FSDP2 fully_shard per block
-    peak_flops: float = 0.0  # per device FLOP/s for MFU; 0 = detected for known GPUs
+    # per device FLOP/s for MFU; 0 = detected for known GPUs
+    peak_flops: float = num(0.0, 0, note="0 = detect")
     tensorboard: bool = False  # also write TensorBoard events (needs `tensorboard`)
     # a checkpoint (or run directory) whose weights a NEW run starts from, e.g. one written by
     # `slms upcycle`; its model config must equal this run's (training-only settings aside)
@@ -219,8 +234,8 @@ class TrainConfig:
     # run there: the batches of steps init_step.. (batches are a function of seed and step) and
     # its learning-rate schedule, planned over init_total steps (0 = train.max_steps) and
     # continued from init_step over the steps up to train.max_steps (optim.Schedule.refit)
-    init_step: int = 0
-    init_total: int = 0
+    init_step: int = num(0, 0, MAX_STEPS)
+    init_total: int = num(0, 0, MAX_STEPS, note="0 = train.max_steps")
 
     @property
     def patience(self) -> int:
@@ -231,23 +246,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check_choices(self, "train")
-        for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every",
-                    "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
-            _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
-        _check(self.epochs >= 0, "train.epochs", "must be >= 0 (0 = use train.max_steps)")
-        _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0 = no time budget)")
-        _check(self.early_stop is None or self.early_stop >= 0, "train.early_stop",
-               "must be >= 0 (0 = off) or none (auto: on under a time budget)")
-        _check(self.peak_flops >= 0, "train.peak_flops", "must be >= 0 (0 = detect)")
-        _check(self.lr > 0, "train.lr", "must be > 0")
-        _check(self.muon_lr >= 0, "train.muon_lr", "must be >= 0 (0 = train.lr)")
-        _check(0 <= self.muon_momentum < 1, "train.muon_momentum", "must be in [0, 1)")
-        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
-        _check(0 <= self.warmup_steps, "train.warmup_steps", "must be >= 0")
-        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
-        _check(self.threads >= 0, "train.threads", "must be >= 0")
-        _check(self.init_step >= 0, "train.init_step", "must be >= 0")
-        _check(self.init_total >= 0, "train.init_total", "must be >= 0 (0 = train.max_steps)")
+        check_numbers(self, "train")
+        _check(DEVICE.fullmatch(self.device) is not None, "train.device",
+               f"must be auto, cpu, cuda, cuda:N or mps, got {shown(self.device)}")
         _check(not self.init_step or bool(self.init_from), "train.init_step",
                "continues the run train.init_from names: set train.init_from too")
 
@@ -262,14 +263,21 @@ class RunConfig:
     def validate(self) -> None:
         # the name becomes a directory under runs/: it must not lead out of it
         _check(bool(self.name) and not any(c in self.name for c in "/\\")
-               and self.name not in (".", ".."), "name",
-               f"{self.name!r} must be a plain name, without '/' or '\\' and not '..' (it "
+               and self.name not in (".", "..") and self.name.isprintable()
+               and len(self.name) <= 200, "name",
+               f"{shown(self.name)} must be a plain name of at most 200 printable characters, "
+               "without '/' or '\\' and not '..' (it "
                "names the run directory runs/NAME-TIME; choose the directory itself with --out)")
         self.model.validate()
+        self.data.validate()
         self.train.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# the devices a config or --device may name (slms.devices checks that this machine has it)
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -344,7 +352,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float
+                raise ConfigError(f"{key} must be a finite number, got {shown(value)}") from None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -369,16 +380,16 @@ def _parse_value(text: str) -> Any:
     """An override's value is a TOML literal (1, 0.5, true, "x", [1, 2]); anything else a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides to a nested config dict (returns a new dict)."""
-    data = json.loads(json.dumps(data))
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value "
+            raise ConfigError(f"override {shown(item)} must look like section.key=value "
                               "(e.g. train.max_steps=50)")
         dotted, text = item.split("=", 1)
         parts = dotted.strip().split(".")
@@ -405,13 +416,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found (see configs/ for presets)")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        data = parse_toml(path.read_bytes(), path)
         name = path.stem
     data.setdefault("name", name)
     return run_config_from_dict(data, overrides)
+
+
+def parse_toml(raw: bytes, path: str | Path) -> dict[str, Any]:
+    """The table of a TOML document (`raw`, the bytes of file `path`), or a ConfigError that
+    names the file and what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                          f"{e.start}): save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is not a config: its arrays or tables nest too deeply") from None
 
 
 def run_config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:

@@ -32,7 +32,7 @@ import torch
 
 from slms.config import ModelConfig, MoEConfig
 from slms.model import GPT
-from slms.tokenizer import EOT, Tokenizer, declare_prompt_prefix
+from slms.tokenizer import EOT, Tokenizer, declare_prompt_prefix, hf_from_str
 
 HYPER = ("vocab_size", "block_size", "n_embed", "n_heads", "n_layers")
 NEVER_LOGIT = -1e9
@@ -127,12 +127,14 @@ def unprune(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def seed_tokenizer(path: str | Path) -> Tokenizer:
     """The seed's tokenizer as it is, plus `<|endoftext|>` as one extra special id."""
     from tokenizers import AddedToken
-    from tokenizers import Tokenizer as HFTokenizer
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"seed tokenizer {path} not found")
-    hf = HFTokenizer.from_file(str(path))
+    try:
+        hf = hf_from_str(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # not a tokenizer: one line naming the file
+        raise ValueError(f"{path} is not a usable tokenizer file: {e}") from None
     if hf.token_to_id(EOT) is None:
         hf.add_special_tokens([AddedToken(EOT, special=True)])
     declare_prompt_prefix(hf, [])  # the seed's prompts start with their first word

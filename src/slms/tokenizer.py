@@ -7,6 +7,7 @@ pre-tokenizer without a decoder lost spaces and newlines).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -18,11 +19,18 @@ EOT = "<|endoftext|>"
 SPECIAL_TOKENS = (EOT, "<|unknown|>", "<|im_start|>", "<|im_end|>")
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class Tokenizer:
     """A thin wrapper over `tokenizers.Tokenizer` with the project's conventions."""
 
     def __init__(self, hf: HFTokenizer):
         self.hf = hf
+        top = max(hf.get_vocab(with_added_tokens=True).values(), default=-1)
+        if top >= self.vocab_size:  # ids must be 0..vocab_size-1: models and data size by it
+            raise ValueError(f"tokenizer has {self.vocab_size:,} tokens but gives id {top:,}: "
+                             "not a consistent tokenizer file")
         eos = hf.token_to_id(EOT)
         if eos is None:
             raise ValueError(f"tokenizer has no {EOT} token; train one with `slms tokenizer`")
@@ -38,6 +46,10 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        """The ids of `text`; a lone surrogate (what Python makes of bytes that are not UTF-8
+        in a command line or a terminal's input) is encoded as U+FFFD, as prepare does."""
+        if not text.isascii():
+            text = _LONE_SURROGATE.sub("\ufffd", text)
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -69,8 +81,11 @@ class Tokenizer:
         return self.hf.to_str()
 
     def save(self, path: str | Path) -> None:
+        """Write tokenizer.json (as the tokenizers library does) by Python's file calls, so
+        that a directory, a read-only or a full disk at `path` is an OSError naming it (the
+        library's own save raises a bare Exception, "os error 21")."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(path))
+        Path(path).write_text(self.hf.to_str(pretty=True), encoding="utf-8")
 
     @property
     def sha256(self) -> str:
@@ -90,13 +105,17 @@ class Tokenizer:
     @classmethod
     def from_str(cls, text: str) -> Tokenizer:
         """A tokenizer from its JSON; ValueError (one line) when it is not one."""
-        try:
-            hf = HFTokenizer.from_str(text)
-        except Exception as e:  # the tokenizers library raises a bare Exception
-            first = (str(e).splitlines() or [""])[0]
-            raise ValueError(f"not a tokenizers JSON ({first}); give a tokenizer.json written "
-                             "by `slms tokenizer` or Hugging Face tokenizers") from None
-        return cls(hf)
+        return cls(hf_from_str(text))
+
+
+def hf_from_str(text: str) -> HFTokenizer:
+    """A tokenizers.Tokenizer from its JSON; ValueError (one line) when it is not one."""
+    try:
+        return HFTokenizer.from_str(text)
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"not a tokenizers JSON ({first}); give a tokenizer.json written "
+                         "by `slms tokenizer` or Hugging Face tokenizers") from None
 
 
 def train_tokenizer(texts: Iterable[str] | Iterator[str], vocab_size: int = 2048,

@@ -16,6 +16,7 @@ one, not equal).
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -33,13 +34,13 @@ def upcycle(model: GPT, n_experts: int, top_k: int, router: str = "topk",
     weight matrices; biases are copied exactly, zeros where the dense MLP has none); the
     others keep their dense MLP.
     """
+    if not (math.isfinite(expert_noise) and expert_noise >= 0):  # inf or nan: non-finite weights
+        raise ValueError(f"--expert-noise must be a finite number >= 0, got {expert_noise!r}")
     cfg = model.cfg
     if cfg.moe is not None:
         raise ValueError("the model is already a Mixture-of-Experts model; upcycle a dense one")
     if router not in ROUTERS:
         raise ValueError(f"--router must be one of {', '.join(ROUTERS)}, got {router!r}")
-    if not expert_noise >= 0:
-        raise ValueError(f"--expert-noise must be >= 0, got {expert_noise}")
     moe = MoEConfig(n_experts=n_experts, top_k=top_k, router=router,
                     expert_hidden=cfg.mlp_ratio * cfg.n_embd, every=every)
     with torch.random.fork_rng(devices=[]):

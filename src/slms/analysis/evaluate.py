@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from slms.data.loader import PackedData
-from slms.data.prepare import META
+from slms.data.prepare import META, read_meta
 from slms.dist import Dist
 from slms.model import GPT, IGNORE_INDEX, eval_mode, pads_at_end
 from slms.rundir import RunDir
@@ -75,6 +75,8 @@ def evaluate(model: GPT, data: PackedData, split: str = "val", batch_size: int =
     (`PackedData.scored_bytes`), so it compares models with different tokenizers. With `dist`,
     the ranks share the batches and sum their results: every rank returns the same figures.
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     block_size = block_size or model.cfg.block_size
     shard = (dist.rank, dist.world) if dist is not None else (0, 1)
     nats, n = evaluate_batches(model, data.eval_batches(batch_size, block_size, split),
@@ -150,7 +152,7 @@ def eval_data_dir(checkpoint: str | Path, tokenizer: Tokenizer, data: str | None
                                     "pass --data DIR_OR_SOURCE")
         return found
     if (Path(data) / META).is_file():
-        meta = json.loads((Path(data) / META).read_text())
+        meta = read_meta(data)  # a damaged meta.json: one line naming it
         if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
             raise ValueError(f"{data} was prepared with another tokenizer than the checkpoint's; "
                              "pass the text source instead so it is tokenized again")

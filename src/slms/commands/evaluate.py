@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_checkpoint(p)
     p.add_argument("--data", help="prepared data directory or SOURCE (default: the run's data)")
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=options.POSITIVE, default=8)
     options.add_device(p)
     p.add_argument("--json", action="store_true")
 

@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_checkpoint(p, "run or checkpoint directory of an MoE model")
     p.add_argument("--data", help="prepared data directory or SOURCE (default: the run's data)")
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--max-tokens", type=int, default=50_000, help="tokens to route")
+    p.add_argument("--max-tokens", type=options.POSITIVE, default=50_000, help="tokens to route")
     p.add_argument("--text", help="text for the HTML page (default: the split's first story)")
     p.add_argument("--out", required=True, help="output directory")
     options.add_device(p)

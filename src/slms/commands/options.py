@@ -7,13 +7,42 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from slms.config import MAX_THREADS
 from slms.data.sources import SEPARATORS, Source, SourceOptions
 from slms.infer.sampling import Sampling
+from slms.ranges import Range, numeric_type, range_of, refusal
 
 CHECKPOINT_HELP = "run or checkpoint directory"
+
+
+def number(kind: type, lo: float | None = None, hi: float | None = None, *,
+           lo_open: bool = False, hi_open: bool = False, note: str = "") -> Callable[[str], Any]:
+    """An argparse type for an option that takes a number: an int (kind int) or a finite float
+    in the Range given; anything else is refused with the rule (`slms: error: argument
+    --batch-size: must be an integer >= 1, got 0`)."""
+    return _number_type(kind, Range(lo, hi, lo_open, hi_open, note))
+
+
+def _number_type(kind: type, rng: Range) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value: Any = kind(text)
+        except (ValueError, OverflowError):
+            value = text
+        if (why := refusal(value, rng, kind is int)) is not None:
+            raise argparse.ArgumentTypeError(why)
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE = number(int, 1)  # a count of things that must be at least one
+THREADS = number(int, 0, MAX_THREADS, note="0 = torch's default")
 
 
 def add_checkpoint(p: argparse.ArgumentParser, help: str = CHECKPOINT_HELP) -> None:
@@ -21,7 +50,21 @@ def add_checkpoint(p: argparse.ArgumentParser, help: str = CHECKPOINT_HELP) -> N
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu (default), cuda, cuda:N, mps or auto (the best this machine has)")
+
+
+def device_name(text: str) -> str:
+    """--device: a device this machine has (checked here, so that a missing GPU is never blamed
+    on the files a command reads); auto becomes the best one."""
+    if text == "cpu":
+        return text  # without importing torch
+    from slms.devices import resolve_device
+
+    try:
+        return str(resolve_device(text, "--device"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
 
 
 def add_precision(p: argparse.ArgumentParser) -> None:
@@ -57,8 +100,10 @@ def add_field(p: argparse._ActionsContainer, cls: type, name: str,
     them)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    kwargs = {"default": _option_text(default), **_option_type(typing.get_type_hints(cls)[name]),
-              **kwargs}
+    tp = typing.get_type_hints(cls)[name]
+    kind, rng = numeric_type(tp), range_of(cls, name)
+    checked = {"type": _number_type(kind, rng)} if kind and rng else {}
+    kwargs = {"default": _option_text(default), **_option_type(tp), **checked, **kwargs}
     return p.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), help=help, **kwargs)
 
 

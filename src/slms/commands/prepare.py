@@ -16,8 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic | .txt/.jsonl/.parquet file or directory | hub dataset id")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--train-count", type=int, help="use a seeded sample of N training stories")
-    p.add_argument("--val-count", type=int, help="use a seeded sample of N validation stories")
+    p.add_argument("--train-count", type=options.POSITIVE,
+                   help="use a seeded sample of N training stories")
+    p.add_argument("--val-count", type=options.POSITIVE,
+                   help="use a seeded sample of N validation stories")
     p.add_argument("--num-proc", type=num_proc, default="auto", metavar="N|auto",
                    help="tokenizer processes; auto (default): one process whose tokenizer "
                    "encodes on every core, the fastest where measured (docs/benchmarks.md)")
@@ -26,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dedupe", action="store_true", help="drop duplicate stories")
     p.add_argument("--layout", choices=["packed", "padded"], default="packed",
                    help="packed streams (default) or the seed's one padded story per row")
-    p.add_argument("--block-size", type=int, default=1080, help="row width of --layout padded")
+    p.add_argument("--block-size", type=options.number(int, 2), default=1080,
+                   help="row width of --layout padded")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an --out directory that holds data of another tokenizer")
     options.add_source(p)

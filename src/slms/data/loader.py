@@ -42,6 +42,7 @@ class PackedData:
                 raise ValueError(f"{path} holds {size:,} bytes, not a whole number of "
                                  f"{'rows' if self.padded else 'token ids'} of {row} bytes: it "
                                  "is truncated or damaged; prepare the data again")
+            check_count(path, size // row, self.meta, split)
             data = np.memmap(path, dtype=dtype, mode="r")
             if self.padded:
                 data = data.reshape(-1, self.meta["block_size"] + 1)
@@ -77,7 +78,19 @@ class PackedData:
             raise ValueError(f"training split has {len(data)} tokens, fewer than block_size+1 "
                              f"({block_size + 1}); use a smaller model.block_size or more data")
         starts = rng.integers(0, len(data) - block_size, size=batch_size)
-        return windows(data, starts, block_size)
+        return self._checked(windows(data, starts, block_size), "train")
+
+    def _checked(self, xy: tuple[torch.Tensor, torch.Tensor], split: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch whose ids are all below vocab_size (a damaged file holds others; the model's
+        embedding would fail on them with an IndexError): checked per batch, which costs a
+        max over it, not a pass over the whole file."""
+        top = int(xy[0].max()) if xy[0].numel() else 0
+        if top >= self.vocab_size:
+            raise ValueError(f"{self.dir / f'{split}.bin'} holds token id {top:,}, beyond the "
+                             f"{self.vocab_size:,}-token vocab of {META}: the file is damaged; "
+                             "prepare the data again")
+        return xy
 
     def _pass_rows(self, seed: int, first: int, n: int) -> np.ndarray:
         """Rows first .. first+n-1 of the sequence of passes over the training rows (pass p in
@@ -128,14 +141,15 @@ class PackedData:
         x, y = t[:, :-1].clone(), t[:, 1:].clone()
         n_targets = torch.from_numpy(self.lengths[split][rows].astype(np.int64)) - 1
         y[torch.arange(block_size)[None, :] >= n_targets[:, None]] = IGNORE_INDEX
-        return x, y
+        return self._checked((x, y), split)
 
     def eval_batches(self, batch_size: int, block_size: int, split: str = "val"
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches covering the whole split in order; every real target is scored exactly once
         and no pad is (the short tail window and pad positions have IGNORE_INDEX targets)."""
         if not self.padded:
-            yield from eval_windows(self.splits[split], batch_size, block_size)
+            for xy in eval_windows(self.splits[split], batch_size, block_size):
+                yield self._checked(xy, split)
             return
         n = len(self.splits[split])
         for start in range(0, n, batch_size):
@@ -182,6 +196,19 @@ def check_meta(data_dir: Path, meta: dict) -> None:
         if n != vocab:
             raise ValueError(f"{where} says vocab_size {vocab:,} but {tok_file} has {n:,} "
                              f"tokens: they were not prepared together; {fix}")
+
+
+def check_count(path: Path, found: int, meta: dict, split: str) -> None:
+    """The ids (packed) or rows (padded) of a split's file must be as many as meta.json counts:
+    a file cut at a whole id, or a meta.json whose dtype is not the file's, is refused rather
+    than read as other data (data prepared before the counts were recorded is not checked)."""
+    padded = meta.get("format") == "padded"
+    unit = "rows" if padded else "token ids"
+    expected = meta["splits"][split].get("rows" if padded else "tokens")
+    if isinstance(expected, int) and not isinstance(expected, bool) and found != expected:
+        raise ValueError(f"{path} holds {found:,} {unit} of {meta['dtype']} but {META} counts "
+                         f"{expected:,}: the file is truncated or damaged, or {META} is not "
+                         "its own; prepare the data again")
 
 
 def windows(data: np.ndarray, starts: np.ndarray, block_size: int

@@ -12,13 +12,13 @@ import hashlib
 import itertools
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from slms.config import DataConfig
 from slms.data.prepare import META, prepare_source
-from slms.data.sources import Source, SourceOptions
+from slms.data.sources import Source, SourceError, SourceOptions
 from slms.tokenizer import Tokenizer, train_tokenizer
 
 HELD_OUT_STORIES = 1000  # validation stories used to report a tokenizer's bytes per token
@@ -56,12 +56,22 @@ def train_tokenizer_on(source: Source, vocab_size: int, max_train_bytes: int | N
     stories: Iterator[str] | list[str] = source.iter("train")
     if max_train_bytes:
         stories = byte_sample(stories, max_train_bytes, source.opts.seed)
-    tok = train_tokenizer(stories, vocab_size=vocab_size)
+    seen = [0]
+    tok = train_tokenizer(_counted(stories, seen), vocab_size=vocab_size)
+    if not seen[0]:
+        raise SourceError(f"{source.name} has no stories to train a tokenizer on (its train "
+                          "split is empty: is it the right file, separator and --text-field?)")
     held_out = list(itertools.islice(source.iter("val"), HELD_OUT_STORIES))
     n_bytes = sum(len(s.encode("utf-8")) for s in held_out)
     n_tokens = sum(len(ids) for ids in tok.encode_batch(held_out)) if held_out else 0
     return tok, {"held_out_stories": len(held_out),
                  "bytes_per_token": n_bytes / n_tokens if n_tokens else float("nan")}
+
+
+def _counted(stories: Iterable[str], seen: list[int]) -> Iterator[str]:
+    for s in stories:
+        seen[0] += 1
+        yield s
 
 
 def files_fingerprint(files: list[Path]) -> list[list[Any]]:

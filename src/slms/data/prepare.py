@@ -265,13 +265,19 @@ def prepare_source(source: Source, tok: Tokenizer, out_dir: str | Path,
             for split in SPLITS:
                 clean = _Hygiene(opts)
                 replaced = getattr(source, "replaced", {}).get(split, 0)
+                no_text = getattr(source, "no_text", {}).get(split, 0)
                 stories: Iterable[str] = clean(source.iter(split))
                 count = opts.train_count if split == "train" else opts.val_count
                 if count is not None:
                     stories = reservoir(stories, count, opts.seed)
                 splits[split] = _write_split(stories, tok, tmp, split, opts, dtype, bar, encoder)
                 replaced = getattr(source, "replaced", {}).get(split, 0) - replaced
-                hygiene[split] = clean.counts | {"replaced_bytes": replaced}
+                no_text = getattr(source, "no_text", {}).get(split, 0) - no_text
+                hygiene[split] = clean.counts | {"replaced_bytes": replaced,
+                                                 "no_text": no_text}
+                if no_text:
+                    log(f"warning: {no_text:,} records of the {split} split of {source.name} "
+                        "have no text (null or blank); they were left out")
                 if replaced:
                     log(f"warning: the {split} split of {source.name} has {replaced:,} bytes "
                         "that are not valid UTF-8; each was replaced by U+FFFD (convert the "

@@ -23,8 +23,11 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from slms import corpus
+from slms.config import MAX_SEED
+from slms.ranges import num
 
 EOT_LINE = "<|endoftext|>"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -42,8 +45,8 @@ class SourceOptions:
     separator: str = "eot"
     text_field: str = "text"
     streaming: bool = False
-    val_fraction: float = DEFAULT_VAL_FRACTION
-    seed: int = 0
+    val_fraction: float = num(DEFAULT_VAL_FRACTION, 0, 1, lo_open=True, hi_open=True)
+    seed: int = num(0, 0, MAX_SEED)
     stories: int = corpus.DEFAULT_STORIES  # size of the embedded corpus
 
     def __post_init__(self) -> None:
@@ -59,7 +62,9 @@ class SourceOptions:
 # Local text files are decoded with errors="surrogateescape": each byte that is not valid UTF-8
 # becomes one lone surrogate U+DC80..U+DCFF (valid UTF-8 never decodes to one), so the bytes a
 # story lost can be counted before they are replaced with U+FFFD.
-_ESCAPED = re.compile("[\udc80-\udcff]")
+# A lone surrogate of another kind (a JSON escape such as \ud800) is no text either: it is
+# replaced and counted the same way.
+_ESCAPED = re.compile("[\ud800-\udfff]")
 
 
 def replace_invalid(text: str) -> tuple[str, int]:
@@ -104,48 +109,87 @@ def _iter_txt_lines(lines: Iterator[str], separator: str) -> Iterator[str]:
 
 
 def iter_file(path: Path, opts: SourceOptions) -> Iterator[str]:
-    """The stories of one file; bytes that are not valid UTF-8 become U+FFFD."""
+    """The stories of one file; bytes that are not valid UTF-8 become U+FFFD; records without
+    text are left out."""
     for story in iter_file_escaped(path, opts):
-        yield replace_invalid(story)[0]
+        if story is not None:
+            yield replace_invalid(story)[0]
 
 
-def iter_file_escaped(path: Path, opts: SourceOptions) -> Iterator[str]:
+def iter_file_escaped(path: Path, opts: SourceOptions) -> Iterator[str | None]:
     """The stories of one file, invalid UTF-8 bytes kept as lone surrogates
-    (`replace_invalid` counts and replaces them)."""
+    (`replace_invalid` counts and replaces them); None for each record of a .jsonl/.parquet
+    file whose text is null or blank (the caller counts them). A record that is not an object,
+    or a text that is neither a string nor null, is a SourceError that names the line (or the
+    column's type): such a file is not a text source, and guessing would hide it."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
         with path.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
             yield from _iter_txt_lines(f, opts.separator)
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8", errors="surrogateescape") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise SourceError(f"{path}:{n} is not valid JSON") from None
-                if opts.text_field not in record:
-                    raise SourceError(f"{path}:{n} has no '{opts.text_field}' field "
-                                      "(choose one with --text-field)")
-                text = str(record[opts.text_field]).strip()
-                if text:
-                    yield text
+        yield from _iter_jsonl(path, opts.text_field)
     elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise SourceError("reading .parquet needs pyarrow: pip install 'slms[data]'") from None
-        pf = pq.ParquetFile(path)
-        if opts.text_field not in pf.schema_arrow.names:
-            raise SourceError(f"{path} has no '{opts.text_field}' column "
-                              "(choose one with --text-field)")
-        for batch in pf.iter_batches(batch_size=4096, columns=[opts.text_field]):
-            for text in batch.column(0).to_pylist():
-                if text and text.strip():
-                    yield text.strip()
+        yield from _iter_parquet(path, opts.text_field)
     else:
         raise SourceError(f"{path}: unsupported file type (use {', '.join(SUFFIXES)})")
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[str | None]:
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                raise SourceError(f"{path}:{n} is not valid JSON") from None
+            if not isinstance(record, dict):
+                raise SourceError(f"{path}:{n} is a JSON {_json_kind(record)}, not an object "
+                                  f"with a '{field}' field (each line holds one record)")
+            if field not in record:
+                raise SourceError(f"{path}:{n} has no '{field}' field "
+                                  "(choose one with --text-field)")
+            yield record_text(record[field], f"{path}:{n}", field)
+
+
+def _iter_parquet(path: Path, field: str) -> Iterator[str | None]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SourceError("reading .parquet needs pyarrow: pip install 'slms[data]'") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{path} is not a readable parquet file ({e})") from None
+    schema = pf.schema_arrow
+    if field not in schema.names:
+        raise SourceError(f"{path} has no '{field}' column (choose one with --text-field)")
+    tp = schema.field(field).type
+    if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_null(tp)
+            or getattr(pa.types, "is_string_view", lambda t: False)(tp)):
+        raise SourceError(f"{path}: column '{field}' holds {tp}, not text (choose the text "
+                          "column with --text-field)")
+    for batch in pf.iter_batches(batch_size=4096, columns=[field]):
+        for text in batch.column(0).to_pylist():
+            yield None if text is None else (text.strip() or None)
+
+
+def record_text(value: object, where: str, field: str) -> str | None:
+    """A record's text, stripped; None when it is null or blank; a SourceError naming `where`
+    when it is another kind of value (a number, a list, ...)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SourceError(f"{where}: '{field}' is a {_json_kind(value)}, not a string (choose "
+                          "the text field with --text-field)")
+    return value.strip() or None
+
+
+def _json_kind(value: object) -> str:
+    kinds = {bool: "boolean", int: "number", float: "number", str: "string", list: "list",
+             dict: "object", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _is_val_name(name: str) -> bool:
@@ -175,6 +219,9 @@ class Source:
         self.hub: str | None = None
         # bytes of invalid UTF-8 replaced with U+FFFD per split, summed over every `iter`
         self.replaced: dict[str, int] = dict.fromkeys(SPLITS, 0)
+        # records (of .jsonl / .parquet files and hub datasets) whose text is null or blank,
+        # left out, per split, summed over every `iter`
+        self.no_text: dict[str, int] = dict.fromkeys(SPLITS, 0)
         if self.name == "synthetic":
             return
         path = Path(self.name)
@@ -205,16 +252,27 @@ class Source:
             yield from self._iter_hub(split)
         elif self.files["val"]:
             for p in self.files[split]:
-                for story in iter_file_escaped(p, self.opts):
+                for story in self._texts(iter_file_escaped(p, self.opts), split):
                     yield self._replace_invalid(story, split)
         else:  # carve the validation split out of the training files
             want_val = split == "val"
             i = 0
             for p in self.files["train"]:
                 for story in iter_file_escaped(p, self.opts):
+                    if story is None:  # counted once, in the split of the files it is in
+                        self.no_text["train"] += not want_val
+                        continue
                     if in_val(i, self.opts) == want_val:
                         yield self._replace_invalid(story, split)
                     i += 1
+
+    def _texts(self, stories: Iterator[str | None], split: str) -> Iterator[str]:
+        """The stories, each record without text counted in `no_text[split]`."""
+        for story in stories:
+            if story is None:
+                self.no_text[split] += 1
+            else:
+                yield story
 
     def _replace_invalid(self, story: str, split: str) -> str:
         story, n = replace_invalid(story)
@@ -225,19 +283,26 @@ class Source:
         ds = self._hub_dataset()
         names = {"train": ("train",), "val": ("validation", "valid", "val")}[split]
         name = next((n for n in names if n in ds), None)
-        field = self.opts.text_field
         if name is not None:
-            for record in ds[name]:
-                text = record[field]
-                if text and text.strip():
-                    yield text.strip()
+            yield from self._texts(self._hub_texts(ds[name], name), split)
             return
         if "train" not in ds:
             raise SourceError(f"dataset '{self.hub}' has no 'train' split")
-        for i, record in enumerate(ds["train"]):  # no validation split: carve one
-            text = record[field]
-            if text and text.strip() and in_val(i, self.opts) == (split == "val"):
-                yield text.strip()
+        texts = self._hub_texts(ds["train"], "train")
+        for i, text in enumerate(texts):  # no validation split: carve one
+            if in_val(i, self.opts) == (split == "val"):
+                if text is None:
+                    self.no_text[split] += 1
+                else:
+                    yield text
+
+    def _hub_texts(self, records: Any, name: str) -> Iterator[str | None]:
+        field = self.opts.text_field
+        for i, record in enumerate(records):
+            if field not in record:
+                raise SourceError(f"dataset '{self.hub}' has no '{field}' field in its {name} "
+                                  "split (choose one with --text-field)")
+            yield record_text(record[field], f"dataset '{self.hub}' {name}[{i}]", field)
 
     def _hub_dataset(self):
         try:

@@ -147,6 +147,8 @@ def run_chat(model: GPT, tokenizer: Tokenizer, sampling: Sampling | None = None,
     """The session loop: a greeting, then one line at a time until :quit, EOF or Ctrl-C."""
     chat = Chat(model, tokenizer, sampling, out)
     stdin = stdin or sys.stdin
+    if stdin is sys.stdin and hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 read as U+FFFD
     interactive = stdin is sys.stdin and stdin.isatty()
     kind = "dense"
     if model.cfg.moe is not None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from slms.config import Router
+from slms.config import MAX_STEPS, Router, check_numbers
+from slms.ranges import num
 
 QUICK_OVERRIDES = (  # --quick: a tiny model on a small embedded corpus, seconds per variant
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
@@ -23,9 +24,9 @@ class StudyOptions:
     config: Path
     out: Path
     overrides: tuple[str, ...] = ()
-    flops: float = 0.0  # budget per variant; 0: dense_steps or minutes
-    dense_steps: int = 0  # budget = this many steps of the dense model
-    minutes: float = 0.0  # budget = minutes of optimizer steps per variant
+    flops: float = num(0.0, 0)  # budget per variant; 0: dense_steps or minutes
+    dense_steps: int = num(0, 0, MAX_STEPS)  # budget = this many steps of the dense model
+    minutes: float = num(0.0, 0, 10**7)  # budget = minutes of optimizer steps per variant
     experts: tuple[int, ...] = (4, 8, 16)
     top_ks: tuple[int, ...] = (1, 2)
     router: Router = "bias"  # of the MoE variants (and the upcycled one)
@@ -33,14 +34,15 @@ class StudyOptions:
     # slms.upcycle's expert_noise. The new router already spreads tokens over the experts, so
     # exact copies drift apart from the first step; a little noise makes them differ at once,
     # so the router's LM-loss gradient is not zero at step 0 either.
-    upcycle_noise: float = 0.01
-    evals: int = 10  # evaluations per run (FLOPs budget)
-    eval_every: int = 50  # steps between evaluations (minutes budget)
+    upcycle_noise: float = num(0.01, 0)
+    evals: int = num(10, 2, 10**6)  # evaluations per run (FLOPs budget)
+    eval_every: int = num(50, 1, MAX_STEPS)  # steps between evaluations (minutes budget)
     data: str | None = None  # a text file (held out in order), a prepared dir, or a source
-    val_stories: int = 500
+    val_stories: int = num(500, 1, 10**9)
     separator: str = "newline"
 
     def validate(self) -> None:
+        check_numbers(self, "study")
         given = sum(x > 0 for x in (self.flops, self.dense_steps, self.minutes))
         if given != 1:
             raise ValueError("give exactly one budget: --flops F, --dense-steps N or --minutes M")

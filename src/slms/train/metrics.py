@@ -116,8 +116,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = RunDir(path).metrics_file
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        if not isinstance(record, dict):
+            if n == len(lines) and not line.endswith("\n"):
+                break  # the line a crash cut short: the run's resume drops it too
+            raise ValueError(f"{path}:{n} is not a metrics record (a JSON object); the file "
+                             "is damaged: remove that line")
+        records.append(record)
+    return records
 
 
 def moe_summary(layers: list[dict[str, Any]]) -> str:

@@ -235,26 +235,33 @@ def resume_target(cfg: RunConfig, out_dir: str | Path | None, resume: str | Path
     return None
 
 
-def find_resume(cfg: RunConfig, out_dir: str | Path | None, resume: str | Path | None
-                ) -> Path | None:
-    """`resume_target`, whose model must be cfg's (`check_same_model`)."""
+def find_resume(cfg: RunConfig, out_dir: str | Path | None, resume: str | Path | None,
+                tokenizer: Tokenizer | None = None) -> Path | None:
+    """`resume_target`, whose model and tokenizer must be this run's (`tokenizer`: the
+    data's; `check_same_model`)."""
     run_dir = resume_target(cfg, out_dir, resume)
     if run_dir is not None:
-        check_same_model(cfg, run_dir)
+        check_same_model(cfg, run_dir, tokenizer)
     return run_dir
 
 
-def check_same_model(cfg: RunConfig, run_dir: Path) -> None:
-    """A resumed run keeps its model: compare cfg.model with the newest readable checkpoint's
-    config.json before a model is built (ValueError naming the keys that differ)."""
+def check_same_model(cfg: RunConfig, run_dir: Path, tokenizer: Tokenizer | None = None
+                     ) -> None:
+    """A resumed run keeps its model and its tokenizer: compare cfg.model with the newest
+    readable checkpoint's config.json before a model is built (ValueError naming the keys that
+    differ), and the checkpoint's tokenizer with `tokenizer` (the data's)."""
     for path in reversed(RunDir(run_dir).checkpoints()):
         try:
-            trained = ckpt.checkpoint_model_config(path)
+            meta = ckpt.read_config(path)
+            trained = ckpt.checkpoint_model_config(path, meta)
             break
         except ckpt.CheckpointError:
             continue
     else:
         return  # nothing readable: restore() reports that
+    if tokenizer is not None:
+        check_same_tokenizer(meta.get("tokenizer_sha256"), tokenizer, f"cannot resume {run_dir}",
+                             path)
     differ = model_config_diff(cfg.model, trained)
     if differ:
         raise ValueError(
@@ -265,6 +272,18 @@ def check_same_model(cfg: RunConfig, run_dir: Path) -> None:
             + " (model keys cannot change on resume; start a new run with --out)")
 
 
+def check_same_tokenizer(trained: str | None, tokenizer: Tokenizer, what: str, path: Path
+                         ) -> None:
+    """The checkpoint at `path`, whose tokenizer's sha256 is `trained` (None: not recorded, not
+    checked), continues on data of `tokenizer` only if it is the same tokenizer: the same ids
+    would mean other text."""
+    if trained is not None and trained != tokenizer.sha256:
+        raise ValueError(f"{what}: {path} was trained with another tokenizer (sha256 "
+                         f"{trained[:12]}) than the one the data was prepared with "
+                         f"({tokenizer.sha256[:12]}); prepare the data with the checkpoint's "
+                         f"tokenizer (slms prepare --tokenizer {path / ckpt.TOKENIZER_FILE})")
+
+
 # settings a run may change when it starts from a checkpoint's weights: they change neither the
 # parameters nor the function the model computes
 TRAINING_ONLY = ("model.dropout", "model.attn_dropout", "model.moe.aux_loss_coef",
@@ -272,12 +291,15 @@ TRAINING_ONLY = ("model.dropout", "model.attn_dropout", "model.moe.aux_loss_coef
                  "model.moe.bias_update_rate")
 
 
-def load_weights_into(model: GPT, path: str | Path) -> Path:
+def load_weights_into(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None
+                      ) -> Path:
     """train.init_from: copy the weights of the checkpoint (or run directory) `path` into
-    `model`, whose config must equal the checkpoint's but for TRAINING_ONLY settings; returns
-    the checkpoint used."""
+    `model`, whose config must equal the checkpoint's but for TRAINING_ONLY settings, and whose
+    data's `tokenizer` must be the checkpoint's; returns the checkpoint used."""
     path_used = resolve(path)
-    source, _, _ = ckpt.load_checkpoint(path_used)
+    source, source_tok, _ = ckpt.load_checkpoint(path_used)
+    if tokenizer is not None:
+        check_same_tokenizer(source_tok.sha256, tokenizer, f"train.init_from={path}", path_used)
     differ = model_config_diff(model.cfg, source.cfg, ignore=TRAINING_ONLY)
     if differ:
         shown = ", ".join(f"{k}={override_text(mine)} (checkpoint: {override_text(theirs)})"

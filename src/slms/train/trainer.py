@@ -20,6 +20,7 @@ from slms.analysis.evaluate import evaluate
 from slms.config import RunConfig, TrainConfig
 from slms.data.loader import PackedData
 from slms.data.pipeline import resolve_data
+from slms.devices import resolve_device
 from slms.memory import keep_freed_memory
 from slms.model import GPT, count_params, flops_per_token
 from slms.model.gpt import DOCUMENT_START_ID
@@ -65,6 +66,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
     its newest intact checkpoint, reproducing the uninterrupted run exactly. Under torchrun each
     process trains on its own micro-batches and only rank 0 writes files and prints.
     """
+    cfg.validate()  # a config made in code is held to the loader's rules
     env, precision = setup(cfg.train)
     log = log if env.dist.main else _quiet
     if cfg.train.precision == "auto":
@@ -208,7 +210,7 @@ def setup(tc: TrainConfig) -> tuple[Env, str]:
     d = distributed.init(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = distributed.device_for(d, resolve_device(tc.device))
+    device = distributed.device_for(d, resolve_device(tc.device, "train.device"))
     if device.type == "cpu" and tc.keep_freed_memory:
         keep_freed_memory()
     seed_everything(tc.seed)
@@ -269,11 +271,11 @@ def build_run(cfg: RunConfig, env: Env, tokenizer: Tokenizer, out_dir: str | Pat
               resume: str | Path | None, log) -> Run:
     """Model (wrapped for DDP/FSDP/compile), optimizer, schedule; restored when resuming."""
     tc, d = cfg.train, env.dist
-    resume_dir = find_resume(cfg, out_dir, resume)
+    resume_dir = find_resume(cfg, out_dir, resume, tokenizer)
     gpt = GPT(cfg.model).to(env.device)  # same init on every rank (same seed)
     if tc.init_from and not resume_dir:  # a resumed run has its own weights
         # before the run directory exists: a refused checkpoint leaves nothing behind
-        log(f"weights from {load_weights_into(gpt, tc.init_from)}")
+        log(f"weights from {load_weights_into(gpt, tc.init_from, tokenizer)}")
     run_dir = resume_dir or make_run_dir(cfg, out_dir, d)
     gpt.grad_checkpointing = tc.grad_checkpointing
     if d.rank:
@@ -309,18 +311,6 @@ def continue_schedule(run: Run, log) -> None:
         schedule.refit(run.state.step, tc.max_steps)
         log(f"schedule: continues from step {run.state.step} to train.max_steps="
             f"{tc.max_steps} (it was planned for {schedule.total})")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but CUDA is not available; use train.device=cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
