@@ -8,9 +8,10 @@ import argparse
 from slms.commands import options
 
 HELP = "write a Hugging Face transformers model directory"
-ARCH_HELP = ("the transformers class to write: llama, arcee, qwen3, apertus, gpt2 (an error "
-             "when it would not be exact), or slms (the custom class, needs `import slms.hf`); "
-             "default: the simplest exact stock class, else slms")
+ARCH_HELP = ("the transformers class to write: llama, arcee, qwen3, apertus, gpt2, mixtral, "
+             "qwen3_moe, ernie4_5_moe (an error when it would not be exact), or slms (the "
+             "custom class, needs `import slms.hf`); default: the simplest exact stock "
+             "class, else slms")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
