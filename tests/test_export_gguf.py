@@ -197,6 +197,13 @@ def test_outtypes_round_the_matrices_and_keep_vectors_in_f32(tmp_path, tokenizer
                 assert torch.equal(t, want.to(dtype).float()), name
 
 
+def test_the_cli_offers_the_outtypes_the_writer_has():
+    from slms.commands.export import OUTTYPES
+    from slms.export.llamacpp import OUTTYPES as WRITTEN
+
+    assert OUTTYPES == tuple(WRITTEN)
+
+
 def _export_as(tmp_path, outtype: str):
     out = tmp_path / f"model-{outtype}.gguf"
     assert main(["export", str(tmp_path / "ck"), "--gguf", str(out), "--outtype", outtype]) == 0
@@ -307,3 +314,15 @@ def test_llama_cpp_gives_slms_greedy_tokens(tmp_path, tokenizer, case):
         if len(got) == len(want):
             break
     assert got == want and len(got) == GREEDY
+
+
+def test_without_the_gguf_package_the_error_names_the_extra(tmp_path, tokenizer, capsys,
+                                                            monkeypatch):
+    import importlib.util
+
+    save_checkpoint(tmp_path / "ck", perturbed(**CASES["qwen3"][0]), tokenizer)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gguf" else real(name, *a))
+    assert main(["export", str(tmp_path / "ck"), "--gguf", str(tmp_path / "m.gguf")]) == 2
+    assert "pip install 'slms[gguf]'" in capsys.readouterr().err

@@ -20,7 +20,8 @@ ARCH_HELP = ("the transformers class to write: llama, arcee, qwen3, apertus, gpt
              "qwen3_moe, ernie4_5_moe (an error when it would not be exact), or slms (the "
              "custom class, needs `import slms.hf`); default: the simplest exact stock "
              "class, else slms")
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # slms.export.llamacpp.OUTTYPES, without gguf
+# slms.export.llamacpp.OUTTYPES's keys, without importing torch and gguf to build the parser
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -30,7 +30,9 @@ from slms.export.arches import Arch
 from slms.model import GPT
 from slms.tokenizer import Tokenizer
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# --outtype -> (gguf.LlamaFileType, gguf.GGMLQuantizationType) member names
+OUTTYPES = {"f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"),
+            "bf16": ("MOSTLY_BF16", "BF16"), "q8_0": ("MOSTLY_Q8_0", "Q8_0")}
 # our arch name -> llama.cpp's (gguf.MODEL_ARCH member), for those llama.cpp runs
 GGUF_ARCH = {"llama": "LLAMA", "arcee": "ARCEE", "qwen3": "QWEN3", "gpt2": "GPT2",
              "mixtral": "LLAMA", "qwen3_moe": "QWEN3MOE"}
@@ -96,7 +98,7 @@ def _write(writer: Any, gpt: GPT, tok: Tokenizer, arch: Arch, title: str, outtyp
     import gguf
 
     writer.add_name(title)
-    writer.add_file_type(_file_type(outtype))
+    writer.add_file_type(getattr(gguf.LlamaFileType, OUTTYPES[outtype][0]))
     _hyperparameters(writer, gpt, arch)
     _tokenizer(writer, tok, gpt.cfg.vocab_size)
     types: dict[str, int] = {}
@@ -225,14 +227,6 @@ def _tokenizer(writer: Any, tok: Tokenizer, vocab_size: int) -> None:
         writer.add_chat_template(template)
 
 
-def _file_type(outtype: str) -> int:
-    import gguf
-
-    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
-
-
 def _qtype(name: str, data: torch.Tensor, outtype: str) -> Any:
     """The tensor's GGML type: f32 for vectors, the router and position embeddings; else
     outtype (q8_0: f16 where the rows are not whole blocks)."""
@@ -241,6 +235,6 @@ def _qtype(name: str, data: torch.Tensor, outtype: str) -> Any:
     Q = gguf.GGMLQuantizationType
     if data.dim() <= 1 or ".ffn_gate_inp." in name or name.startswith("position_embd."):
         return Q.F32
-    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[outtype]
+    qtype = Q[OUTTYPES[outtype][1]]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     return qtype if data.shape[-1] % block == 0 else Q.F16
