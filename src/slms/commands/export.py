@@ -92,5 +92,5 @@ def _gguf(model: GPT, tok: Tokenizer, args: argparse.Namespace, arch: Arch,
     size = written.path.stat().st_size
     print(f"wrote {written.path}: llama.cpp architecture {written.arch}, {size:,} bytes "
           f"({types} tensors); run it: llama-cli -m {written.path}")
-    if written.note is not None:
-        print(f"note: {written.note}")
+    for note in written.notes:
+        print(f"note: {note}")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from slms.export import gpt2, llama, moe
-from slms.export.arches import Arch
+from slms.export.arches import DOCUMENT_MASK_NOTE, Arch
 from slms.model import GPT
 from slms.tokenizer import Tokenizer
 
@@ -49,7 +49,7 @@ class Written:
     path: Path
     arch: str
     types: dict[str, int]  # tensor type name -> how many tensors have it
-    note: str | None = None
+    notes: list[str]  # where llama.cpp computes differently from slms
 
 
 def why_not(gpt: GPT, arch: Arch | None, reason: str | None) -> str | None:
@@ -90,7 +90,11 @@ def write(gpt: GPT, tok: Tokenizer, arch: Arch, path: Path, outtype: str = "f32"
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    return Written(path, writer.arch, types, GGUF_NOTE.get(arch.name))
+    notes = ([DOCUMENT_MASK_NOTE.replace("the stock class", "llama.cpp")]
+             if gpt.cfg.document_mask else [])
+    if arch.name in GGUF_NOTE:
+        notes.append(GGUF_NOTE[arch.name])
+    return Written(path, writer.arch, types, notes)
 
 
 def _write(writer: Any, gpt: GPT, tok: Tokenizer, arch: Arch, title: str, outtype: str
