@@ -30,7 +30,7 @@ MOE = {**ROPE, "activation": "swiglu", "bias": False}
 
 
 def experts(**options) -> MoEConfig:
-    return MoEConfig(n_experts=4, top_k=2, expert_hidden=48, bias=False, **options)
+    return MoEConfig(**{"n_experts": 4, "top_k": 2, "expert_hidden": 48, "bias": False} | options)
 
 
 # name: (ModelConfig options, the stock class the export must choose)
@@ -47,7 +47,8 @@ NATIVE = {
     # the seed's family: ReLU, no q/k/v biases, scores scaled by n_embd^-0.5
     "gpt2-seed": ({"activation": "relu", "qkv_bias": False, "attn_scale": "n_embd"},
                   "GPT2LMHeadModel"),
-    "mixtral": ({**MOE, "moe": experts()}, "MixtralForCausalLM"),  # noisy_topk
+    # noisy_topk; experts 34 wide, which torch's grouped_mm cannot take: the eager loop
+    "mixtral": ({**MOE, "moe": experts(expert_hidden=51)}, "MixtralForCausalLM"),
     "qwen3-moe": ({**MOE, "qk_norm": True, "moe": experts(router="topk")},
                   "Qwen3MoeForCausalLM"),
     # a dense layer 0, MoE layer 1; top-k weights as they are

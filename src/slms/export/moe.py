@@ -33,6 +33,13 @@ def expert_hidden(gpt: GPT) -> int:
     return ffn_hidden(cfg.activation, cfg.moe.expert_hidden or cfg.mlp_ratio * cfg.n_embd)
 
 
+def grouped_mm_aligned(gpt: GPT) -> bool:
+    """Whether transformers' default way to run the experts, torch's grouped_mm, takes these
+    shapes: it needs rows of a multiple of 16 bytes (8 values in bf16). Elsewhere the export
+    asks for its "eager" loop, or the model would not run."""
+    return expert_hidden(gpt) % 8 == 0 and gpt.cfg.n_embd % 8 == 0
+
+
 def config(gpt: GPT, arch: Arch) -> dict[str, Any]:
     """The class's config fields for `gpt` (ids, dtype and architectures come from the caller)."""
     moe = gpt.cfg.moe

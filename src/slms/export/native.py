@@ -8,6 +8,7 @@ conversions it applies when saving.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ def build(gpt: GPT, arch: Arch, eos_id: int) -> Any:
     legacy_theta = fields.pop("rope_theta", None)
     # no pad_token_id in the model config (Apertus defaults to 3): the embedding would make
     # that row a frozen padding row when fine-tuned; generation_config has one
+    if arch.moe and not moe.grouped_mm_aligned(gpt):
+        fields["experts_implementation"] = "eager"
     config = cls.config_class(**fields, bos_token_id=eos_id, eos_token_id=eos_id,
                               pad_token_id=None)
     if legacy_theta is not None:
@@ -125,4 +128,9 @@ def save(model: Any, tok: Tokenizer, max_len: int, out: Path) -> None:
     finally:
         if shown:
             logging.enable_progress_bar()
+    experts = getattr(model.config, "_experts_implementation", None)
+    if experts is not None:  # not saved by transformers: where it loads, it must be asked for
+        path = out / "config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {
+            "experts_implementation": experts}, indent=2, sort_keys=True) + "\n")
     save_tokenizer(tok, max_len, out)
