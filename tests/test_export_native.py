@@ -6,6 +6,7 @@ the custom class with one line naming the option; `--arch` forces a class or fai
 
 from __future__ import annotations
 
+import copy
 import json
 import site
 import subprocess
@@ -24,6 +25,14 @@ from slms.model import GPT  # noqa: E402
 from slms.model.info import count_params  # noqa: E402
 
 ROPE = {"positions": "rope", "norm": "rmsnorm"}
+# a portable MoE model: SwiGLU experts, no biases anywhere
+MOE = {**ROPE, "activation": "swiglu", "bias": False}
+
+
+def experts(**options) -> MoEConfig:
+    return MoEConfig(**{"n_experts": 4, "top_k": 2, "expert_hidden": 48, "bias": False} | options)
+
+
 # name: (ModelConfig options, the stock class the export must choose)
 NATIVE = {
     "llama": ({**ROPE, "activation": "swiglu"}, "LlamaForCausalLM"),
@@ -38,6 +47,16 @@ NATIVE = {
     # the seed's family: ReLU, no q/k/v biases, scores scaled by n_embd^-0.5
     "gpt2-seed": ({"activation": "relu", "qkv_bias": False, "attn_scale": "n_embd"},
                   "GPT2LMHeadModel"),
+    # noisy_topk; experts 34 wide, which torch's grouped_mm cannot take: the eager loop
+    "mixtral": ({**MOE, "moe": experts(expert_hidden=51)}, "MixtralForCausalLM"),
+    "qwen3-moe": ({**MOE, "qk_norm": True, "moe": experts(router="topk")},
+                  "Qwen3MoeForCausalLM"),
+    # a dense layer 0, MoE layer 1; top-k weights as they are
+    "qwen3-moe-every-2": ({**MOE, "qk_norm": True, "tie_weights": False,
+                           "moe": experts(router="topk", every=2, renormalize=False)},
+                          "Qwen3MoeForCausalLM"),
+    "ernie-bias-router": ({**MOE, "moe": experts(router="bias", bias_update_rate=0.1)},
+                          "Ernie4_5_MoeForCausalLM"),
 }
 TEXT = "Once upon a time, a little cat\nsaw a dog."
 GREEDY = 32
@@ -86,6 +105,7 @@ def trained(steps: int = 3, **options) -> GPT:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        gpt.after_optimizer_step(skipped=False)  # the bias router's expert_bias moves
     return gpt.eval()
 
 
@@ -125,10 +145,22 @@ def test_the_stock_class_gives_slms_logits_greedy_tokens_and_ids_without_slms(
         want = gpt(x).logits
     assert (got["logits"] - want).abs().max() <= 1e-4
     assert want.std() > 0.1  # trained enough that the logits tell the weights apart
+    if gpt.cfg.moe is not None and gpt.cfg.moe.router == "bias":
+        assert_expert_bias_matters(gpt, x, want)
     assert got["ids"] == tokenizer.encode_prompt(TEXT)
     prompt = torch.tensor([got["ids"]])
     greedy = gpt.generate(prompt, GREEDY, temperature=0)[0, prompt.shape[1]:].tolist()
     assert got["greedy"] == greedy and len(greedy) == GREEDY
+
+
+def assert_expert_bias_matters(gpt: GPT, x: torch.Tensor, want: torch.Tensor) -> None:
+    """The bias router's trained expert_bias changes the logits (a mapping dropping it would be
+    seen)."""
+    unbiased = copy.deepcopy(gpt)
+    for layer in unbiased.moe_layers():
+        layer.router.expert_bias.zero_()
+    with torch.no_grad():
+        assert (unbiased(x).logits - want).abs().max() > 1e-2
 
 
 def test_a_mapping_that_drops_a_weight_would_be_caught(tokenizer):
@@ -153,8 +185,11 @@ FALLBACK = {
     "rope-layernorm": ({"positions": "rope", "activation": "swiglu"}, "model.norm=layernorm"),
     # today's modern presets keep model.bias's default (true): Apertus's MLP has no biases
     "modern-with-biases": ({**ROPE, "activation": "relu2", "qk_norm": True}, "model.bias=true"),
-    "moe": ({**ROPE, "bias": False, "moe": MoEConfig(n_experts=4, top_k=2, expert_hidden=64)},
-            "model.moe"),
+    "moe-with-biases": ({**MOE, "moe": MoEConfig(n_experts=4, top_k=2, expert_hidden=48)},
+                        "model.moe.bias=true: MixtralForCausalLM's routers and experts"),
+    "moe-relu2": ({**MOE, "activation": "relu2", "moe": experts()}, "model.activation=relu2"),
+    "moe-every-2-no-qk-norm-unnormalised": (
+        {**MOE, "moe": experts(every=2, renormalize=False)}, "model.moe.renormalize=false"),
 }
 
 
@@ -188,7 +223,8 @@ def test_arch_forces_a_class_or_fails_in_one_line(tmp_path, tokenizer, capsys):
                    "model.activation=relu2: LlamaForCausalLM's MLP is gated (SwiGLU)")
     assert not (tmp_path / "llama").exists()
     assert export(tmp_path, "nope", gpt, tokenizer, "--arch", "mistral") == 2
-    assert "unknown; choose one of llama, arcee, qwen3, apertus, gpt2, slms" in (
+    assert ("unknown; choose one of llama, arcee, qwen3, apertus, gpt2, mixtral, qwen3_moe, "
+            "ernie4_5_moe, slms") in (
         capsys.readouterr().err)
     assert export(tmp_path, "custom", gpt, tokenizer, "--arch", "slms") == 0
     assert json.loads((tmp_path / "custom" / "config.json").read_text())["model_type"] == "slms"
@@ -196,6 +232,23 @@ def test_arch_forces_a_class_or_fails_in_one_line(tmp_path, tokenizer, capsys):
     config = json.loads((tmp_path / "arcee" / "config.json").read_text())
     assert config["architectures"] == ["ArceeForCausalLM"] and config["hidden_act"] == "relu2"
     assert config["rms_norm_eps"] == torch.finfo(torch.float32).eps
+
+
+def test_arch_names_what_a_moe_class_cannot_compute():
+    from slms.export.arches import forced
+
+    cfg = tiny_config(**NATIVE["qwen3-moe"][0])
+    assert forced(cfg, "Qwen3MoeForCausalLM").cls == "Qwen3MoeForCausalLM"
+    with pytest.raises(ValueError, match="model.qk_norm=true: MixtralForCausalLM has no"):
+        forced(cfg, "mixtral")
+    with pytest.raises(ValueError, match="model.moe: LlamaForCausalLM is a dense class"):
+        forced(tiny_config(**NATIVE["mixtral"][0]), "llama")
+    with pytest.raises(ValueError, match="model.moe absent: MixtralForCausalLM is a mix"):
+        forced(tiny_config(**NATIVE["llama"][0]), "mixtral")
+    with pytest.raises(ValueError, match="model.moe.every=2: every layer of Mixtral"):
+        forced(tiny_config(**MOE, moe=experts(every=2)), "mixtral")
+    with pytest.raises(ValueError, match="router=bias: MixtralForCausalLM routes as topk or"):
+        forced(tiny_config(**NATIVE["ernie-bias-router"][0]), "mixtral")
 
 
 def test_export_refuses_to_write_over_a_checkpoint(tmp_path, tokenizer, capsys):

@@ -23,10 +23,10 @@ from slms.model.moe_kernels import native_activation
 
 
 def make_moe(E: int, K: int, router: str = "topk", cf: float = 0.0, seed: int = 0,
-             activation: str = "relu", **switches: object) -> MoE:
+             activation: str = "relu", bias: bool = True, **switches: object) -> MoE:
     """switches: MoE's test switches (impl, reference, small_n)."""
     torch.manual_seed(seed)
-    cfg = MoEConfig(n_experts=E, top_k=K, router=router, capacity_factor=cf)
+    cfg = MoEConfig(n_experts=E, top_k=K, router=router, capacity_factor=cf, bias=bias)
     moe = MoE(16, cfg, hidden=24, activation=activation, **switches)
     with torch.no_grad():  # non-zero biases so that bias gradients are compared too
         for p in moe.parameters():
@@ -739,6 +739,57 @@ def test_every_path_in_the_table_equals_the_reference_loop(path):
     assert kept_TK is None
     if counts_E is not None:
         assert counts_E.tolist() == torch.bincount(r.experts_TK.flatten(), minlength=4).tolist()
+
+
+GRAD_PATHS = (P.GROUPED_MM, P.NATIVE_AUTOGRAD, P.SLICED_AUTOGRAD, P.REFERENCE)
+
+
+@pytest.mark.parametrize("path", list(DispatchPath))
+@pytest.mark.parametrize("T", [1, 5])
+def test_every_path_equals_the_reference_loop_without_biases(path, T):
+    """model.moe.bias = false: the router and the experts have no bias parameters, and each
+    runner of PATHS (the C++ kernels included) equals the reference loop: outputs, and the
+    gradients where the path has autograd."""
+    if path == P.ONE_TOKEN and T > 1:
+        pytest.skip("the one-token path takes one token")
+    if path in (P.DECODE, P.NATIVE, P.NATIVE_AUTOGRAD) and native.ops() is None:
+        pytest.skip("the C++ MoE kernels cannot be built here")
+    if path in (P.GROUPED_MM, P.SMALL_COMBINE_GROUPED) and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not available")
+    moe = make_moe(4, 2, "noisy_topk", activation="relu2", bias=False).eval()
+    names = [n for n, _ in moe.named_parameters()]
+    assert names == ["router.gate.weight", "router.noise.weight", "experts.w1_EDH",
+                     "experts.w2_EHD"]
+    results = []
+    for run in (PATHS[P.REFERENCE], PATHS[path]):
+        moe.zero_grad()
+        x_TD = torch.randn(T, 16, generator=torch.Generator().manual_seed(7), requires_grad=True)
+        with torch.set_grad_enabled(path in GRAD_PATHS):
+            y_TD = run(x_TD, moe.router(x_TD), moe.experts, None, None)[0]
+            if path in GRAD_PATHS:
+                (y_TD * torch.linspace(-1, 1, y_TD.numel()).view_as(y_TD)).sum().backward()
+        results.append((y_TD.detach(), grads(moe, x_TD) if path in GRAD_PATHS else []))
+    (y_ref, g_ref), (y_path, g_path) = results
+    torch.testing.assert_close(y_path, y_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_path, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_kernel_without_biases_equals_the_kernel_with_zero_biases():
+    """The C++ decode kernel with its biases absent computes as with zero biases."""
+    ops = native.ops()
+    if ops is None:
+        pytest.skip("the C++ MoE kernels cannot be built here")
+    g = torch.Generator().manual_seed(3)
+    E, D, H, T = 4, 16, 72, 3
+    w1, w2 = torch.randn(E, D, H, generator=g), torch.randn(E, H, D, generator=g)
+    x = torch.randn(T, D, generator=g)
+    w_TK, experts_TK = torch.randn(T, E, generator=g).softmax(-1).topk(2)
+    w_TK = w_TK.contiguous()
+    zeros = ops.experts_decode(x, experts_TK, w_TK, w1, torch.zeros(E, H), w2,
+                               torch.zeros(E, D), native_activation("gelu"))
+    none = ops.experts_decode(x, experts_TK, w_TK, w1, None, w2, None, native_activation("gelu"))
+    assert torch.equal(none, zeros) and zeros.abs().sum() > 0
 
 
 @pytest.mark.parametrize("real", [False, True])

@@ -9,7 +9,7 @@ from slms.checkpoint import load_checkpoint, save_checkpoint
 from slms.cli import main
 from slms.model import GPT
 from slms.train.metrics import read_metrics
-from slms.upcycle import upcycle, upcycle_checkpoint
+from slms.upcycle import train_overrides, upcycle, upcycle_checkpoint
 
 
 def dense(**kw) -> GPT:
@@ -47,6 +47,27 @@ def test_no_biases_and_training_mode_noise():
     assert ex.b1_EH.abs().sum() == 0 and ex.b2_ED.abs().sum() == 0
     # the router noise reweights identical experts with weights summing to one
     torch.testing.assert_close(logits(u), logits(m), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+def test_upcycled_without_biases_round_trips_a_checkpoint(activation, tmp_path, tokenizer):
+    """--no-bias: routers and experts without bias parameters, the dense function computed,
+    the checkpoint saved and loaded with identical logits and its overrides naming the option;
+    refused for a dense model with MLP biases, which bias-free experts could not copy."""
+    m = dense(bias=False, activation=activation)
+    with pytest.raises(ValueError, match="model.bias=false"):
+        upcycle(dense(), 4, 2, bias=False)
+    save_checkpoint(tmp_path / "dense", m, tokenizer)
+    u, path = upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", 4, 2, "noisy_topk",
+                                 bias=False)
+    assert not [n for n in u.state_dict() if "b1_EH" in n or "b2_ED" in n or "router" in n
+                and n.endswith("bias")]
+    torch.testing.assert_close(logits(u), logits(m), rtol=1e-5, atol=1e-5)
+    loaded, _, meta = load_checkpoint(path)
+    assert loaded.cfg.moe.bias is False and meta["upcycle"]["bias"] is False
+    assert torch.equal(logits(loaded), logits(u))
+    assert "model.moe.bias=false" in train_overrides(loaded.cfg.moe, path)
+    assert "model.moe.bias=false" not in train_overrides(upcycle(m, 4, 2).cfg.moe, path)
 
 
 def test_layout_of_the_copied_experts():

@@ -91,6 +91,9 @@ class MoEConfig:
     # assignments of a call (first choices first); evaluation and generation are dropless
     capacity_factor: float = num(0.0, 0, 1000, note="0 = dropless")
     bias_update_rate: float = num(0.001, 0, 1)  # the `bias` router's u
+    # false: neither the router's linear layers nor the experts have biases (the stock MoE
+    # classes of transformers and llama.cpp have none: needed to export to them)
+    bias: bool = True
 
     @property
     def balance_coef(self) -> float:

@@ -26,13 +26,14 @@ from slms.model import GPT
 
 
 def upcycle(model: GPT, n_experts: int, top_k: int, router: str = "topk",
-            expert_noise: float = 0.0, every: int = 1, seed: int = 0) -> GPT:
+            expert_noise: float = 0.0, every: int = 1, seed: int = 0, bias: bool = True) -> GPT:
     """The MoE twin of a dense `model` (in the same train/eval mode, on the same device).
 
     Layers i with i % every == every - 1 become MoE layers with `n_experts` copies of the dense
     MLP (plus Gaussian noise of std expert_noise * the dense matrix's std on each expert's
     weight matrices; biases are copied exactly, zeros where the dense MLP has none); the
-    others keep their dense MLP.
+    others keep their dense MLP. bias=False: routers and experts without biases
+    (model.moe.bias = false), for a dense model whose MLPs have none.
     """
     if not (math.isfinite(expert_noise) and expert_noise >= 0):  # inf or nan: non-finite weights
         raise ValueError(f"--expert-noise must be a finite number >= 0, got {expert_noise!r}")
@@ -41,8 +42,11 @@ def upcycle(model: GPT, n_experts: int, top_k: int, router: str = "topk",
         raise ValueError("the model is already a Mixture-of-Experts model; upcycle a dense one")
     if router not in ROUTERS:
         raise ValueError(f"--router must be one of {', '.join(ROUTERS)}, got {router!r}")
+    if not bias and cfg.bias:
+        raise ValueError("--no-bias needs a dense model without MLP biases (model.bias=false): "
+                         "experts without biases would not compute the dense MLPs")
     moe = MoEConfig(n_experts=n_experts, top_k=top_k, router=router,
-                    expert_hidden=cfg.mlp_ratio * cfg.n_embd, every=every)
+                    expert_hidden=cfg.mlp_ratio * cfg.n_embd, every=every, bias=bias)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the routers' initialisation, the same for the same seed
         out = GPT(dataclasses.replace(cfg, moe=moe))  # validates the MoE settings
@@ -57,9 +61,11 @@ def upcycle(model: GPT, n_experts: int, top_k: int, router: str = "topk",
         fc_b, proj_b = state.pop(p + "fc.bias", None), state.pop(p + "proj.bias", None)
         state[p + "experts.w1_EDH"] = _copies(fc_w.t(), n_experts, expert_noise, gen)
         state[p + "experts.w2_EHD"] = _copies(proj_w.t(), n_experts, expert_noise, gen)
-        state[p + "experts.b1_EH"] = _copies(_bias(fc_b, fc_w.size(0), fc_w), n_experts, 0, gen)
-        state[p + "experts.b2_ED"] = _copies(_bias(proj_b, proj_w.size(0), proj_w),
-                                             n_experts, 0, gen)
+        if bias:
+            state[p + "experts.b1_EH"] = _copies(_bias(fc_b, fc_w.size(0), fc_w), n_experts, 0,
+                                                 gen)
+            state[p + "experts.b2_ED"] = _copies(_bias(proj_b, proj_w.size(0), proj_w),
+                                                 n_experts, 0, gen)
         for name, t in fresh.items():
             if name.startswith(p + "router."):
                 state[name] = t
@@ -82,7 +88,7 @@ def _copies(t: torch.Tensor, n: int, noise: float, gen: torch.Generator) -> torc
 
 def upcycle_checkpoint(src: str | Path, out: str | Path, n_experts: int, top_k: int,
                        router: str = "topk", expert_noise: float = 0.0, every: int = 1,
-                       seed: int = 0) -> tuple[GPT, Path]:
+                       seed: int = 0, bias: bool = True) -> tuple[GPT, Path]:
     """Upcycle the dense checkpoint (or run directory's best/latest) `src` into a new
     checkpoint directory `out`, which must not exist or be empty."""
     from slms.checkpoint import load_checkpoint, save_checkpoint
@@ -93,10 +99,11 @@ def upcycle_checkpoint(src: str | Path, out: str | Path, n_experts: int, top_k: 
         raise ValueError(f"--out {out} already exists and is not empty; choose another directory")
     path = resolve(src)
     model, tokenizer, _ = load_checkpoint(path)
-    moe = upcycle(model, n_experts, top_k, router, expert_noise, every, seed)
+    moe = upcycle(model, n_experts, top_k, router, expert_noise, every, seed, bias)
     info = {"upcycled_from": str(path),
             "upcycle": {"n_experts": n_experts, "top_k": top_k, "router": router,
-                        "expert_noise": expert_noise, "every": every, "seed": seed}}
+                        "expert_noise": expert_noise, "every": every, "seed": seed,
+                        "bias": bias}}
     return moe, save_checkpoint(out, moe, tokenizer, info)
 
 
@@ -105,4 +112,5 @@ def train_overrides(moe: MoEConfig, ckpt: str | Path) -> list[str]:
     the dense run's own config and overrides)."""
     return [f"model.moe.n_experts={moe.n_experts}", f"model.moe.top_k={moe.top_k}",
             f"model.moe.router={moe.router}", f"model.moe.expert_hidden={moe.expert_hidden}",
-            f"model.moe.every={moe.every}", f"train.init_from={ckpt}"]
+            f"model.moe.every={moe.every}", *([] if moe.bias else ["model.moe.bias=false"]),
+            f"train.init_from={ckpt}"]

@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="layer i becomes MoE when i %% every == every - 1 (default 1: all)")
     p.add_argument("--seed", type=options.number(int, 0, MAX_SEED), default=0,
                    help="seed of the expert noise")
+    p.add_argument("--no-bias", dest="bias", action="store_false",
+                   help="routers and experts without biases (model.moe.bias=false, as the "
+                        "stock MoE classes of transformers and llama.cpp); the dense model "
+                        "must have no MLP biases (model.bias=false)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
 
 
@@ -34,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from slms.upcycle import train_overrides, upcycle_checkpoint
 
     model, path = upcycle_checkpoint(args.source, args.out, args.experts, args.top_k,
-                                     args.router, args.expert_noise, args.every, args.seed)
+                                     args.router, args.expert_noise, args.every, args.seed,
+                                     args.bias)
     n = count_params(model)
     print(f"wrote {path}: {n['params_total']:,} parameters ({n['params_active']:,} active)")
     assert model.cfg.moe is not None

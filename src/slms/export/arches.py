@@ -3,20 +3,22 @@
 Each `Arch` names a causal-LM class of transformers and the slms options it can express;
 `why_not` gives the first option of a model config that it cannot (one line, naming the
 option), `choose` the simplest exact class or the reason none is. The weights are mapped by
-`slms.export.llama` and `slms.export.gpt2`.
+`slms.export.llama`, `slms.export.moe` and `slms.export.gpt2`.
 
 Options that change nothing at inference are not blockers: dropout (eval has none),
 zero_init_proj (an initialisation), qkv_bias (a missing bias is written as zeros), attn_scale
-(folded into the q weights). document_mask is not one either: it differs only for inputs
-holding a second document (an <|endoftext|> after the first token), which generation from a
-prompt never has, as it stops at <|endoftext|>; `DOCUMENT_MASK_NOTE` says so where it applies.
+(folded into the q weights), model.moe.capacity_factor (evaluation and generation are
+dropless), the noisy_topk router's noise (training only). document_mask is not one either: it
+differs only for inputs holding a second document (an <|endoftext|> after the first token),
+which generation from a prompt never has, as it stops at <|endoftext|>; `DOCUMENT_MASK_NOTE`
+says so where it applies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slms.config import ModelConfig
+from slms.config import ModelConfig, MoEConfig
 
 SLMS = "slms"  # the custom export (model type slms, needs `import slms.hf`)
 
@@ -36,7 +38,15 @@ class Arch:
     qk_norm: bool  # q_norm/k_norm always present (True) or absent (False)
     gated: bool  # the MLP is gate/up/down (SwiGLU) rather than up/down
     mlp_bias: bool  # the MLP can hold biases
-    since: str  # the first transformers release that has it
+    since: str  # the first transformers release that has it (in the layout mapped here)
+    routers: tuple[str, ...] = ()  # the model.moe.router choices it computes; () = dense
+    any_every: bool = False  # dense layers between MoE ones (model.moe.every > 1)
+    any_renormalize: bool = False  # top-k weights left unnormalised (model.moe.renormalize)
+
+    @property
+    def moe(self) -> bool:
+        """A mixture-of-experts class."""
+        return bool(self.routers)
 
     def why_not(self, cfg: ModelConfig) -> str | None:
         """The first option of `cfg` this class cannot compute exactly, as one line; None
@@ -44,6 +54,9 @@ class Arch:
         common = _common_blocker(cfg)
         if common is not None:
             return common
+        if (cfg.moe is not None) != self.moe:
+            return (f"model.moe: {self.cls} is a dense class" if cfg.moe is not None else
+                    f"model.moe absent: {self.cls} is a mixture-of-experts class")
         if cfg.positions != self.positions:
             return (f"model.positions={cfg.positions}: {self.cls} has "
                     f"{'rotary' if self.positions == 'rope' else 'learned'} positions")
@@ -58,6 +71,19 @@ class Arch:
         if cfg.bias and not self.mlp_bias:
             return (f"model.bias=true: {self.cls}'s MLP has no biases (train with "
                     "model.bias=false for a native export)")
+        return None if cfg.moe is None else self._moe_blocker(cfg.moe)
+
+    def _moe_blocker(self, moe: MoEConfig) -> str | None:
+        if moe.bias:
+            return (f"model.moe.bias=true: {self.cls}'s routers and experts have no biases "
+                    "(train with model.moe.bias=false for a native export)")
+        if moe.router not in self.routers:
+            routes = " or ".join(self.routers)
+            return f"model.moe.router={moe.router}: {self.cls} routes as {routes}"
+        if not moe.renormalize and not self.any_renormalize:
+            return f"model.moe.renormalize=false: {self.cls} renormalises the top-k weights"
+        if moe.every > 1 and not self.any_every:
+            return f"model.moe.every={moe.every}: every layer of {self.cls} is mixture-of-experts"
         return None
 
 
@@ -70,14 +96,20 @@ ARCHES = {a.name: a for a in (
     Arch("qwen3", "Qwen3ForCausalLM", "rope", "rmsnorm", True, True, False, "4.51"),
     Arch("apertus", "ApertusForCausalLM", "rope", "rmsnorm", True, False, False, "4.56"),
     Arch("gpt2", "GPT2LMHeadModel", "learned", "layernorm", False, False, True, "2.0"),
+    # transformers 5 stacks the experts (gate_up_proj, down_proj), as slms does
+    Arch("mixtral", "MixtralForCausalLM", "rope", "rmsnorm", False, True, False, "5.0",
+         routers=("topk", "noisy_topk")),
+    Arch("qwen3_moe", "Qwen3MoeForCausalLM", "rope", "rmsnorm", True, True, False, "5.0",
+         routers=("topk", "noisy_topk"), any_every=True, any_renormalize=True),
+    # chooses by softmax + e_score_correction_bias (the bias router's expert_bias; zeros for
+    # topk), weights the renormalised unbiased probabilities
+    Arch("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", "rope", "rmsnorm", False, True, False, "5.0",
+         routers=("bias", "topk", "noisy_topk"), any_every=True),
 )}
 
 
 def _common_blocker(cfg: ModelConfig) -> str | None:
     """An option no stock class here expresses."""
-    if cfg.moe is not None:
-        return ("model.moe: mixture-of-experts models export to the custom class for now "
-                "(their experts have biases; stock MoE classes have none)")
     if cfg.logit_softcap > 0:
         return (f"model.logit_softcap={cfg.logit_softcap:g}: no stock class here caps the "
                 "logits (cap * tanh(logits / cap))")
@@ -91,6 +123,11 @@ def _nearest(cfg: ModelConfig) -> Arch:
     """The class whose layout this model's would be (its reason is the one shown)."""
     if cfg.positions == "learned":
         return ARCHES["gpt2"]
+    if cfg.moe is not None:
+        if cfg.qk_norm:
+            return ARCHES["qwen3_moe"]
+        return ARCHES["ernie4_5_moe" if cfg.moe.router == "bias" or cfg.moe.every > 1
+                      else "mixtral"]
     gated = cfg.activation == "swiglu"
     if cfg.qk_norm:
         return ARCHES["qwen3" if gated else "apertus"]
@@ -98,10 +135,12 @@ def _nearest(cfg: ModelConfig) -> Arch:
 
 
 def installed(arch: Arch) -> str | None:
-    """None when the installed transformers has the class, else why not (one line)."""
+    """None when the installed transformers has the class (in the layout mapped here), else
+    why not (one line)."""
     import transformers
+    from packaging.version import Version
 
-    if hasattr(transformers, arch.cls):
+    if hasattr(transformers, arch.cls) and Version(transformers.__version__) >= Version(arch.since):
         return None
     return (f"transformers {transformers.__version__} has no {arch.cls} (it needs "
             f"transformers >= {arch.since})")

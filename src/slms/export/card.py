@@ -20,10 +20,11 @@ TRAIN_KEYS = ("max_steps", "batch_size", "grad_accum", "optimizer", "lr", "sched
 
 
 def model_card(gpt: GPT, tok: Tokenizer, cls: str | None, checkpoint: Path | None,
-               notes: list[str], where: str = "DIR") -> str:
+               notes: list[str], where: str = "DIR", gguf: str | None = None) -> str:
     """The card's markdown. cls: the stock class (None: the custom `slms` class);
     checkpoint: the directory the model was loaded from (None: a model not saved), whose
-    config.json, run and data the card describes; where: the directory (or Hub id) to load."""
+    config.json, run and data the card describes; where: the directory (or Hub id) to load;
+    gguf: the name of the GGUF file written with it, for llama.cpp."""
     meta = _read_json(checkpoint / CONFIG_FILE) if checkpoint is not None else None
     meta = meta or {}
     data_meta = read_data_meta(checkpoint) if checkpoint is not None else None
@@ -31,7 +32,7 @@ def model_card(gpt: GPT, tok: Tokenizer, cls: str | None, checkpoint: Path | Non
     source = (data_meta or {}).get("source")
     parts = [_header(gpt, cls, source), f"# {gpt.cfg.n_layer}-layer slms language model\n",
              _architecture(gpt, cls), _tokenizer(tok), _training(meta, data_meta),
-             _evaluation(val), _usage(cls, where), _limits(gpt, source, notes)]
+             _evaluation(val), _usage(cls, where), _llama_cpp(gguf), _limits(gpt, source, notes)]
     return "\n".join(parts)
 
 
@@ -141,6 +142,16 @@ def _usage(cls: str | None, where: str) -> str:
             'ids = tok("Once upon a time", return_tensors="pt").input_ids\n'
             "out = model.generate(ids, max_new_tokens=100, do_sample=True, top_k=50)\n"
             "print(tok.decode(out[0], skip_special_tokens=True))\n```\n")
+
+
+def _llama_cpp(gguf: str | None) -> str:
+    if gguf is None:
+        return ""
+    return ("## llama.cpp, Ollama\n\n"
+            f"`{gguf}` holds the same model and tokenizer for llama.cpp (with the ChatML chat "
+            f"template):\n\n```sh\nllama-cli -m {gguf} -p \"Once upon a time\" -n 100\n```\n\n"
+            f"Ollama: a `Modelfile` holding `FROM ./{gguf}`, then `ollama create NAME -f "
+            "Modelfile` and `ollama run NAME`.\n")
 
 
 def _limits(gpt: GPT, source: str | None, notes: list[str]) -> str:

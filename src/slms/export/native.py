@@ -8,12 +8,13 @@ conversions it applies when saving.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slms.export import gpt2, llama
+from slms.export import gpt2, llama, moe
 from slms.export.arches import Arch
 from slms.model import GPT
 from slms.model.gpt import DOCUMENT_START_ID
@@ -30,16 +31,17 @@ def build(gpt: GPT, arch: Arch, eos_id: int) -> Any:
     import transformers
 
     cls = getattr(transformers, arch.cls)
-    fields = gpt2.config(gpt) if arch.name == "gpt2" else llama.config(gpt, arch)
+    fields, weights = _mapped(gpt, arch)
     legacy_theta = fields.pop("rope_theta", None)
     # no pad_token_id in the model config (Apertus defaults to 3): the embedding would make
     # that row a frozen padding row when fine-tuned; generation_config has one
+    if arch.moe and not moe.grouped_mm_aligned(gpt):
+        fields["experts_implementation"] = "eager"
     config = cls.config_class(**fields, bos_token_id=eos_id, eos_token_id=eos_id,
                               pad_token_id=None)
     if legacy_theta is not None:
         config.rope_theta = legacy_theta  # written beside rope_parameters: 4.x reads it
     model = cls(config).to(torch.float32)
-    weights = gpt2.state_dict(gpt) if arch.name == "gpt2" else llama.state_dict(gpt, arch)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if gpt.cfg.tie_weights else set()
     if set(missing) - tied or unexpected:
@@ -51,6 +53,14 @@ def build(gpt: GPT, arch: Arch, eos_id: int) -> Any:
                        ("pad_token_id", eos_id)):
         setattr(model.generation_config, key, value)
     return model.eval()
+
+
+def _mapped(gpt: GPT, arch: Arch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config fields, weights) of `gpt` for `arch`, by the module that maps its family."""
+    if arch.name == "gpt2":
+        return gpt2.config(gpt), gpt2.state_dict(gpt)
+    family = moe if arch.moe else llama
+    return family.config(gpt, arch), family.state_dict(gpt, arch)
 
 
 def max_logit_diff(gpt: GPT, model: Any, tokens: int = 24) -> float:
@@ -118,4 +128,9 @@ def save(model: Any, tok: Tokenizer, max_len: int, out: Path) -> None:
     finally:
         if shown:
             logging.enable_progress_bar()
+    experts = getattr(model.config, "_experts_implementation", None)
+    if experts is not None:  # not saved by transformers: where it loads, it must be asked for
+        path = out / "config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {
+            "experts_implementation": experts}, indent=2, sort_keys=True) + "\n")
     save_tokenizer(tok, max_len, out)

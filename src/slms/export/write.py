@@ -1,6 +1,7 @@
 """`slms export --hf`: a transformers directory, in a stock class where one is exact
 (`slms.export.arches`), else in the custom `slms` class of `slms.hf`; both with the tokenizer
-(and its chat template), generation_config.json and a model card."""
+(and its chat template), generation_config.json and a model card. `slms export --gguf`: a
+GGUF file for llama.cpp (`slms.export.llamacpp`) where llama.cpp runs that stock class."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slms.export import native
+from slms.export import llamacpp, native
 from slms.export.arches import DOCUMENT_MASK_NOTE, Arch, choose, forced
 from slms.export.card import model_card
 from slms.model import GPT
@@ -51,11 +52,57 @@ def check_out(out: Path, checkpoint: Path | None = None) -> None:
                              "not a transformers one); choose another directory")
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_out(out: Path, checkpoint: Path | None = None) -> None:
+    """ValueError (one line) when writing the GGUF file `out` would overwrite anything but an
+    older GGUF file: a directory, or any other file (a checkpoint's weights, say). A missing
+    directory is made (the --hf directory, say, written in the same call)."""
+    if out.is_dir():
+        raise ValueError(f"--gguf {out} is a directory; give the name of the file to write")
+    if checkpoint is not None and out.resolve().parent == checkpoint.resolve():
+        raise ValueError(f"--gguf {out} is inside the checkpoint being exported; choose "
+                         "another place")
+    if out.exists():
+        try:
+            with out.open("rb") as f:
+                magic = f.read(len(GGUF_MAGIC))
+        except OSError as e:
+            raise ValueError(f"--gguf {out} cannot be read ({e.strerror}); choose another "
+                             "name") from None
+        if magic != GGUF_MAGIC:
+            raise ValueError(f"--gguf {out} exists and is not a GGUF file; choose another name")
+
+
+def gguf_arch(gpt: GPT, arch: str | None = None) -> Arch:
+    """The stock class whose llama.cpp architecture the GGUF file takes (`--arch` as for
+    --hf); ValueError (one line) when llama.cpp cannot run the model."""
+    if arch is None:
+        chosen, reason = choose(gpt.cfg)
+    else:
+        chosen, reason = forced(gpt.cfg, arch), "--arch slms: the custom class"
+    why = llamacpp.why_not(gpt, chosen, reason)
+    if why is not None:
+        raise ValueError(f"--gguf: {why}")
+    assert chosen is not None
+    return chosen
+
+
+def export_gguf(gpt: GPT, tok: Tokenizer, out: str | Path, arch: Arch, outtype: str = "f32",
+                checkpoint: Path | None = None) -> llamacpp.Written:
+    """Write the GGUF file `out` for `arch` (from `gguf_arch`)."""
+    out = Path(out)
+    check_gguf_out(out, checkpoint)
+    _check_document_ids(gpt, tok)
+    return llamacpp.write(gpt, tok, arch, out, outtype)
+
+
 def export_model(gpt: GPT, tok: Tokenizer, out: str | Path, arch: str | None = None,
-                 checkpoint: Path | None = None) -> Exported:
+                 checkpoint: Path | None = None, gguf: str | None = None) -> Exported:
     """Write `gpt` and `tok` to `out`. arch: a class `--arch` forces ("slms": the custom one;
     None: the simplest exact class, else the custom one). ValueError (one line) for a forced
-    class that would not be exact."""
+    class that would not be exact. gguf: the name of a GGUF file written beside, for the card."""
     out = Path(out)
     check_out(out, checkpoint)
     if arch is None:
@@ -67,7 +114,7 @@ def export_model(gpt: GPT, tok: Tokenizer, out: str | Path, arch: str | None = N
     else:
         result = _native(gpt, tok, out, chosen)
     card = model_card(gpt, tok, chosen.cls if chosen else None, checkpoint, result.notes,
-                      where=str(out))
+                      where=str(out), gguf=gguf)
     (out / "README.md").write_text(card)
     return result
 

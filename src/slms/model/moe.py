@@ -72,14 +72,21 @@ def capacity(cfg: MoEConfig, n_tokens: int) -> int | None:
     return math.floor(cfg.capacity_factor * cfg.top_k * n_tokens / cfg.n_experts)
 
 
+def fp32_linear(x_TD: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """`layer` applied in fp32 (the router's maths), with or without its bias."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x_TD, layer.weight.float(), bias)
+
+
 class Router(nn.Module):
     """`noisy_topk` (the seed's), `topk`, or `bias` (auxiliary-loss-free, DeepSeek-V3 style)."""
 
     def __init__(self, n_embd: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        self.gate = nn.Linear(n_embd, cfg.n_experts)
-        self.noise = nn.Linear(n_embd, cfg.n_experts) if cfg.router == "noisy_topk" else None
+        self.gate = nn.Linear(n_embd, cfg.n_experts, bias=cfg.bias)
+        self.noise = (nn.Linear(n_embd, cfg.n_experts, bias=cfg.bias)
+                      if cfg.router == "noisy_topk" else None)
         if cfg.router == "bias":
             self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
             self.register_buffer("load_E", torch.zeros(cfg.n_experts), persistent=False)
@@ -93,12 +100,12 @@ class Router(nn.Module):
             return self._route(x_TD.float(), real_T)
 
     def _route(self, x_TD: torch.Tensor, real_T: torch.Tensor | None) -> Routing:
-        logits_TE = F.linear(x_TD, self.gate.weight.float(), self.gate.bias.float())
+        logits_TE = fp32_linear(x_TD, self.gate)
         clean_TE = None
         if self.noise is not None and self.training:
             # The seed's noisy gate, but only in training: evaluation and generation are
             # deterministic.
-            std_TE = F.softplus(F.linear(x_TD, self.noise.weight.float(), self.noise.bias.float()))
+            std_TE = F.softplus(fp32_linear(x_TD, self.noise))
             clean_TE, logits_TE = logits_TE, logits_TE + torch.randn_like(logits_TE) * std_TE
         needed = self.cfg.router == "bias" or not self.cfg.renormalize
         probs_TE = logits_TE.softmax(dim=-1) if needed else None  # else computed when asked
@@ -162,7 +169,7 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(n_embd, cfg)
-        self.experts = Experts(n_embd, hidden, cfg.n_experts, activation, impl)
+        self.experts = Experts(n_embd, hidden, cfg.n_experts, activation, impl, cfg.bias)
         self.dropout = Dropout(dropout)
         self.reference = reference
         self.small_n = small_n

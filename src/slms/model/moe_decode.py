@@ -14,7 +14,7 @@ import torch
 
 from slms.model import native
 from slms.model.activations import activate
-from slms.model.moe_kernels import native_activation
+from slms.model.moe_kernels import affine, bias_of, native_activation
 
 if TYPE_CHECKING:
     from slms.model.moe_experts import Experts, Routing
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 def native_decode(x_TD: torch.Tensor, r: Routing, experts: Experts) -> torch.Tensor:
     """y_TD by the C++ kernel (CPU, fp32 input and parameters, `native.ops()` built): each
     chosen expert's weights are read once for all its tokens, split across the CPU threads."""
-    w1, b1, w2, b2 = (p.contiguous() for p in (experts.w1_EDH, experts.b1_EH, experts.w2_EHD,
-                                               experts.b2_ED))
+    w1, b1, w2, b2 = (None if p is None else p.contiguous()
+                      for p in (experts.w1_EDH, experts.b1_EH, experts.w2_EHD, experts.b2_ED))
     return native.ops().experts_decode(x_TD.contiguous(), r.experts_TK,
                                        r.weights_TK.float().contiguous(), w1, b1, w2, b2,
                                        native_activation(experts.activation))
@@ -35,7 +35,8 @@ def one_token(x_TD: torch.Tensor, r: Routing, experts: Experts) -> torch.Tensor:
     (K, D) matmul with the gate weights."""
     w1, b1, w2, b2 = experts.w1_EDH, experts.b1_EH, experts.w2_EHD, experts.b2_ED
     act = experts.activation
-    h_KD = torch.cat([torch.addmm(b2[e], activate(act, torch.addmm(b1[e], x_TD, w1[e])), w2[e])
+    h_KD = torch.cat([affine(activate(act, affine(x_TD, w1[e], bias_of(b1, e))), w2[e],
+                             bias_of(b2, e))
                       for e in r.experts_TK[0].tolist()])
     return torch.mm(r.weights_TK.to(h_KD.dtype), h_KD).to(x_TD.dtype)
 

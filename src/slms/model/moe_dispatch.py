@@ -235,7 +235,7 @@ def _timers(s: Situation, experts: Experts, x_TD: torch.Tensor, T: int
     ex = experts
     if s.needs_grad:
         ex = copy.copy(experts)
-        ex._parameters = {n: nn.Parameter(p.detach().clone())
+        ex._parameters = {n: None if p is None else nn.Parameter(p.detach().clone())
                           for n, p in experts._parameters.items()}
         x.requires_grad_(True)
         gy = torch.randn(T, D, generator=g).to(x.device, x.dtype)

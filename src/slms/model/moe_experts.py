@@ -18,7 +18,14 @@ from torch import nn
 
 from slms.model import tune
 from slms.model.activations import activate, ffn_hidden, first_width
-from slms.model.moe_kernels import Dispatch, SlicedMoE, combine, experts_forward
+from slms.model.moe_kernels import (
+    Dispatch,
+    SlicedMoE,
+    affine,
+    bias_of,
+    combine,
+    experts_forward,
+)
 
 # How the experts run: the C++ kernels (decode kernel, expert loop), the plain torch loop, or
 # torch._grouped_mm. Experts(impl=...) forces one; "auto" takes the fastest (slms.model.tune).
@@ -96,20 +103,21 @@ class Experts(nn.Module):
     `grouped`, `sliced`, `rows` (through moe_decode) or `expert` (the reference loop); the C++
     decode kernel reads the weights itself (`moe_decode.native_decode`).
     impl: "auto" (the kernel measured fastest), or one of KERNELS to force it (tests,
-    benchmarks).
+    benchmarks). bias=False: no b1_EH, b2_ED (None), as the stock MoE classes of other tools
+    have none.
     """
 
     def __init__(self, n_embd: int, hidden: int, n_experts: int, activation: str,
-                 impl: str = "auto"):
+                 impl: str = "auto", bias: bool = True):
         super().__init__()
         if impl != "auto" and impl not in KERNELS:
             raise ValueError(f"Experts impl must be 'auto' or one of {KERNELS}, not {impl!r}")
         hidden = ffn_hidden(activation, hidden)
         first = first_width(activation, hidden)  # SwiGLU: gate and up side by side
         self.w1_EDH = nn.Parameter(torch.empty(n_experts, n_embd, first))
-        self.b1_EH = nn.Parameter(torch.zeros(n_experts, first))
+        self.b1_EH = nn.Parameter(torch.zeros(n_experts, first)) if bias else None
         self.w2_EHD = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
-        self.b2_ED = nn.Parameter(torch.zeros(n_experts, n_embd))
+        self.b2_ED = nn.Parameter(torch.zeros(n_experts, n_embd)) if bias else None
         self.activation = activation
         self.impl = impl
         nn.init.normal_(self.w1_EDH, std=0.02)
@@ -117,8 +125,8 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens: the reference every fast path is tested against."""
-        h = activate(self.activation, x_ND @ self.w1_EDH[e] + self.b1_EH[e])
-        return h @ self.w2_EHD[e] + self.b2_ED[e]
+        h = activate(self.activation, affine(x_ND, self.w1_EDH[e], bias_of(self.b1_EH, e)))
+        return affine(h, self.w2_EHD[e], bias_of(self.b2_ED, e))
 
     def grouped(self, x_TD: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor,
                 pos_S: torch.Tensor, counts_E: torch.Tensor, dropped: bool) -> torch.Tensor:
@@ -178,9 +186,10 @@ class Experts(nn.Module):
         with torch.autocast(dev, enabled=False):
             yield dt
 
-    def _params(self, dt: torch.dtype) -> list[torch.Tensor]:
+    def _params(self, dt: torch.dtype) -> list[torch.Tensor | None]:
         params = [self.w1_EDH, self.b1_EH, self.w2_EHD, self.b2_ED]
-        return params if self.w1_EDH.dtype == dt else [p.to(dt) for p in params]
+        return params if self.w1_EDH.dtype == dt else [p if p is None else p.to(dt)
+                                                       for p in params]
 
     def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         x_ND = x_ND.contiguous()
@@ -188,8 +197,14 @@ class Experts(nn.Module):
                                            counts_E, output_size=x_ND.size(0))
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         w1, w2 = self.w1_EDH.to(x_ND.dtype), self.w2_EHD.to(x_ND.dtype)
-        h_NH = torch._grouped_mm(x_ND, w1, offs=offs) + self.b1_EH[expert_N].to(x_ND.dtype)
+        h_NH = self._add_bias(torch._grouped_mm(x_ND, w1, offs=offs), self.b1_EH, expert_N)
         h_NH = activate(self.activation, h_NH)
-        return (torch._grouped_mm(h_NH, w2, offs=offs)
-                + self.b2_ED[expert_N].to(x_ND.dtype)).contiguous()
+        return self._add_bias(torch._grouped_mm(h_NH, w2, offs=offs), self.b2_ED,
+                              expert_N).contiguous()
+
+    @staticmethod
+    def _add_bias(h_NX: torch.Tensor, b_EX: torch.Tensor | None, expert_N: torch.Tensor
+                  ) -> torch.Tensor:
+        """h_NX plus each row's expert bias (none without biases)."""
+        return h_NX if b_EX is None else h_NX + b_EX[expert_N].to(h_NX.dtype)
 

@@ -22,8 +22,21 @@ def native_activation(activation: str) -> int:
     return NATIVE_ACTIVATIONS.index(activation)
 
 
+def affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w + b (b None: x @ w, experts without biases), into `out` when given."""
+    if b is None:
+        return torch.mm(x, w, out=out)
+    return torch.addmm(b, x, w, out=out)
+
+
+def bias_of(b_E: torch.Tensor | None, e: int | torch.Tensor) -> torch.Tensor | None:
+    """Expert e's bias (each row's, for a tensor of expert ids); None without biases."""
+    return None if b_E is None else b_E[e]
+
+
 def sliced_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tensor,
-                   b1_EH: torch.Tensor, w2_EHD: torch.Tensor, b2_ED: torch.Tensor,
+                   b1_EH: torch.Tensor | None, w2_EHD: torch.Tensor, b2_ED: torch.Tensor | None,
                    counts: list[int], activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Each expert on its group of rows x_TD[token_N[a:b]], written into one buffer per layer.
 
@@ -39,9 +52,9 @@ def sliced_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tens
     x_buf = x_TD.new_empty(max(counts, default=0), x_TD.size(-1))
     for e, a, b in spans(counts):
         x = torch.index_select(x_TD, 0, token_N[a:b], out=x_buf[:b - a])
-        h = torch.addmm(b1_EH[e], x, w1_EDH[e], out=pre_NH[a:b])
+        h = affine(x, w1_EDH[e], bias_of(b1_EH, e), out=pre_NH[a:b])
         h = activations.forward_saving(activation, h)
-        torch.addmm(b2_ED[e], h, w2_EHD[e], out=y_ND[a:b])
+        affine(h, w2_EHD[e], bias_of(b2_ED, e), out=y_ND[a:b])
     return pre_NH, y_ND
 
 
@@ -78,7 +91,7 @@ def combine(y_ND: torch.Tensor, pos_S: torch.Tensor, w_TK: torch.Tensor, dropped
 
 
 def experts_forward(x_TD: torch.Tensor, token_N: torch.Tensor, w1_EDH: torch.Tensor,
-                    b1_EH: torch.Tensor, w2_EHD: torch.Tensor, b2_ED: torch.Tensor,
+                    b1_EH: torch.Tensor | None, w2_EHD: torch.Tensor, b2_ED: torch.Tensor | None,
                     counts: list[int], activation: str, native_loop: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sliced_forward`, by the C++ kernel with `native_loop` (CPU, an activation it knows, the
@@ -151,7 +164,7 @@ class SlicedMoE(torch.autograd.Function):
                                        activation, native_loop)
         ctx.save_for_backward(x_TD, w_TK, order_N, pos_S, pre_NH, y_ND, w1_EDH, w2_EHD)
         ctx.counts, ctx.dropped, ctx.activation = counts, dropped, activation
-        ctx.native_loop = native_loop
+        ctx.native_loop, ctx.bias = native_loop, b1_EH is not None
         return combine(y_ND, pos_S, w_TK, dropped)
 
     @staticmethod
@@ -169,6 +182,8 @@ class SlicedMoE(torch.autograd.Function):
         gw_TK = None
         if ctx.needs_input_grad[1]:  # dropped slots: 0
             gw_TK = gw_N.new_zeros(T * K).index_copy_(0, order_N, gw_N).view(T, K)
+        if not ctx.bias:  # experts without biases: the kernels' bias sums are not wanted
+            gb1 = gb2 = None
         return gx_TD, gw_TK, gw1, gb1, gw2, gb2, None, None, None, None, None, None
 
 

@@ -74,9 +74,11 @@ int64_t max_rows(const std::vector<Group>& gs) {
   return m;
 }
 
+// b1, b2 absent: experts without biases (model.moe.bias = false).
 std::tuple<Tensor, Tensor> experts_fwd(const Tensor& x, const Tensor& token, const Tensor& w1,
-                                       const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                                       at::IntArrayRef counts, int64_t act_kind) {
+                                       const std::optional<Tensor>& b1, const Tensor& w2,
+                                       const std::optional<Tensor>& b2, at::IntArrayRef counts,
+                                       int64_t act_kind) {
   check_act(act_kind);
   const int64_t N = token.numel(), H = w1.size(2), D = x.size(1), Do = w2.size(2);
   Tensor pre = at::empty({N, H}, x.options());
@@ -92,7 +94,8 @@ std::tuple<Tensor, Tensor> experts_fwd(const Tensor& x, const Tensor& token, con
       Tensor xs = xbuf.narrow(0, 0, n);
       at::index_select_out(xs, x, 0, token.narrow(0, g.a, n));
       Tensor h = pre.narrow(0, g.a, n);
-      at::addmm_out(h, b1[g.e], xs, w1[g.e]);
+      if (b1) at::addmm_out(h, (*b1)[g.e], xs, w1[g.e]);
+      else at::mm_out(h, xs, w1[g.e]);
       // pre keeps what the backward needs: relu(h) for relu and relu2, h for gelu
       Tensor act = h;
       if (act_kind == GELU) {
@@ -103,7 +106,8 @@ std::tuple<Tensor, Tensor> experts_fwd(const Tensor& x, const Tensor& token, con
         if (act_kind == RELU2) { act = hbuf.narrow(0, 0, n); at::mul_out(act, h, h); }
       }
       Tensor ys = y.narrow(0, g.a, n);
-      at::addmm_out(ys, b2[g.e], act, w2[g.e]);
+      if (b2) at::addmm_out(ys, (*b2)[g.e], act, w2[g.e]);
+      else at::mm_out(ys, act, w2[g.e]);
     }
   });
   return {pre, y};
@@ -238,12 +242,18 @@ void gemm_rows_any(float* const* out, const float* const* a, int64_t M, const fl
   }
 }
 
+// b1, b2 absent: experts without biases (model.moe.bias = false).
 Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weights,
-                      const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                      int64_t act_kind) {
+                      const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+                      const std::optional<Tensor>& b2, int64_t act_kind) {
   check_act(act_kind);
-  for (const Tensor* t : {&x, &weights, &w1, &b1, &w2, &b2}) {
+  TORCH_CHECK(b1.has_value() == b2.has_value(), "experts_decode: both biases or neither");
+  for (const Tensor* t : {&x, &weights, &w1, &w2}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "experts_decode: fp32 contiguous tensors expected");
+  }
+  for (const auto* b : {&b1, &b2}) {
+    TORCH_CHECK(!*b || ((*b)->scalar_type() == at::kFloat && (*b)->is_contiguous()),
                 "experts_decode: fp32 contiguous tensors expected");
   }
   TORCH_CHECK(experts.scalar_type() == at::kLong, "experts_decode: int64 expert ids expected");
@@ -253,8 +263,9 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
   const Tensor ex = experts.contiguous();
   const int64_t T = x.size(0), D = x.size(1), K = ex.size(1);
   const int64_t E = w1.size(0), H = w1.size(2);
-  TORCH_CHECK(w1.sizes() == at::IntArrayRef({E, D, H}) && b1.sizes() == at::IntArrayRef({E, H}) &&
-                  w2.sizes() == at::IntArrayRef({E, H, D}) && b2.sizes() == at::IntArrayRef({E, D}),
+  TORCH_CHECK(w1.sizes() == at::IntArrayRef({E, D, H}) && w2.sizes() == at::IntArrayRef({E, H, D}) &&
+                  (!b1 || (b1->sizes() == at::IntArrayRef({E, H}) &&
+                           b2->sizes() == at::IntArrayRef({E, D}))),
               "experts_decode: expert weights (E, D, H), (E, H), (E, H, D), (E, D) expected");
   // The slots (t * K + k) of each expert.
   std::vector<std::vector<int64_t>> slots(E);
@@ -277,8 +288,8 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
   const int64_t items = (int64_t)active.size() * C;
   Tensor acc = at::zeros({P, T, D}, x.options());
   const float *xp = x.data_ptr<float>(), *gp = weights.data_ptr<float>();
-  const float *w1p = w1.data_ptr<float>(), *b1p = b1.data_ptr<float>();
-  const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
+  const float *w1p = w1.data_ptr<float>(), *b1p = b1 ? b1->data_ptr<float>() : nullptr;
+  const float *w2p = w2.data_ptr<float>(), *b2p = b2 ? b2->data_ptr<float>() : nullptr;
   float* accp = acc.data_ptr<float>();
   // gelu_ is the only ATen call in the workers: only it needs the caller's state (run_parts).
   const std::optional<at::ThreadLocalState> state =
@@ -301,7 +312,8 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
       xs.resize(M), hs.resize(M), hout.resize(M), yout.resize(M);
       float* h = hbuf.data();
       for (int64_t m = 0; m < M; ++m) {
-        std::copy(b1p + e * H + j0, b1p + e * H + j0 + n, h + m * n);
+        if (b1p) std::copy(b1p + e * H + j0, b1p + e * H + j0 + n, h + m * n);
+        else std::fill(h + m * n, h + (m + 1) * n, 0.0f);
         xs[m] = xp + (sl[m] / K) * D;
         hs[m] = hout[m] = h + m * n;
         yout[m] = y + (sl[m] / K) * D;
@@ -321,7 +333,7 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
       for (int64_t m = 0; m < M; ++m) {  // gate weight; the output bias once per expert
         const float g = gp[sl[m]];
         for (int64_t j = 0; j < n; ++j) h[m * n + j] *= g;
-        if (j0 == 0)
+        if (j0 == 0 && b2p)
           for (int64_t c = 0; c < D; ++c) yout[m][c] += g * b2p[e * D + c];
       }
       gemm_rows_any(yout.data(), hs.data(), M, w2p + (e * H + j0) * D, D, n, D);
@@ -333,13 +345,13 @@ Tensor experts_decode(const Tensor& x, const Tensor& experts, const Tensor& weig
 }  // namespace
 
 TORCH_LIBRARY(slms, m) {
-  m.def("experts_fwd(Tensor x, Tensor token, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+  m.def("experts_fwd(Tensor x, Tensor token, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
         "int[] counts, int activation) -> (Tensor, Tensor)");
   m.def("experts_bwd(Tensor g, Tensor x, Tensor token, Tensor w_N, Tensor pre, Tensor(a!) y, "
         "Tensor w1, Tensor w2, int[] counts, int activation, bool need_gx) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("experts_decode(Tensor x, Tensor experts, Tensor weights, Tensor w1, Tensor b1, "
-        "Tensor w2, Tensor b2, int activation) -> Tensor");
+  m.def("experts_decode(Tensor x, Tensor experts, Tensor weights, Tensor w1, Tensor? b1, "
+        "Tensor w2, Tensor? b2, int activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(slms, CPU, m) {
