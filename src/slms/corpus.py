@@ -423,34 +423,20 @@ TEMPLATES: tuple[Callable[[_Teller], Paragraphs], ...] = (
 )
 
 
-# Each template's plot, in the words a request uses ("a story about ...").
-PLOTS = {
-    "_lost_object": "losing a toy", "_sharing": "sharing", "_brave": "being brave",
-    "_helping": "helping a friend", "_trip": "a trip", "_lesson": "learning a lesson",
-    "_making": "making something", "_new_friend": "making a new friend",
-}
-
-
 def story_with_facts(rng: random.Random) -> tuple[str, dict[str, str]]:
-    """One story (`generate_story`'s, from the same random draws) and what it was made of:
-    name, kind (girl, boy or an animal), object (the toy, with its adjective if any), place
-    (where play happens, with its preposition) and plot (`PLOTS`). The object and the place
-    are drawn for every story, but not every plot mentions them: check the text."""
-    template = rng.choice(TEMPLATES)
-    teller = _Teller(rng)
-    paragraphs = [[s for s in p if s] for p in template(teller)]
-    paragraphs = [p for p in paragraphs if p]
+    """`generate_story`'s story and its name, kind, object, place and plot (template name)."""
+    template, teller = rng.choice(TEMPLATES), _Teller(rng)  # in this order, as always
+    paragraphs = [q for q in ([s for s in p if s] for p in template(teller)) if q]
     # Merging two middle paragraphs now and then keeps paragraph breaks from being predictable.
     if len(paragraphs) >= 3 and rng.random() < 0.2:
         paragraphs[1:3] = [paragraphs[1] + paragraphs[2]]
-    ctx = teller.ctx
-    facts = {"name": ctx["name"], "kind": ctx["kind"], "object": ctx["obj"],
-             "place": ctx["at_place"], "plot": PLOTS[template.__name__]}
-    return "\n\n".join(" ".join(p) for p in paragraphs), facts
+    keys = {"name": "name", "kind": "kind", "object": "obj", "place": "at_place"}
+    return "\n\n".join(" ".join(p) for p in paragraphs), {
+        k: teller.ctx[v] for k, v in keys.items()} | {"plot": template.__name__.lstrip("_")}
 
 
 def generate_story(rng: random.Random) -> str:
-    """Generate one story (2-4 paragraphs separated by a blank line, no trailing newline)."""
+    """One story (2-4 paragraphs separated by a blank line, no trailing newline)."""
     return story_with_facts(rng)[0]
 
 

@@ -24,6 +24,10 @@ from slms.corpus import TOY_ADJS, story_with_facts
 DEFAULT_CONVERSATIONS = 6000
 HELD_OUT_SHARE = 8  # one (name, object, place) combination in 8 is held out
 ELEMENTS = ("name", "object", "place", "words")
+# each plot of slms.corpus (its template's name) in the words a request uses
+PLOTS = {"lost_object": "losing a toy", "sharing": "sharing", "brave": "being brave",
+         "helping": "helping a friend", "trip": "a trip", "lesson": "learning a lesson",
+         "making": "making something", "new_friend": "making a new friend"}
 
 
 @dataclass(frozen=True)
@@ -86,10 +90,10 @@ def _wording(facts: dict[str, str], named: set[str], rng: random.Random) -> str:
     with_obj = f" and {'an' if obj[0] in 'aeiou' else 'a'} {obj}" if "object" in named else ""
     at = f" {place}" if "place" in named else ""
     plot = rng.random() < 0.3
-    about = f" about {facts['plot']}" if plot else ""
+    about = f" about {PLOTS[facts['plot']]}" if plot else ""
     options = [
         f"Write a story{about} about {hero}{with_obj}{at}.",
-        f"Tell me a story where {name} plays{at}{' with ' + obj if 'object' in named else ''}.",
+        f"Tell me a story where {name} plays{at}{with_obj.replace(' and ', ' with ')}.",
         f"Can you tell me a story{about} about {hero}{with_obj}{at}?",
         f"Please write a short story about {hero}." + (
             f" It should have {'an' if obj[0] in 'aeiou' else 'a'} {obj} in it." if "object"
@@ -113,7 +117,7 @@ def _words_request(facts: dict[str, str], named: set[str], rng: random.Random
     rng.shuffle(words)
     lines = [f"Words: {', '.join(words)}"]
     if rng.random() < 0.3:
-        lines.insert(0, f"Summary: a story about {facts['plot']}.")
+        lines.insert(0, f"Summary: a story about {PLOTS[facts['plot']]}.")
     return "\n".join(lines), tuple(words)
 
 
