@@ -215,12 +215,15 @@ MISSING = {  # command -> arguments naming something that does not exist ({tmp}:
     "serve": [NO, "--port", "0"],
     "tune": [NO],
     "study": [f"{NO}.toml", "--dense-steps", "2", "--out", "{tmp}/study"],
+    "finetune": [NO, "--out", "{tmp}/ft"],
+    "eval-instruct": [NO],
 }
 MORE_MISSING = [  # further inputs of some commands
     ["train", "--resume", NO],
     ["train", "tiny", f"data.path={NO}"],
     ["prepare", "--source", f"{NO}.txt", "--tokenizer", "{tok}", "--out", "{tmp}/data"],
     ["eval", "{ckpt}", "--data", NO],
+    ["finetune", "{ckpt}", "--data", f"{NO}.jsonl", "--out", "{tmp}/ft"],
     ["experts", "{ckpt}", "--data", NO, "--out", "{tmp}/experts"],
     ["generate", "{tmp}"],  # a directory that is not a checkpoint
     ["import-seed", f"{NO}.pt", "--tokenizer", "{tok}", "--out", "{tmp}/ckpt"],

@@ -18,9 +18,11 @@ from slms.commands import (
     chat,
     corpus,
     demo,
+    eval_instruct,
     evaluate,
     experts,
     export,
+    finetune,
     generate,
     import_seed,
     info,
@@ -43,6 +45,8 @@ COMMANDS: dict[str, ModuleType] = {
     "study": study,
     "serve": serve,
     "tune": tune,
+    "finetune": finetune,
+    "eval-instruct": eval_instruct,
 }
 
 

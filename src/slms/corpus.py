@@ -423,15 +423,21 @@ TEMPLATES: tuple[Callable[[_Teller], Paragraphs], ...] = (
 )
 
 
-def generate_story(rng: random.Random) -> str:
-    """Generate one story (2-4 paragraphs separated by a blank line, no trailing newline)."""
-    template = rng.choice(TEMPLATES)
-    paragraphs = [[s for s in p if s] for p in template(_Teller(rng))]
-    paragraphs = [p for p in paragraphs if p]
+def story_with_facts(rng: random.Random) -> tuple[str, dict[str, str]]:
+    """`generate_story`'s story and its name, kind, object, place and plot (template name)."""
+    template, teller = rng.choice(TEMPLATES), _Teller(rng)  # in this order, as always
+    paragraphs = [q for q in ([s for s in p if s] for p in template(teller)) if q]
     # Merging two middle paragraphs now and then keeps paragraph breaks from being predictable.
     if len(paragraphs) >= 3 and rng.random() < 0.2:
         paragraphs[1:3] = [paragraphs[1] + paragraphs[2]]
-    return "\n\n".join(" ".join(p) for p in paragraphs)
+    keys = {"name": "name", "kind": "kind", "object": "obj", "place": "at_place"}
+    return "\n\n".join(" ".join(p) for p in paragraphs), {
+        k: teller.ctx[v] for k, v in keys.items()} | {"plot": template.__name__.lstrip("_")}
+
+
+def generate_story(rng: random.Random) -> str:
+    """One story (2-4 paragraphs separated by a blank line, no trailing newline)."""
+    return story_with_facts(rng)[0]
 
 
 def generate_stories(n: int, seed: int = 0) -> list[str]:

@@ -32,6 +32,8 @@ class PackedData:
         self._perm = np.empty(0, dtype=np.int64)
         self.splits: dict[str, np.ndarray] = {}
         self.lengths: dict[str, np.ndarray] = {}
+        # fine-tuning rows (slms.instruct.prepare): which row positions are loss targets
+        self.scored: dict[str, np.ndarray] = {}
         for split in ("train", "val"):
             path = self.dir / f"{split}.bin"
             if not path.is_file():
@@ -47,6 +49,9 @@ class PackedData:
             if self.padded:
                 data = data.reshape(-1, self.meta["block_size"] + 1)
                 self.lengths[split] = np.load(self.dir / f"{split}.lengths.npy")
+                if self.meta.get("loss_mask"):
+                    self.scored[split] = np.load(self.dir / f"{split}.scored.npy",
+                                                 mmap_mode="r")
             self.splits[split] = data
 
     @property
@@ -71,8 +76,7 @@ class PackedData:
         story's end are IGNORE_INDEX."""
         data = self.splits["train"]
         if self.padded:
-            first = ((step * micro_per_step + micro) * batch_size)
-            return self._rows(self._pass_rows(seed, first, batch_size), "train", block_size)
+            return self.train_rows(batch_size, block_size, seed, step, micro, micro_per_step)[:2]
         rng = np.random.default_rng([seed, step, rank, micro])
         if len(data) < block_size + 1:
             raise ValueError(f"training split has {len(data)} tokens, fewer than block_size+1 "
@@ -91,6 +95,17 @@ class PackedData:
                              f"{self.vocab_size:,}-token vocab of {META}: the file is damaged; "
                              "prepare the data again")
         return xy
+
+    def train_rows(self, batch_size: int, block_size: int, seed: int, step: int, micro: int = 0,
+                   micro_per_step: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The padded layout's (x, y, real) of `train_batch`; real (B, T) bool marks the inputs
+        whose target is a real token (each row's real positions, then pads). With a loss mask
+        real and scored differ: a user's tokens are real inputs with no target."""
+        first = ((step * micro_per_step + micro) * batch_size)
+        rows = self._pass_rows(seed, first, batch_size)
+        x, y = self._rows(rows, "train", block_size)
+        n_targets = torch.from_numpy(self.lengths["train"][rows].astype(np.int64)) - 1
+        return x, y, torch.arange(block_size)[None, :] < n_targets[:, None]
 
     def _pass_rows(self, seed: int, first: int, n: int) -> np.ndarray:
         """Rows first .. first+n-1 of the sequence of passes over the training rows (pass p in
@@ -141,6 +156,9 @@ class PackedData:
         x, y = t[:, :-1].clone(), t[:, 1:].clone()
         n_targets = torch.from_numpy(self.lengths[split][rows].astype(np.int64)) - 1
         y[torch.arange(block_size)[None, :] >= n_targets[:, None]] = IGNORE_INDEX
+        if split in self.scored:  # targets outside the assistant's turns are not scored
+            scored = torch.from_numpy(np.asarray(self.scored[split][rows][:, 1:], dtype=bool))
+            y[~scored] = IGNORE_INDEX
         return self._checked((x, y), split)
 
     def eval_batches(self, batch_size: int, block_size: int, split: str = "val"

@@ -24,8 +24,9 @@ HELP = """commands:
                              repetition_penalty, seed (e.g. :settings temperature=0.5 top_k=20)
   :benchmark                 generation speed with and without the KV cache
   :analyze [prompt]          generate, then show the experts each token used, per MoE layer
+  :reset                     chat mode (--chat): forget the conversation so far
   :quit                      leave (so do Ctrl-D and Ctrl-C)
-anything else is a prompt: the model continues it."""
+anything else is a prompt: the model continues it (with --chat: a message it answers)."""
 # setting name -> (Sampling field, parser); 0 turns top_k off, 1.0 turns top_p off. Sampling
 # checks the values (a top_p of 5 is an error, not "off").
 SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
@@ -40,9 +41,19 @@ SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
 
 
 class Chat:
+    """The session. With `chat` (a fine-tuned model), each line is a user message and the model
+    answers in turn: the conversation is rendered with the chat template (oldest turns left
+    out when it outgrows the context), each answer ends at <|im_end|>; :reset starts over."""
+
     def __init__(self, model: GPT, tokenizer: Tokenizer, sampling: Sampling | None = None,
-                 out: TextIO | None = None):
+                 out: TextIO | None = None, chat: bool = False):
         self.model, self.tok = model, tokenizer
+        if chat:
+            from slms.instruct.template import require_chat_tokens
+
+            require_chat_tokens(tokenizer)
+        self.chat = chat
+        self.history: list[dict[str, str]] = []
         self.s = sampling or Sampling(max_new_tokens=min(200, model.cfg.block_size // 2))
         check_room(self.s.max_new_tokens, model.cfg.block_size)
         self.out = out or sys.stdout
@@ -62,6 +73,22 @@ class Chat:
         self.say()
         return "".join(pieces)
 
+    def answer(self, message: str) -> str:
+        """Chat mode: the model's answer to `message`, after the turns so far."""
+        from slms.infer.generate import chat_prompt_ids
+        from slms.instruct.template import stop_ids
+
+        turns = [*self.history, {"role": "user", "content": message}]
+        ids = chat_prompt_ids(self.tok, turns, self.model.cfg.block_size, self.s.max_new_tokens)
+        pieces = []
+        for piece in stream_text(self.model, self.tok, ids, self.s, stop_ids(self.tok)):
+            pieces.append(piece)
+            self.say(piece, end="")
+        self.say()
+        text = "".join(pieces)
+        self.history = [*turns, {"role": "assistant", "content": text}]
+        return text
+
     def handle(self, line: str) -> bool:
         """Act on one input line; False when the session should end."""
         line = line.strip()
@@ -69,7 +96,10 @@ class Chat:
             return True
         if not line.startswith(":"):
             self.last_prompt = line
-            self.story(line)
+            try:
+                self.answer(line) if self.chat else self.story(line)
+            except ValueError as e:  # too long for the context: say so, keep the session
+                self.say(f"error: {e}")
             return True
         cmd, _, rest = line[1:].partition(" ")
         cmd = cmd.lower()
@@ -77,7 +107,8 @@ class Chat:
             return False
         actions = {"help": lambda: self.say(HELP), "examples": self.examples,
                    "settings": lambda: self.settings(rest), "benchmark": self.benchmark,
-                   "analyze": lambda: self.analyze(rest.strip() or self.last_prompt)}
+                   "analyze": lambda: self.analyze(rest.strip() or self.last_prompt),
+                   "reset": self.reset}
         if cmd not in actions:
             self.say(f"unknown command :{cmd} (type :help)")
             return True
@@ -86,6 +117,10 @@ class Chat:
         except ValueError as e:  # a bad setting or prompt: say so and keep the session
             self.say(f"error: {e}")
         return True
+
+    def reset(self) -> None:
+        self.history = []
+        self.say("conversation cleared")
 
     def examples(self) -> None:
         for p in EXAMPLES:
@@ -143,9 +178,9 @@ class Chat:
 
 
 def run_chat(model: GPT, tokenizer: Tokenizer, sampling: Sampling | None = None,
-             stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+             stdin: TextIO | None = None, out: TextIO | None = None, chat: bool = False) -> int:
     """The session loop: a greeting, then one line at a time until :quit, EOF or Ctrl-C."""
-    chat = Chat(model, tokenizer, sampling, out)
+    session = Chat(model, tokenizer, sampling, out, chat)
     stdin = stdin or sys.stdin
     if stdin is sys.stdin and hasattr(stdin, "reconfigure"):
         stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 read as U+FFFD
@@ -153,8 +188,8 @@ def run_chat(model: GPT, tokenizer: Tokenizer, sampling: Sampling | None = None,
     kind = "dense"
     if model.cfg.moe is not None:
         kind = f"MoE, {model.cfg.moe.n_experts} experts top-{model.cfg.moe.top_k}"
-    chat.say(f"slms chat ({kind}, {model.cfg.n_layer} layers, context {model.cfg.block_size}). "
-             "Type a prompt, or :help.")
+    session.say(f"slms chat ({kind}, {model.cfg.n_layer} layers, context {model.cfg.block_size}). "
+             + ("Type a message, or :help." if chat else "Type a prompt, or :help."))
     try:
         while True:
             if interactive:
@@ -167,11 +202,11 @@ def run_chat(model: GPT, tokenizer: Tokenizer, sampling: Sampling | None = None,
                 if not line:  # EOF
                     break
             t0 = time.perf_counter()
-            if not chat.handle(line):
+            if not session.handle(line):
                 break
             if interactive:
-                chat.say(f"({time.perf_counter() - t0:.1f} s)")
+                session.say(f"({time.perf_counter() - t0:.1f} s)")
     except KeyboardInterrupt:
-        chat.say()
-    chat.say("bye")
+        session.say()
+    session.say("bye")
     return 0

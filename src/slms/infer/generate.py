@@ -62,9 +62,11 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: 
     return ids
 
 
-def stream_text(model: GPT, tokenizer: Tokenizer, ids: list[int], s: Sampling
-                ) -> Iterator[str]:
-    """Yield decoded text pieces as tokens are sampled; stops at end-of-text."""
+def stream_text(model: GPT, tokenizer: Tokenizer, ids: list[int], s: Sampling,
+                stop: set[int] | None = None) -> Iterator[str]:
+    """Yield decoded text pieces as tokens are sampled; stops at end-of-text (or at any id of
+    `stop`: a chat answer's <|im_end|>)."""
+    stop = {tokenizer.eos_id} if stop is None else stop | {tokenizer.eos_id}
     device = model.device
     gen = None
     if s.seed is not None:
@@ -74,7 +76,7 @@ def stream_text(model: GPT, tokenizer: Tokenizer, ids: list[int], s: Sampling
     for tok in model.iter_tokens(idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
                                  s.repetition_penalty, tokenizer.eos_id, gen):
         t = int(tok[0])
-        if t == tokenizer.eos_id:
+        if t in stop:
             break
         piece, _ = stream.push(t)
         if piece:
@@ -88,3 +90,23 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, s: Sampling,
                   truncate: str | None = None) -> str:
     ids = prompt_ids(tokenizer, prompt, model.cfg.block_size, s.max_new_tokens, truncate)
     return "".join(stream_text(model, tokenizer, ids, s))
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, str]], context: int,
+                    max_new_tokens: int) -> list[int]:
+    """The chat template's ids asking for the next assistant turn; the oldest turns are left
+    out (a system message kept) until it fits the context with `max_new_tokens`."""
+    from slms.instruct.template import prompt
+
+    check_room(max_new_tokens, context)
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    while True:
+        ids = prompt(tokenizer, system + turns)
+        if len(ids) + max_new_tokens <= context:
+            return ids
+        if len(turns) <= 1:
+            raise ValueError(f"the message is {len(ids)} tokens with the chat template; with "
+                             f"{max_new_tokens} new tokens it does not fit the model's context "
+                             f"of {context} tokens: shorten it or lower --max-new-tokens")
+        turns = turns[1:]

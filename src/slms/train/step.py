@@ -64,7 +64,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched: LRScheduler,
 class MicroBatch:
     x: torch.Tensor  # (B, T) inputs, on the host
     y: torch.Tensor  # (B, T) targets; IGNORE_INDEX at pads
-    real: torch.Tensor | None  # (B, T) bool: the scored targets (padded layout only)
+    real: torch.Tensor | None  # (B, T) bool: real inputs, then pads (padded layout only)
     n: int  # scored targets
 
 
@@ -75,11 +75,18 @@ def micro_batches(data: PackedData, tc: TrainConfig, block_size: int, step: int,
     out = []
     for micro in range(tc.grad_accum):
         index = micro_index(d, tc.grad_accum, micro)
-        x, y = data.train_batch(tc.batch_size, block_size, tc.seed, step, micro=index,
-                                micro_per_step=tc.grad_accum * d.world)
-        # Packed data has no pads; the padded layout's pad targets are IGNORE_INDEX.
-        real = (y != IGNORE_INDEX) if data.padded else None
-        out.append(MicroBatch(x, y, real, y.numel() if real is None else int(real.sum())))
+        # Packed data has no pads; the padded layout's pad targets are IGNORE_INDEX, and so
+        # are a fine-tune's targets outside the assistant's turns (real inputs all the same:
+        # they run through the experts).
+        if data.padded:
+            x, y, real = data.train_rows(tc.batch_size, block_size, tc.seed, step, micro=index,
+                                         micro_per_step=tc.grad_accum * d.world)
+            n = int((y != IGNORE_INDEX).sum())
+        else:
+            x, y = data.train_batch(tc.batch_size, block_size, tc.seed, step, micro=index,
+                                    micro_per_step=tc.grad_accum * d.world)
+            real, n = None, y.numel()
+        out.append(MicroBatch(x, y, real, n))
     return out
 
 
