@@ -1,3 +1,4 @@
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,3 +48,22 @@ def test_prompts_start_after_end_of_text_and_the_file_says_so(tokenizer, tmp_pat
     # a tokenizer file that declares nothing (written before slms declared it): the same
     again.hf.post_processor = None
     assert Tokenizer(again.hf).prompt_prefix == [tokenizer.eos_id]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=20)
+                | st.sampled_from(SPECIAL_TOKENS) | st.sampled_from(["<|", "|>", "<|endof"]),
+                max_size=8).map("".join))
+def test_round_trip_with_special_tokens_text_inside(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert ids.count(tokenizer.eos_id) == text.count(EOT)
+
+
+def test_a_lone_surrogate_is_refused_naming_where_it_is(tokenizer):
+    with pytest.raises(ValueError, match=r"lone surrogate \(U\+D800\) at character 2,"):
+        tokenizer.encode("ab\ud800c")
+    with pytest.raises(ValueError, match=r"U\+DFFF\) at character 0 of text 1"):
+        tokenizer.encode_batch(["fine", "\udfff"])
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tokenizer.encode_batch_fast(["\ud83d"])  # half of an emoji's UTF-16 pair

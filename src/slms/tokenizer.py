@@ -1,7 +1,11 @@
 """Byte-level BPE tokenizer (Hugging Face `tokenizers`): train, load, save, special tokens.
 
 Byte-level means every string round-trips: ``decode(encode(s)) == s`` (the seed's whitespace
-pre-tokenizer without a decoder lost spaces and newlines).
+pre-tokenizer without a decoder lost spaces and newlines). That holds for every string of
+Unicode scalar values, the special tokens' text inside it included (``"a<|endoftext|>b"``
+encodes with the end-of-text id between and decodes back the same). A string holding a lone
+surrogate (U+D800..U+DFFF, which Python strings and JSON's ``"\ud800"`` allow) is not text:
+it has no UTF-8 bytes, and every encode refuses it with a `ValueError` naming where it is.
 """
 
 from __future__ import annotations
@@ -38,20 +42,29 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            raise not_text([text]) from None
 
     def encode_prompt(self, text: str) -> list[int]:
         """A prompt's ids as generation needs them: `prompt_prefix`, then the text."""
         return [*self.prompt_prefix, *self.encode(text)]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            raise not_text(texts) from None
 
     def encode_batch_fast(self, texts: list[str]) -> list[list[int]]:
         """`encode_batch`'s ids without the character offsets it computes and drops (about 10%
         faster; tokenizers >= 0.21, else `encode_batch`). Releases the GIL while it encodes."""
         fast = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
-        return [e.ids for e in fast(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in fast(texts, add_special_tokens=False)]
+        except TypeError:
+            raise not_text(texts) from None
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
@@ -97,6 +110,21 @@ class Tokenizer:
             raise ValueError(f"not a tokenizers JSON ({first}); give a tokenizer.json written "
                              "by `slms tokenizer` or Hugging Face tokenizers") from None
         return cls(hf)
+
+
+def not_text(texts: list[str]) -> Exception:
+    """What to raise for `texts` the tokenizers library refused with a TypeError: a ValueError
+    naming the first lone surrogate (the one string it refuses), else a TypeError."""
+    for n, text in enumerate(texts):
+        if not isinstance(text, str):
+            return TypeError(f"can only encode strings; got {type(text).__name__}")
+        for i, c in enumerate(text):
+            if "\ud800" <= c <= "\udfff":
+                where = f"character {i}" + (f" of text {n}" if len(texts) > 1 else "")
+                return ValueError(f"the text holds a lone surrogate (U+{ord(c):04X}) at {where}, "
+                                  "which is not Unicode text and has no UTF-8 bytes: remove it "
+                                  "or write the character it stood for")
+    return TypeError("the tokenizer refused the text")
 
 
 def train_tokenizer(texts: Iterable[str] | Iterator[str], vocab_size: int = 2048,
