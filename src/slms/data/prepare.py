@@ -33,6 +33,7 @@ from tqdm import tqdm
 from slms.data.encode import EncodedChunk, Encoder, resolve_num_proc
 from slms.data.sources import SPLITS, Source
 from slms.fsutil import atomic_dir, read_json
+from slms.lock import data_dir_lock
 from slms.tokenizer import Tokenizer
 
 META = "meta.json"
@@ -251,10 +252,17 @@ def prepare_source(source: Source, tok: Tokenizer, out_dir: str | Path,
     """Tokenize both splits of `source` into `out_dir`; returns the meta dict.
 
     `out_dir` is replaced when complete; it is refused (FileExistsError) when it holds data
-    prepared with another tokenizer or other files, unless `opts.overwrite`. Warnings (invalid
-    UTF-8 replaced) go to `log`."""
+    prepared with another tokenizer or other files, unless `opts.overwrite`, and (LockedError)
+    while another process prepares it. Warnings (invalid UTF-8 replaced) go to `log`."""
     opts = opts or PrepareOptions()
-    check_out_dir(Path(out_dir), tok, opts.overwrite)
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    with data_dir_lock(out_dir):  # one writer: a second prepare of out_dir is refused
+        return _prepare_locked(source, tok, Path(out_dir), opts, log)
+
+
+def _prepare_locked(source: Source, tok: Tokenizer, out_dir: Path, opts: PrepareOptions,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    check_out_dir(out_dir, tok, opts.overwrite)
     dtype = token_dtype(tok.vocab_size)
     num_proc = resolve_num_proc(opts.num_proc)
     with atomic_dir(out_dir) as tmp, Encoder(tok, dtype, num_proc) as encoder:
