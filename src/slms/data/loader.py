@@ -42,6 +42,12 @@ class PackedData:
                 raise ValueError(f"{path} holds {size:,} bytes, not a whole number of "
                                  f"{'rows' if self.padded else 'token ids'} of {row} bytes: it "
                                  "is truncated or damaged; prepare the data again")
+            want = self.meta["splits"][split].get("rows" if self.padded else "tokens")
+            if isinstance(want, int) and size // row != want:  # a mix of two preparations
+                raise ValueError(f"{path} holds {size // row:,} "
+                                 f"{'rows' if self.padded else 'tokens'} but {META} counts "
+                                 f"{want:,}: they were not written together; prepare the data "
+                                 "again")
             data = np.memmap(path, dtype=dtype, mode="r")
             if self.padded:
                 data = data.reshape(-1, self.meta["block_size"] + 1)
