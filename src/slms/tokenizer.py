@@ -5,7 +5,8 @@ pre-tokenizer without a decoder lost spaces and newlines). That holds for every 
 Unicode scalar values, the special tokens' text inside it included (``"a<|endoftext|>b"``
 encodes with the end-of-text id between and decodes back the same). A string holding a lone
 surrogate (U+D800..U+DFFF, which Python strings and JSON's ``"\ud800"`` allow) is not text:
-it has no UTF-8 bytes, and every encode refuses it with a `ValueError` naming where it is.
+it has no UTF-8 bytes, and every encode refuses it with a `NotTextError` (a ValueError)
+naming where it is.
 """
 
 from __future__ import annotations
@@ -112,18 +113,32 @@ class Tokenizer:
         return cls(hf)
 
 
+class NotTextError(ValueError):
+    """A string with a lone surrogate: `text` (its index in the batch), `at` (the character's
+    index), `char`. Picklable, so that it crosses from an encoding worker process whole."""
+
+    def __init__(self, text: int, at: int, char: str, batch: bool = False):
+        self.text, self.at, self.char, self.batch = text, at, char, batch
+        where = f"character {at}" + (f" of text {text}" if batch else "")
+        super().__init__(self.line(where))
+
+    def line(self, where: str) -> str:
+        return (f"{where} is a lone surrogate (U+{ord(self.char):04X}), which is not Unicode "
+                "text and has no UTF-8 bytes: remove it or write the character it stood for")
+
+    def __reduce__(self):  # noqa: ANN204
+        return NotTextError, (self.text, self.at, self.char, self.batch)
+
+
 def not_text(texts: list[str]) -> Exception:
-    """What to raise for `texts` the tokenizers library refused with a TypeError: a ValueError
-    naming the first lone surrogate (the one string it refuses), else a TypeError."""
+    """What to raise for `texts` the tokenizers library refused with a TypeError: a
+    NotTextError for the first lone surrogate (the one string it refuses), else a TypeError."""
     for n, text in enumerate(texts):
         if not isinstance(text, str):
             return TypeError(f"can only encode strings; got {type(text).__name__}")
         for i, c in enumerate(text):
             if "\ud800" <= c <= "\udfff":
-                where = f"character {i}" + (f" of text {n}" if len(texts) > 1 else "")
-                return ValueError(f"the text holds a lone surrogate (U+{ord(c):04X}) at {where}, "
-                                  "which is not Unicode text and has no UTF-8 bytes: remove it "
-                                  "or write the character it stood for")
+                return NotTextError(n, i, c, batch=len(texts) > 1)
     return TypeError("the tokenizer refused the text")
 
 

@@ -34,7 +34,7 @@ from slms.data.encode import EncodedChunk, Encoder, resolve_num_proc
 from slms.data.sources import SPLITS, Source
 from slms.fsutil import atomic_dir, read_json
 from slms.lock import data_dir_lock
-from slms.tokenizer import Tokenizer
+from slms.tokenizer import NotTextError, Tokenizer
 
 META = "meta.json"
 CHUNK = 1000  # stories per encode_batch call / per task handed to a worker
@@ -202,11 +202,16 @@ def _write_split(stories: Iterable[str], tok: Tokenizer, out: Path, split: str,
     t0 = time.perf_counter()
     with (out / f"{split}.bin").open("wb") as f:
         writer = _SplitWriter(f, tok, opts, dtype)
-        for enc in encoder.map(_chunks(stories, CHUNK)):
-            writer.add(enc)
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.update(len(enc.lengths))
-            bar.set_postfix(split=split, mb_s=f"{writer.n_bytes / 2**20 / elapsed:.1f}")
+        try:
+            for enc in encoder.map(_chunks(stories, CHUNK)):
+                writer.add(enc)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.update(len(enc.lengths))
+                bar.set_postfix(split=split, mb_s=f"{writer.n_bytes / 2**20 / elapsed:.1f}")
+        except NotTextError as e:  # chunks come back in order: this one's first story is next
+            story = writer.n_stories + e.text + 1
+            raise ValueError(e.line(f"in story {story:,} of the {split} split, character "
+                                    f"{e.at}")) from None
     if writer.n_stories == 0:
         raise ValueError(f"the {split} split has no stories (for a source without a validation "
                          "split, raise --val-fraction or add a file named *valid*)")

@@ -21,7 +21,7 @@ from typing import Any
 
 from slms.infer.generate import check_prompt
 from slms.infer.sampling import Sampling, SamplingError, is_int
-from slms.tokenizer import Tokenizer
+from slms.tokenizer import NotTextError, Tokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI's; chat's default is the room left
@@ -200,7 +200,7 @@ def prompt_of(body: dict[str, Any], kind: str, tok: Tokenizer) -> list[int]:
     try:
         return check_prompt(_prompt_ids(body, kind, tok))
     except ValueError as e:  # no ids at all, or a lone surrogate in the text
-        raise ApiError(400, f"{param}: {e}" if "surrogate" in str(e) else str(e),
+        raise ApiError(400, f"{param}: {e}" if isinstance(e, NotTextError) else str(e),
                        param) from None
 
 
