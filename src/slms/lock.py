@@ -2,9 +2,10 @@
 directory (`slms train`) or a prepared data directory (`slms prepare`).
 
 The lock is `fcntl.flock` on an open file, which the kernel releases when the process ends
-however it ends (SIGKILL, a crash, a power loss): a dead writer never leaves it stuck, and the
-file that stays behind means nothing by itself. The holder writes its pid, host, command and
-start time into the file, so that the process refused can name it. Where `fcntl` does not
+however it ends (SIGKILL, a crash, a power loss): a dead writer never leaves it stuck (the
+file it leaves behind means nothing by itself; a clean exit removes it). The holder writes
+its pid, host, command and start time into the file, so that the process refused can name
+it. Where `fcntl` does not
 exist (Windows) there is no lock.
 """
 
@@ -40,17 +41,21 @@ class DirLock:
         the message)."""
         if fcntl is None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LockedError(f"{self.what} is being written by another process "
-                              f"({holder(self.path)}): wait for it to finish or stop it, then "
-                              "run this again") from None
-        except BaseException:
-            os.close(fd)
-            raise
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockedError(f"{self.what} is being written by another process "
+                                  f"({holder(self.path)}): wait for it to finish or stop it, "
+                                  "then run this again") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # locked a file its holder removed as it let go: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, `{_command()}`, since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
@@ -58,17 +63,27 @@ class DirLock:
         return self
 
     def release(self) -> None:
-        """Let go (the file stays: removing it would let a third process lock a new file
-        while a second one holds the old)."""
+        """Let go, removing the file while still holding it (whoever opened it meanwhile
+        sees it gone once they lock it, and retries on a new one)."""
         if self.fd is not None:
             fd, self.fd = self.fd, None
-            os.close(fd)  # closing the only descriptor releases the flock
+            try:
+                self.path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)  # closing the only descriptor releases the flock
 
     def __enter__(self) -> DirLock:
         return self.acquire()
 
     def __exit__(self, *_exc: object) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def holder(path: Path) -> str:
