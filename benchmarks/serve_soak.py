@@ -258,8 +258,8 @@ def main() -> None:
         proc, url = start_server(ckpt, args.max_batch, args.threads)
         try:
             t0 = time.monotonic()
-            warm = asyncio.run(soak(url, args.warmup, args.clients, args.max_seconds,
-                                    args.seed + 1, n_prompt))
+            warm = asyncio.run(soak(url, args.warmup, args.clients, args.max_seconds / 4,
+                                    args.seed + 1, n_prompt))  # at most a quarter of the time
             settle(url)
             rss_warm = rss_mib(proc.pid)
             t1 = time.monotonic()
