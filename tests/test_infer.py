@@ -151,3 +151,21 @@ def test_cached_generation_equals_uncached_with_a_capacity_factor():
     model = GPT(tiny_config(moe=moe)).eval()
     seq = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
     assert_cached_decoding_equals_full_forward(model, seq, 4)
+
+
+@pytest.mark.parametrize("temperature,penalty", [(1e-300, 1.0), (5e-324, 1.0), (1.0, 1e-300),
+                                                 (1e-300, 5e-324), (1e300, 1e300)])
+def test_extreme_finite_sampling_values_sample_a_token(temperature, penalty):
+    """Settings that overflowed float32 logits to inf/nan (found by the server fuzz test)
+    sample a token; a near-zero temperature is the argmax (a penalty < 1 favours the seen
+    token, and one that makes its logit overflow leaves it the best)."""
+    from slms.model.sampling import sample_next
+
+    logits = torch.tensor([[1.0, 3.0, -2.0, 0.5]])
+    history = torch.tensor([[1]])
+    gen = torch.Generator().manual_seed(0)
+    token = int(sample_next(logits, temperature, repetition_penalty=penalty,
+                            history_BT=history, generator=gen))
+    assert 0 <= token < 4
+    if temperature < 1e-100:
+        assert token == 1

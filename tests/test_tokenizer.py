@@ -1,7 +1,10 @@
+import pickle
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slms.tokenizer import EOT, SPECIAL_TOKENS, Tokenizer
+from slms.tokenizer import EOT, SPECIAL_TOKENS, NotTextError, Tokenizer
 
 
 @settings(max_examples=300, deadline=None)
@@ -47,3 +50,26 @@ def test_prompts_start_after_end_of_text_and_the_file_says_so(tokenizer, tmp_pat
     # a tokenizer file that declares nothing (written before slms declared it): the same
     again.hf.post_processor = None
     assert Tokenizer(again.hf).prompt_prefix == [tokenizer.eos_id]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=20)
+                | st.sampled_from(SPECIAL_TOKENS) | st.sampled_from(["<|", "|>", "<|endof"]),
+                max_size=8).map("".join))
+def test_round_trip_with_special_tokens_text_inside(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert ids.count(tokenizer.eos_id) == text.count(EOT)
+
+
+def test_a_lone_surrogate_is_refused_naming_where_it_is(tokenizer):
+    """In a batch (prepare's stories, whose sources already replaced what they could) a lone
+    surrogate is refused; one text (a prompt, a chat line) gets U+FFFD for it, as a source's
+    invalid bytes do."""
+    assert tokenizer.decode(tokenizer.encode("ab\ud800c")) == "ab\ufffdc"
+    with pytest.raises(ValueError, match=r"^character 0 of text 1 is a lone surrogate \(U\+DFFF"):
+        tokenizer.encode_batch(["fine", "\udfff"])
+    with pytest.raises(NotTextError) as e:
+        tokenizer.encode_batch_fast(["\ud83d"])  # half of an emoji's UTF-16 pair
+    again = pickle.loads(pickle.dumps(e.value))  # as from an encoding worker process
+    assert (type(again), str(again), again.text, again.at) == (NotTextError, str(e.value), 0, 0)

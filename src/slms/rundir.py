@@ -7,6 +7,7 @@
     metrics.jsonl        one JSON record per log line / evaluation
     tensorboard/         TensorBoard events (with train.tensorboard = true)
     loss.png, expert_load.png   the figures of `slms plot`
+    .slms.lock           the lock of the process training the run (`slms.lock`): one writer
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any
 
 from slms.checkpoint import MODEL_FILE, CheckpointError
 from slms.fsutil import atomic_write_text, read_json, siblings
+from slms.lock import DirLock
 
 RUN_CONFIG = "run_config.json"
+LOCK_FILE = ".slms.lock"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -52,6 +55,11 @@ class RunDir:
     @property
     def expert_load_plot(self) -> Path:
         return self.path / "expert_load.png"
+
+    def lock(self) -> DirLock:
+        """The lock that one process at a time holds while it trains this run (the directory
+        must exist when it is acquired)."""
+        return DirLock(self.path / LOCK_FILE, f"the run directory {self.path}")
 
     @property
     def best(self) -> Path:

@@ -1,7 +1,12 @@
 """Byte-level BPE tokenizer (Hugging Face `tokenizers`): train, load, save, special tokens.
 
 Byte-level means every string round-trips: ``decode(encode(s)) == s`` (the seed's whitespace
-pre-tokenizer without a decoder lost spaces and newlines).
+pre-tokenizer without a decoder lost spaces and newlines). That holds for every string of
+Unicode scalar values, the special tokens' text inside it included (``"a<|endoftext|>b"``
+encodes with the end-of-text id between and decodes back the same). A string holding a lone
+surrogate (U+D800..U+DFFF, which Python strings and JSON's ``"\ud800"`` allow) is not text:
+it has no UTF-8 bytes, and every encode refuses it with a `NotTextError` (a ValueError)
+naming where it is.
 """
 
 from __future__ import annotations
@@ -57,13 +62,19 @@ class Tokenizer:
         return [*self.prompt_prefix, *self.encode(text)]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            raise not_text(texts) from None
 
     def encode_batch_fast(self, texts: list[str]) -> list[list[int]]:
         """`encode_batch`'s ids without the character offsets it computes and drops (about 10%
         faster; tokenizers >= 0.21, else `encode_batch`). Releases the GIL while it encodes."""
         fast = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
-        return [e.ids for e in fast(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in fast(texts, add_special_tokens=False)]
+        except TypeError:
+            raise not_text(texts) from None
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
@@ -116,6 +127,35 @@ def hf_from_str(text: str) -> HFTokenizer:
         first = (str(e).splitlines() or [""])[0]
         raise ValueError(f"not a tokenizers JSON ({first}); give a tokenizer.json written "
                          "by `slms tokenizer` or Hugging Face tokenizers") from None
+
+
+class NotTextError(ValueError):
+    """A string with a lone surrogate: `text` (its index in the batch), `at` (the character's
+    index), `char`. Picklable, so that it crosses from an encoding worker process whole."""
+
+    def __init__(self, text: int, at: int, char: str, batch: bool = False):
+        self.text, self.at, self.char, self.batch = text, at, char, batch
+        where = f"character {at}" + (f" of text {text}" if batch else "")
+        super().__init__(self.line(where))
+
+    def line(self, where: str) -> str:
+        return (f"{where} is a lone surrogate (U+{ord(self.char):04X}), which is not Unicode "
+                "text and has no UTF-8 bytes: remove it or write the character it stood for")
+
+    def __reduce__(self):  # noqa: ANN204
+        return NotTextError, (self.text, self.at, self.char, self.batch)
+
+
+def not_text(texts: list[str]) -> Exception:
+    """What to raise for `texts` the tokenizers library refused with a TypeError: a
+    NotTextError for the first lone surrogate (the one string it refuses), else a TypeError."""
+    for n, text in enumerate(texts):
+        if not isinstance(text, str):
+            return TypeError(f"can only encode strings; got {type(text).__name__}")
+        for i, c in enumerate(text):
+            if "\ud800" <= c <= "\udfff":
+                return NotTextError(n, i, c, batch=len(texts) > 1)
+    return TypeError("the tokenizer refused the text")
 
 
 def train_tokenizer(texts: Iterable[str] | Iterator[str], vocab_size: int = 2048,

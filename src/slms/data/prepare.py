@@ -33,7 +33,8 @@ from tqdm import tqdm
 from slms.data.encode import EncodedChunk, Encoder, resolve_num_proc
 from slms.data.sources import SPLITS, Source
 from slms.fsutil import atomic_dir, read_json
-from slms.tokenizer import Tokenizer
+from slms.lock import data_dir_lock
+from slms.tokenizer import NotTextError, Tokenizer
 
 META = "meta.json"
 CHUNK = 1000  # stories per encode_batch call / per task handed to a worker
@@ -201,11 +202,16 @@ def _write_split(stories: Iterable[str], tok: Tokenizer, out: Path, split: str,
     t0 = time.perf_counter()
     with (out / f"{split}.bin").open("wb") as f:
         writer = _SplitWriter(f, tok, opts, dtype)
-        for enc in encoder.map(_chunks(stories, CHUNK)):
-            writer.add(enc)
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.update(len(enc.lengths))
-            bar.set_postfix(split=split, mb_s=f"{writer.n_bytes / 2**20 / elapsed:.1f}")
+        try:
+            for enc in encoder.map(_chunks(stories, CHUNK)):
+                writer.add(enc)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.update(len(enc.lengths))
+                bar.set_postfix(split=split, mb_s=f"{writer.n_bytes / 2**20 / elapsed:.1f}")
+        except NotTextError as e:  # chunks come back in order: this one's first story is next
+            story = writer.n_stories + e.text + 1
+            raise ValueError(e.line(f"in story {story:,} of the {split} split, character "
+                                    f"{e.at}")) from None
     if writer.n_stories == 0:
         raise ValueError(f"the {split} split has no stories (for a source without a validation "
                          "split, raise --val-fraction or add a file named *valid*)")
@@ -251,10 +257,17 @@ def prepare_source(source: Source, tok: Tokenizer, out_dir: str | Path,
     """Tokenize both splits of `source` into `out_dir`; returns the meta dict.
 
     `out_dir` is replaced when complete; it is refused (FileExistsError) when it holds data
-    prepared with another tokenizer or other files, unless `opts.overwrite`. Warnings (invalid
-    UTF-8 replaced) go to `log`."""
+    prepared with another tokenizer or other files, unless `opts.overwrite`, and (LockedError)
+    while another process prepares it. Warnings (invalid UTF-8 replaced) go to `log`."""
     opts = opts or PrepareOptions()
-    check_out_dir(Path(out_dir), tok, opts.overwrite)
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    with data_dir_lock(out_dir):  # one writer: a second prepare of out_dir is refused
+        return _prepare_locked(source, tok, Path(out_dir), opts, log)
+
+
+def _prepare_locked(source: Source, tok: Tokenizer, out_dir: Path, opts: PrepareOptions,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    check_out_dir(out_dir, tok, opts.overwrite)
     dtype = token_dtype(tok.vocab_size)
     num_proc = resolve_num_proc(opts.num_proc)
     with atomic_dir(out_dir) as tmp, Encoder(tok, dtype, num_proc) as encoder:

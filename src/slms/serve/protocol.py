@@ -21,7 +21,7 @@ from typing import Any
 
 from slms.infer.generate import check_prompt
 from slms.infer.sampling import Sampling, SamplingError, is_int
-from slms.tokenizer import Tokenizer
+from slms.tokenizer import NotTextError, Tokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI's; chat's default is the room left
@@ -33,6 +33,9 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  kind: str = "invalid_request_error", code: str | None = None):
+        # a lone surrogate from the request (JSON allows "\\ud800") has no UTF-8 bytes
+        message, param = (None if x is None else x.encode("utf-8", "backslashreplace").decode()
+                          for x in (message, param))
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = (
             status, message, param, kind, code)
@@ -110,15 +113,38 @@ UNSUPPORTED = [("n", (1,), "n must be 1: send one request per completion"),
                 "repetition_penalty extension (1 = off)")]
 
 
+MAX_DEPTH = 32  # nesting of a request body; the API's deepest is 4 (messages[i].content[j])
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body (ApiError 400 when it is not one)."""
+    """The JSON object of a request body (ApiError 400 when it is not one, or is nested
+    deeper than MAX_DEPTH: checked before any code walks it recursively)."""
+    too_deep = ApiError(400, f"the request body is nested too deeply (more than {MAX_DEPTH} "
+                        "levels of arrays and objects)")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:  # json's C parser refuses at the interpreter's recursion limit
+        raise too_deep from None
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: also an int of > 4300 digits
+        first = (str(e).splitlines() or [""])[0]
+        raise ApiError(400, f"the request body is not valid JSON ({first})") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    if _depth(body) > MAX_DEPTH:
+        raise too_deep
     return body
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests lists and dicts (a scalar: 0), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        kids = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if kids is not None:
+            deepest = max(deepest, d)
+            todo.extend((k, d + 1) for k in kids)
+    return deepest
 
 
 def check_fields(body: dict[str, Any], kind: str) -> None:
@@ -170,11 +196,12 @@ def render_chat(messages: list[Any]) -> str:
 
 def prompt_of(body: dict[str, Any], kind: str, tok: Tokenizer) -> list[int]:
     """The prompt's ids after the tokenizer's prompt prefix (never none)."""
-    ids = _prompt_ids(body, kind, tok)
+    param = "messages" if kind == "chat" else "prompt"
     try:
-        return check_prompt(ids)
-    except ValueError as e:
-        raise ApiError(400, str(e), "prompt") from None
+        return check_prompt(_prompt_ids(body, kind, tok))
+    except ValueError as e:  # no ids at all, or a lone surrogate in the text
+        raise ApiError(400, f"{param}: {e}" if isinstance(e, NotTextError) else str(e),
+                       param) from None
 
 
 def _prompt_ids(body: dict[str, Any], kind: str, tok: Tokenizer) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -21,6 +22,7 @@ from slms.config import RunConfig, TrainConfig
 from slms.data.loader import PackedData
 from slms.data.pipeline import resolve_data
 from slms.devices import resolve_device
+from slms.lock import LockedError
 from slms.memory import keep_freed_memory
 from slms.model import GPT, count_params, flops_per_token
 from slms.model.gpt import DOCUMENT_START_ID
@@ -73,13 +75,14 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
         log(f"precision: auto -> {precision} ({auto_reason(env.device)})")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     run = None
+    locks = contextlib.ExitStack()  # the run directory's, held until the run ends
     try:
         data = load_data(cfg, env.dist, log)
         tokenizer = Tokenizer.from_file(data.dir / "tokenizer.json")
         cfg = resolve_steps(fit_vocab(cfg, data, tokenizer), data, env.dist)
         cfg = adapt.at_start(cfg, train_tokens(data), global_batch_tokens(cfg, env.dist.world),
                              resume_target(cfg, out_dir, resume), log)
-        run = build_run(cfg, env, tokenizer, out_dir, resume, log)
+        run = build_run(cfg, env, tokenizer, out_dir, resume, log, locks)
         if env.dist.main:
             write_run_config(run.run_dir, cfg, data)
         metrics = MetricsWriter(RunDir(run.run_dir).metrics_file, enabled=env.dist.main,
@@ -95,6 +98,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
             # interpreter exit after it is gone (a rank aborted there, rarely, under FSDP2).
             run = None
             gc.collect()
+        locks.close()
         distributed.shutdown(env.dist)
 
 
@@ -268,15 +272,22 @@ def resolve_steps(cfg: RunConfig, data: PackedData, d: Dist) -> RunConfig:
 
 
 def build_run(cfg: RunConfig, env: Env, tokenizer: Tokenizer, out_dir: str | Path | None,
-              resume: str | Path | None, log) -> Run:
-    """Model (wrapped for DDP/FSDP/compile), optimizer, schedule; restored when resuming."""
+              resume: str | Path | None, log, locks: contextlib.ExitStack) -> Run:
+    """Model (wrapped for DDP/FSDP/compile), optimizer, schedule; restored when resuming. The
+    run directory's lock goes on `locks` before anything in the directory is read to be
+    changed (a second writer is refused, naming the first)."""
     tc, d = cfg.train, env.dist
     resume_dir = find_resume(cfg, out_dir, resume, tokenizer)
     gpt = GPT(cfg.model).to(env.device)  # same init on every rank (same seed)
     if tc.init_from and not resume_dir:  # a resumed run has its own weights
         # before the run directory exists: a refused checkpoint leaves nothing behind
         log(f"weights from {load_weights_into(gpt, tc.init_from, tokenizer)}")
-    run_dir = resume_dir or make_run_dir(cfg, out_dir, d)
+    if resume_dir:
+        if resume_dir.is_dir():  # else restore() says there is nothing to resume
+            lock_run_dir(resume_dir, d, locks)
+        run_dir = resume_dir
+    else:
+        run_dir = make_run_dir(cfg, out_dir, d, locks)
     gpt.grad_checkpointing = tc.grad_checkpointing
     if d.rank:
         torch.manual_seed(tc.seed + d.rank)  # own dropout / router-noise stream per rank
@@ -344,18 +355,36 @@ def fit_vocab(cfg: RunConfig, data: PackedData, tokenizer: Tokenizer) -> RunConf
     return cfg
 
 
-def make_run_dir(cfg: RunConfig, out_dir: str | Path | None, d: Dist) -> Path:
+def make_run_dir(cfg: RunConfig, out_dir: str | Path | None, d: Dist,
+                 locks: contextlib.ExitStack) -> Path:
+    """A new run's directory, created and locked; refused when it holds a run already."""
     if out_dir is None:
         stamp = d.gather(datetime.now().strftime("%Y%m%d-%H%M%S"))[0]  # rank 0's, on all ranks
         out_dir = Path("runs") / f"{cfg.name}-{stamp}"
     out_dir = Path(out_dir)
-    if RunDir(out_dir).holds_run():
-        raise FileExistsError(f"{out_dir} already holds a run; resume it with --resume {out_dir} "
-                              "(or train.resume=auto), or choose another --out")
-    d.barrier()  # every rank has checked before rank 0 creates anything
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    for locked in (False, True):  # before anything is made; again once no one else can save
+        if RunDir(out_dir).holds_run():
+            raise FileExistsError(f"{out_dir} already holds a run; resume it with --resume "
+                                  f"{out_dir} (or train.resume=auto), or choose another --out")
+        if not locked:
+            if d.main:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            lock_run_dir(out_dir, d, locks)
     return out_dir
+
+
+def lock_run_dir(run_dir: Path, d: Dist, locks: contextlib.ExitStack) -> None:
+    """Rank 0 takes the run directory's lock (`RunDir.lock`); when another process holds it,
+    every rank raises its LockedError (so none waits for the others at a barrier)."""
+    refused = None
+    if d.main:
+        try:
+            locks.enter_context(RunDir(run_dir).lock())
+        except LockedError as e:
+            refused = str(e)
+    refused = d.gather(refused)[0]
+    if refused:
+        raise LockedError(refused)
 
 
 def write_run_config(run_dir: Path, cfg: RunConfig, data: PackedData) -> None:
