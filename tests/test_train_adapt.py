@@ -169,26 +169,29 @@ def test_a_time_budget_within_the_cap_adapts_its_dropout_live(tmp_path, stories,
 
 
 @pytest.mark.slow
-def test_a_time_budget_stops_once_validation_stops_improving_and_says_why(tmp_path, data_dir,
-                                                                         capsys):
-    """train.early_stop unset (auto) is on under a time budget: with an lr so high that
-    validation stops improving at once, the run ends long before its minutes are spent."""
+def test_a_time_budget_stops_once_validation_stops_improving_and_says_why(
+        tmp_path, stories, tokenizer, capsys, monkeypatch):
+    """train.early_stop unset (auto) is on under a time budget: on a text so small that the
+    model memorises it within tens of steps, the run ends long before its minutes are spent,
+    and its last line says where the best was and why it stopped."""
     from slms.config import EARLY_STOP_AUTO
     from slms.rundir import RunDir
     from slms.train.metrics import read_metrics
 
+    data_dir, tokens = _small_data(tmp_path, stories, tokenizer)
     out = tmp_path / "run"
-    text = _train(["train", "configs/tiny.toml", f"data.path={data_dir}", "model.n_layer=1",
-                   "train.max_minutes=2", "train.eval_every=2", "train.lr=0.3",
-                   "train.warmup_steps=0", "train.grad_clip=0", "--out", str(out)], capsys)
-    last = [line for line in text.splitlines() if line.startswith("early stop")]
-    assert last, text[-2000:]
+    train_on_fake_clock(monkeypatch, [  # 10 minutes: 600 one-"second" steps
+        "train", "configs/tiny.toml", f"data.path={data_dir}", "model.n_layer=1",
+        "train.max_minutes=10", "train.eval_every=5", "train.lr=0.003", "--out", str(out)])
+    last = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("early stop")]
+    assert last
     evals = [r["step"] for r in read_metrics(out) if "val_loss" in r]
     best = json.loads((RunDir(out).best / "config.json").read_text())["step"]
-    assert f"best at step {best}" in last[0] and "passes over its" in last[0]
+    assert f"best at step {best}, " in last[0] and f"over its {tokens:,} training tokens" in last[0]
     assert f"train.early_stop={EARLY_STOP_AUTO}" in last[0]
-    assert len([s for s in evals if s > best]) == EARLY_STOP_AUTO
-    assert max(evals) < 1000
+    assert "of 600 fitted to the time budget" in last[0] and "memorised" in last[0]
+    assert len([s for s in evals if s > best]) == EARLY_STOP_AUTO and max(evals) < 300
 
 
 def test_early_stop_is_auto_only_under_a_time_budget():
