@@ -46,6 +46,27 @@ def data_dir(tmp_path_factory, stories, tokenizer):
     return out
 
 
+@pytest.fixture
+def run_dir(tmp_path, data_dir, tokenizer):
+    """A run directory with one checkpoint of configs/tiny.toml, as `slms train` writes it
+    (without training; its trainer state is never read by the tests that use it)."""
+    from slms.checkpoint import save_checkpoint
+    from slms.config import load_config
+    from slms.model import GPT
+    from slms.rundir import RunDir
+    from train_helpers import TINY
+
+    cfg = load_config("configs/tiny.toml", [*TINY, f"data.path={data_dir}",
+                                            "model.vocab_size=300"])
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    save_checkpoint(run / "checkpoints" / "step-3", GPT(cfg.model), tokenizer,
+                    {"step": 3, "run": cfg.to_dict()}, {"step": 3})
+    RunDir(run).write_config(cfg.to_dict(), data_dir)
+    RunDir(run).point_latest(3)
+    return run
+
+
 def tiny_config(moe: bool | MoEConfig = False, **kw) -> ModelConfig:
     moe_cfg = moe if isinstance(moe, MoEConfig) else (
         MoEConfig(n_experts=4, top_k=2, expert_hidden=64) if moe else None)

@@ -18,7 +18,6 @@ from slms.config import ConfigError, load_config
 from slms.data.loader import PackedData
 from slms.data.prepare import PrepareOptions, prepare
 from slms.model import GPT
-from slms.rundir import RunDir
 from slms.tokenizer import Tokenizer, train_tokenizer
 from train_helpers import TINY
 
@@ -212,21 +211,6 @@ def test_train_on_meta_with_absurd_vocab_is_one_line(tmp_path, data_dir, capsys)
 
 
 # 5. resuming cannot change the architecture -------------------------------------------------
-
-
-@pytest.fixture
-def run_dir(tmp_path, data_dir, tokenizer) -> Path:
-    """A run directory with one checkpoint, as `slms train` writes it (without training)."""
-    cfg = load_config("configs/tiny.toml", [*TINY, f"data.path={data_dir}",
-                                            "model.vocab_size=300"])
-    run = tmp_path / "run"
-    torch.manual_seed(0)
-    save_checkpoint(run / "checkpoints" / "step-3", GPT(cfg.model), tokenizer,
-                    {"step": 3, "run": cfg.to_dict()},
-                    {"step": 3})  # never read: the check comes first
-    RunDir(run).write_config(cfg.to_dict(), data_dir)
-    RunDir(run).point_latest(3)
-    return run
 
 
 def test_resume_with_another_n_layer_is_one_line(run_dir, capsys):

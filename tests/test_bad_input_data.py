@@ -13,7 +13,6 @@ import torch
 from conftest import tiny_config
 from slms.checkpoint import CheckpointError, save_checkpoint
 from slms.cli import main
-from slms.config import load_config
 from slms.data.loader import PackedData
 from slms.data.prepare import prepare, prepare_source
 from slms.data.sources import Source, SourceError, SourceOptions
@@ -129,19 +128,6 @@ def other_data(tmp_path_factory, stories):
     out = tmp_path_factory.mktemp("other") / "data"
     prepare({"train": stories[20:], "val": stories[:20]}, other, out, source="test")
     return out
-
-
-@pytest.fixture
-def run_dir(tmp_path, data_dir, tokenizer) -> Path:
-    cfg = load_config("configs/tiny.toml", [*TINY, f"data.path={data_dir}",
-                                            "model.vocab_size=300"])
-    run = tmp_path / "run"
-    torch.manual_seed(0)
-    save_checkpoint(run / "checkpoints" / "step-3", GPT(cfg.model), tokenizer,
-                    {"step": 3, "run": cfg.to_dict()}, {"step": 3})
-    RunDir(run).write_config(cfg.to_dict(), data_dir)
-    RunDir(run).point_latest(3)
-    return run
 
 
 def test_resume_on_another_tokenizers_data_is_refused(run_dir, other_data, capsys):
