@@ -58,6 +58,11 @@ class PackedData:
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
 
+    @property
+    def train_tokens(self) -> int:
+        """The training split's tokens, as meta.json counts them (pads excluded)."""
+        return int(self.meta["splits"]["train"]["tokens"])
+
     def tokens(self, split: str) -> np.ndarray:
         """The packed token stream of a split (packed layout)."""
         if self.padded:

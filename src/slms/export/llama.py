@@ -49,10 +49,7 @@ def config(gpt: GPT, arch: Arch) -> dict[str, Any]:
 def state_dict(gpt: GPT, arch: Arch) -> dict[str, torch.Tensor]:
     """`gpt`'s weights under the class's module names (lm_head only when untied)."""
     cfg = gpt.cfg
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": gpt.wte.weight,
-                                   "model.norm.weight": gpt.ln_f.weight}
-    if not cfg.tie_weights:
-        sd["lm_head.weight"] = gpt.lm_head.weight
+    sd = outer_weights(gpt)
     ln1, ln2 = (("attention_layernorm", "feedforward_layernorm") if arch.name == "apertus"
                 else ("input_layernorm", "post_attention_layernorm"))
     for i, block in enumerate(gpt.blocks):
@@ -62,6 +59,15 @@ def state_dict(gpt: GPT, arch: Arch) -> dict[str, torch.Tensor]:
         sd |= {p + "self_attn." + k: v for k, v in _attention(block.attn, cfg).items()}
         sd |= {p + "mlp." + k: v for k, v in _mlp(block.ffn, cfg.activation).items()}
     return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def outer_weights(gpt: GPT) -> dict[str, torch.Tensor]:
+    """The embedding, the final norm and (when untied) the head, under the Llama family's
+    names (the MoE classes share them)."""
+    sd = {"model.embed_tokens.weight": gpt.wte.weight, "model.norm.weight": gpt.ln_f.weight}
+    if not gpt.cfg.tie_weights:
+        sd["lm_head.weight"] = gpt.lm_head.weight
+    return sd
 
 
 def _attention(attn: torch.nn.Module, cfg: Any) -> dict[str, torch.Tensor]:

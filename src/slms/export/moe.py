@@ -63,10 +63,7 @@ def config(gpt: GPT, arch: Arch) -> dict[str, Any]:
 def state_dict(gpt: GPT, arch: Arch) -> dict[str, torch.Tensor]:
     """`gpt`'s weights under the class's module names (lm_head only when untied)."""
     cfg = gpt.cfg
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": gpt.wte.weight,
-                                   "model.norm.weight": gpt.ln_f.weight}
-    if not cfg.tie_weights:
-        sd["lm_head.weight"] = gpt.lm_head.weight
+    sd = llama.outer_weights(gpt)
     for i, block in enumerate(gpt.blocks):
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = block.ln1.weight

@@ -11,14 +11,14 @@ from slms.train.state import Run
 
 def passes(run: Run, data: PackedData) -> float:
     """Passes over the training tokens so far."""
-    return run.state.tokens_seen / max(data.meta["splits"]["train"]["tokens"], 1)
+    return run.state.tokens_seen / max(data.train_tokens, 1)
 
 
 def final_summary(run: Run, data: PackedData) -> str:
     """The last line of a run that trained its whole budget: where its best was."""
     state, watch = run.state, run.watch
     line = (f"trained {state.step:,} steps ({passes_text(passes(run, data))} passes over "
-            f"{data.meta['splits']['train']['tokens']:,} training tokens)")
+            f"{data.train_tokens:,} training tokens)")
     if not state.best_step:
         return line
     line += f"; best validation loss {state.best_val:.4f} at step {state.best_step:,}, in best/"
@@ -33,7 +33,7 @@ def early_stop_summary(run: Run, data: PackedData, watch: ValidationWatch) -> st
     """Why the run stopped early, in the user's terms: where its best was, and what the
     steps after it were spent on."""
     state, tc = run.state, run.cfg.train
-    tokens = data.meta["splits"]["train"]["tokens"]
+    tokens = data.train_tokens
     planned = (f"{tc.max_steps:,}" if tc.max_minutes <= 0 else
                f"{tc.max_steps:,} fitted to the time budget"
                if tc.max_steps != PROVISIONAL_STEPS else "a time budget not yet fitted")

@@ -80,7 +80,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, resume: str | Path 
         data = load_data(cfg, env.dist, log)
         tokenizer = Tokenizer.from_file(data.dir / "tokenizer.json")
         cfg = resolve_steps(fit_vocab(cfg, data, tokenizer), data, env.dist)
-        cfg = adapt.at_start(cfg, train_tokens(data), global_batch_tokens(cfg, env.dist.world),
+        cfg = adapt.at_start(cfg, data.train_tokens, global_batch_tokens(cfg, env.dist.world),
                              resume_target(cfg, out_dir, resume), log)
         run = build_run(cfg, env, tokenizer, out_dir, resume, log, locks)
         if env.dist.main:
@@ -168,7 +168,7 @@ def adapt_live(run: Run, data: PackedData, bar, log) -> None:
     with them."""
     tc = run.cfg.train
     fitted = tc.max_steps
-    run.cfg = adapt.adapted(run.cfg, train_tokens(data), global_batch_tokens(run.cfg, run.d.world),
+    run.cfg = adapt.adapted(run.cfg, data.train_tokens, global_batch_tokens(run.cfg, run.d.world),
                             f"{tc.max_minutes:g} minutes", log if run.d.main else _quiet)
     unwrap(run.model).set_dropout(run.cfg.model.dropout)
     adapt.set_weight_decay(run.opt, run.model, run.cfg.train.weight_decay)
@@ -234,10 +234,6 @@ def load_data(cfg: RunConfig, d: Dist, log) -> PackedData:
     if d.main:
         d.barrier()
     return PackedData(data_dir)
-
-
-def train_tokens(data: PackedData) -> int:
-    return data.meta["splits"]["train"]["tokens"]
 
 
 def global_batch_tokens(cfg: RunConfig, world: int) -> int:
@@ -395,7 +391,7 @@ def announce(run: Run, data: PackedData, log) -> None:
     cfg, d = run.cfg, run.d
     counts = count_params(unwrap(run.model))
     tc = cfg.train
-    tokens = data.meta["splits"]["train"]["tokens"]
+    tokens = data.train_tokens
     per_step = global_batch_tokens(cfg, d.world)
     size, units_per_step = epoch_size(cfg, data, d.world)
     log(f"model: {counts['params_total']:,} parameters, {counts['params_active']:,} active per "
